@@ -32,7 +32,9 @@ def encode_routed_experts(expert_ids: npt.ArrayLike) -> str:
     """Encode `[tokens, layers, top_k]` expert ids exactly as SGLang does."""
     arr = np.ascontiguousarray(np.asarray(expert_ids), dtype="<i4")
     if arr.ndim != 3:
-        raise RoutedExpertsError(f"routed_experts must be 3-D [tokens, layers, top_k], got {arr.shape}")
+        raise RoutedExpertsError(
+            f"routed_experts must be 3-D [tokens, layers, top_k], got {arr.shape}"
+        )
     return base64.b64encode(arr.tobytes()).decode("ascii")
 
 
