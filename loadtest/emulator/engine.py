@@ -1,0 +1,405 @@
+"""The emulated GPU: a continuous-batching decode loop and a FIFO prefill queue.
+
+Decode (SGLang's scheduler in miniature): requests join the running batch only at step
+boundaries, up to `max_batch_size` (the rest wait, reported as `num_waiting_reqs`). Each step
+takes every running request's next token, counts the distinct experts the batch touches in each
+MoE layer, sleeps the cost model's step time on the real clock, then emits one token to every
+request in the batch. The Python work of the step counts against the step's time (we sleep
+until `step start + modelled time`), so clients see the modelled GPU time; when the host cannot
+keep up, the overrun is recorded as host lag so experiments can tell a CPU bottleneck from a
+modelled effect. An idle engine awaits an event and costs no CPU.
+
+The first token a PD decode emits is the one the prefill sampled (SGLang ships it with the KV);
+the engine emits it at the end of the first step after the request joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from loadtest.emulator.costmodel import CostModel
+from loadtest.emulator.stats import (
+    BATCH_SIZE_BUCKETS,
+    Histogram,
+    HistogramSnapshot,
+    distinct_expert_buckets,
+)
+from zones.geometry import ModelGeometry
+
+IntArray = npt.NDArray[np.int32]
+TokenSource = Iterator[tuple[int, IntArray]]
+
+log = logging.getLogger(__name__)
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_ABORT = "abort"
+# A step whose wall time overran its modelled time by more than this counts as a lagged step.
+# asyncio timers fire up to ~1 ms late by design (loop granularity), which is not a CPU problem.
+LAG_TOLERANCE_SECONDS = 0.002
+
+
+class EngineStoppedError(RuntimeError):
+    """Work was submitted to an engine that is stopped or has failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token_id: int
+    expert_ids: IntArray      # [num_layers, top_k] experts this token used when forwarded
+    index: int                # 0 = first output token
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    # As SGLang's load_publisher: KV tokens in use plus queued request tokens.
+    num_total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    steps: int
+    tokens: int
+    batch_size_sum: int
+    distinct_experts_sum: float          # sum over steps of the mean over layers
+    step_seconds_sum: float              # modelled (what clients should see)
+    wall_seconds_sum: float              # measured wall time of the same steps
+    host_lag_seconds_sum: float          # sum of max(0, wall - modelled) per step
+    host_lag_max_seconds: float
+    lagged_steps: int                    # steps that overran by more than LAG_TOLERANCE_SECONDS
+    requests_finished: int
+    requests_aborted: int
+    distinct_experts_per_layer: HistogramSnapshot   # one observation per layer per step
+    batch_size: HistogramSnapshot                   # one observation per step
+    step_seconds: HistogramSnapshot                 # modelled step time, one per step
+
+
+# Step-time buckets in seconds: modelled H100 steps are ~5-30 ms, times --time-scale up to ~100.
+STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
+                        1.0, 2.5, 5.0)
+
+
+class DecodeHandle:
+    """One decode request: an async iterator of its TokenEvents, cancellable at any time."""
+
+    def __init__(self, rid: str, prompt_len: int, max_new_tokens: int, tokens: TokenSource,
+                 eos_token_id: int | None, wake: asyncio.Event) -> None:
+        self.rid = rid
+        self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.completion_tokens = 0
+        self._tokens = tokens
+        self._eos = eos_token_id
+        self._wake = wake
+        self._cancelled = False
+        self._queue: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt_len + self.completion_tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Free the batch slot at the next step boundary; the iterator then ends ("abort")."""
+        if self.finish_reason is None and not self._cancelled:
+            self._cancelled = True
+            self._wake.set()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self._queue.get()
+            if event is None:
+                return
+            yield event
+
+    def _emit(self, event: TokenEvent) -> None:
+        self.completion_tokens += 1
+        self._queue.put_nowait(event)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.error = error
+            self._queue.put_nowait(None)
+
+
+class DecodeEngine:
+    def __init__(self, cost_model: CostModel, geometry: ModelGeometry, *,
+                 max_batch_size: int = 64) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self.cost_model = cost_model
+        self.geometry = geometry
+        self.max_batch_size = max_batch_size
+        self._waiting: collections.deque[DecodeHandle] = collections.deque()
+        self._running: list[DecodeHandle] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._layer_offsets = (np.arange(geometry.num_layers, dtype=np.int64)
+                               * geometry.num_experts)[:, None]
+        # Cumulative statistics.
+        self._steps = 0
+        self._tokens = 0
+        self._batch_size_sum = 0
+        self._distinct_sum = 0.0
+        self._step_seconds_sum = 0.0
+        self._wall_seconds_sum = 0.0
+        self._lag_sum = 0.0
+        self._lag_max = 0.0
+        self._lagged_steps = 0
+        self._finished = 0
+        self._aborted = 0
+        self._distinct_hist = Histogram(distinct_expert_buckets(geometry.num_experts))
+        self._batch_hist = Histogram(BATCH_SIZE_BUCKETS)
+        self._step_hist = Histogram(STEP_SECONDS_BUCKETS)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._stopped:
+            raise EngineStoppedError("a stopped DecodeEngine cannot be restarted")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="decode-engine")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for handle in (*self._running, *self._waiting):
+            self._close(handle, FINISH_ABORT, "engine stopped")
+        self._running.clear()
+        self._waiting.clear()
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, rid: str, prompt_len: int, max_new_tokens: int, tokens: TokenSource, *,
+               eos_token_id: int | None = None) -> DecodeHandle:
+        if self._stopped:
+            raise EngineStoppedError("decode engine is stopped")
+        if not isinstance(prompt_len, int) or prompt_len < 0:
+            raise ValueError(f"prompt_len must be a non-negative integer, got {prompt_len!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(
+                f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        handle = DecodeHandle(rid, prompt_len, max_new_tokens, tokens, eos_token_id, self._wake)
+        if max_new_tokens == 0:
+            handle._finish(FINISH_LENGTH)
+            return handle
+        self._waiting.append(handle)
+        self._wake.set()
+        return handle
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            num_running_reqs=len(self._running),
+            num_waiting_reqs=len(self._waiting),
+            num_total_tokens=sum(h.kv_tokens for h in self._running)
+            + sum(h.prompt_len for h in self._waiting),
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            steps=self._steps,
+            tokens=self._tokens,
+            batch_size_sum=self._batch_size_sum,
+            distinct_experts_sum=self._distinct_sum,
+            step_seconds_sum=self._step_seconds_sum,
+            wall_seconds_sum=self._wall_seconds_sum,
+            host_lag_seconds_sum=self._lag_sum,
+            host_lag_max_seconds=self._lag_max,
+            lagged_steps=self._lagged_steps,
+            requests_finished=self._finished,
+            requests_aborted=self._aborted,
+            distinct_experts_per_layer=self._distinct_hist.snapshot(),
+            batch_size=self._batch_hist.snapshot(),
+            step_seconds=self._step_hist.snapshot(),
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def distinct_experts(self, expert_ids: npt.NDArray[np.integer]) -> IntArray:
+        """Distinct experts per layer over a batch's `[batch, layers, top_k]` expert ids."""
+        g = self.geometry
+        used = np.zeros(g.num_layers * g.num_experts, dtype=bool)
+        flat = self._layer_offsets[None, :, :] + expert_ids.astype(np.int64)
+        used[flat.ravel()] = True
+        return used.reshape(g.num_layers, g.num_experts).sum(axis=1).astype(np.int32)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._admit()
+            if not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            start = loop.time()
+            batch, picks = self._next_tokens()
+            if not batch:
+                continue
+            ids = np.stack([experts for _, experts in picks])
+            distinct = self.distinct_experts(ids)
+            kv_tokens = sum(h.kv_tokens for h in batch)
+            modelled = self.cost_model.decode_step_seconds(len(batch), distinct, kv_tokens)
+            deadline = start + modelled
+            delay = deadline - loop.time()
+            # sleep(0) still yields, so an instant cost model cannot starve the event loop.
+            await asyncio.sleep(max(0.0, delay))
+            end = loop.time()
+            self._record_step(len(batch), distinct, modelled, end - start, max(0.0, end - deadline))
+            self._emit(batch, picks)
+
+    def _admit(self) -> None:
+        """Step boundary: drop cancelled requests, then fill free slots from the queue (FIFO)."""
+        for handle in [h for h in self._running if h.cancelled]:
+            self._running.remove(handle)
+            self._close(handle, FINISH_ABORT)
+        while self._waiting and self._waiting[0].cancelled:
+            self._close(self._waiting.popleft(), FINISH_ABORT)
+        if any(h.cancelled for h in self._waiting):
+            for handle in [h for h in self._waiting if h.cancelled]:
+                self._waiting.remove(handle)
+                self._close(handle, FINISH_ABORT)
+        while self._waiting and len(self._running) < self.max_batch_size:
+            self._running.append(self._waiting.popleft())
+
+    def _next_tokens(self) -> tuple[list[DecodeHandle], list[tuple[int, IntArray]]]:
+        """Pull each running request's next (token, experts); a broken source aborts only it."""
+        g = self.geometry
+        batch: list[DecodeHandle] = []
+        picks: list[tuple[int, IntArray]] = []
+        for handle in list(self._running):
+            try:
+                token, experts = next(handle._tokens)
+                arr = np.asarray(experts)
+                if arr.shape != (g.num_layers, g.top_k):
+                    raise ValueError(f"expert_ids shaped {arr.shape}, expected "
+                                     f"[{g.num_layers}, {g.top_k}]")
+                if arr.min() < 0 or arr.max() >= g.num_experts:
+                    raise ValueError(f"expert_ids outside [0, {g.num_experts})")
+            except StopIteration:
+                self._running.remove(handle)
+                self._close(handle, FINISH_STOP)
+                continue
+            except Exception as exc:  # a token source bug must not kill the other requests
+                log.warning("decode %s: token source failed: %s", handle.rid, exc)
+                self._running.remove(handle)
+                self._close(handle, FINISH_ABORT, f"token source failed: {exc}")
+                continue
+            batch.append(handle)
+            picks.append((int(token), arr.astype(np.int32, copy=False)))
+        return batch, picks
+
+    def _emit(self, batch: list[DecodeHandle], picks: list[tuple[int, IntArray]]) -> None:
+        for handle, (token, experts) in zip(batch, picks, strict=True):
+            if handle.finish_reason is not None:
+                continue
+            if handle.cancelled:
+                continue   # removed at the next boundary; a cancelled stream gets no more tokens
+            handle._emit(TokenEvent(token, experts, handle.completion_tokens))
+            self._tokens += 1
+            if handle._eos is not None and token == handle._eos:
+                reason: str | None = FINISH_STOP
+            elif handle.completion_tokens >= handle.max_new_tokens:
+                reason = FINISH_LENGTH
+            else:
+                reason = None
+            if reason is not None:
+                self._running.remove(handle)
+                self._close(handle, reason)
+
+    def _record_step(self, batch_size: int, distinct: IntArray, modelled: float, wall: float,
+                     lag: float) -> None:
+        self._steps += 1
+        self._batch_size_sum += batch_size
+        self._distinct_sum += float(distinct.mean())
+        self._step_seconds_sum += modelled
+        self._wall_seconds_sum += wall
+        self._lag_sum += lag
+        self._lag_max = max(self._lag_max, lag)
+        if lag > LAG_TOLERANCE_SECONDS:
+            self._lagged_steps += 1
+        self._distinct_hist.observe_many(distinct)
+        self._batch_hist.observe(batch_size)
+        self._step_hist.observe(modelled)
+
+    def _close(self, handle: DecodeHandle, reason: str, error: str | None = None) -> None:
+        if handle.finish_reason is not None:
+            return
+        if reason == FINISH_ABORT:
+            self._aborted += 1
+        else:
+            self._finished += 1
+        handle._finish(reason, error)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillStats:
+    requests: int
+    tokens: int
+    seconds_sum: float
+
+
+class PrefillEngine:
+    """One forward pass at a time, first come first served (asyncio.Lock wakes waiters FIFO)."""
+
+    def __init__(self, cost_model: CostModel) -> None:
+        self.cost_model = cost_model
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._waiting_tokens = 0
+        self._running = 0
+        self._running_tokens = 0
+        self._requests = 0
+        self._tokens = 0
+        self._seconds = 0.0
+
+    async def run(self, num_tokens: int) -> None:
+        """Wait for the turn, then occupy the engine for `prefill_seconds(num_tokens)`."""
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
+        seconds = self.cost_model.prefill_seconds(num_tokens)
+        self._waiting += 1
+        self._waiting_tokens += num_tokens
+        queued = True
+        try:
+            async with self._lock:
+                self._waiting -= 1
+                self._waiting_tokens -= num_tokens
+                queued = False
+                self._running += 1
+                self._running_tokens += num_tokens
+                try:
+                    await asyncio.sleep(seconds)
+                    self._requests += 1
+                    self._tokens += num_tokens
+                    self._seconds += seconds
+                finally:
+                    self._running -= 1
+                    self._running_tokens -= num_tokens
+        finally:
+            if queued:   # cancelled while waiting for the turn
+                self._waiting -= 1
+                self._waiting_tokens -= num_tokens
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(self._running, self._waiting, self._running_tokens + self._waiting_tokens)
+
+    def stats(self) -> PrefillStats:
+        return PrefillStats(self._requests, self._tokens, self._seconds)

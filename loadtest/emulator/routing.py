@@ -1,0 +1,292 @@
+"""Expert routing sources: which top-k experts each token uses in each MoE layer.
+
+Two sources, both deterministic (same prompt + seed -> same experts):
+
+`token-hash` (any known geometry): a stand-in for a trained router over real text. Real MoE
+routing is strongly driven by token identity, so each token id gets a seeded random embedding;
+the router's hidden state mixes that embedding with a little context (an exponential moving
+average of the previous embeddings), and each layer has its own seeded random projection from
+hidden state to expert logits, of which the top-k win. Text from one domain shares vocabulary,
+hence shares experts. Decode tokens continue the same text: a seeded walk over the bigrams of
+the prompt's own tokens, so the output stays in-domain and its experts correlate with the
+prompt's (how strongly is measured, not tuned: benchmarks/emulator_locality.py).
+
+`trace`: replays real routing recorded from DeepSeek-V2-Lite on the ESFT task data
+(../shared/data/esft_routing_shared.npz, see ../shared/DESIGN.md). The prompt selects a trace
+request with a `[trace:N]` marker in its text, else by a stable hash of its text (or of its
+token ids when there is no text). The trace has no prefill/decode boundary (prompts were
+teacher-forced with their answers), so its leading `prefill_fraction` (default 0.5) of tokens
+plays the prompt and the rest the decode. Prompt rows are that prefill part cycled to the real
+prompt length; decode rows cycle through the decode part. Token ids still come from the prompt
+bigram walk, so decode text is plausible; only the experts come from the trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from loadtest.emulator.tokenizer import Tokenizer
+from zones.geometry import KNOWN_GEOMETRIES, ModelGeometry
+
+IntArray = npt.NDArray[np.int32]
+FloatArray = npt.NDArray[np.float32]
+
+ROUTING_SOURCES = ("token-hash", "trace")
+TRACE_PATH_ENV = "ELDR_TRACE_PATH"
+TRACE_FILE_NAME = "esft_routing_shared.npz"
+_TRACE_MARKER = re.compile(r"\[trace:(\d+)\]")
+
+# Width of the token embedding: enough for near-orthogonal random directions between distinct
+# tokens (|cos| ~ 1/sqrt(64) = 0.125), small enough that routing a 1k-token prompt on the
+# 48x128 Qwen3 geometry is one [1000, 64] x [64, 6144] matrix product.
+EMBED_DIM = 64
+# Hidden state = (1 - CONTEXT_MIX) * token embedding + CONTEXT_MIX * running context. 0.25 keeps
+# token identity dominant (as in real routers, where the same token mostly picks the same
+# experts) while letting neighbours shift the choice a little.
+CONTEXT_MIX = 0.25
+# The running context is an exponential moving average with this decay per token, so it
+# summarises roughly the last 1 / (1 - 0.8) = 5 tokens.
+CONTEXT_DECAY = 0.8
+# Decode continuation: tokens generated per batch of routing work (amortises the matmul).
+_CONTINUATION_CHUNK = 32
+# A walk that reaches a token with no successor ends the text (EOS) only once it has produced
+# this many tokens; before that it restarts at a random prompt position (short prompts would
+# otherwise often stop at their first token).
+MIN_TOKENS_BEFORE_EOS = 16
+
+
+class RoutingError(ValueError):
+    """Bad routing configuration or input (the message names the field)."""
+
+
+class RoutingSource(Protocol):
+    geometry: ModelGeometry
+
+    def route_prompt(self, prompt_ids: Sequence[int], text: str | None) -> IntArray: ...
+
+    def continuation(self, prompt_ids: Sequence[int], text: str | None, seed: int
+                     ) -> Iterator[tuple[int, IntArray]]: ...
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process (unlike `hash()`)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _ids_key(prompt_ids: Sequence[int]) -> bytes:
+    return np.asarray(prompt_ids, dtype="<i8").tobytes()
+
+
+class BigramWalk:
+    """Endless deterministic continuation over the bigrams of a prompt's own tokens."""
+
+    def __init__(self, prompt_ids: Sequence[int], seed: int, eos_token_id: int | None) -> None:
+        self._ids = [int(t) for t in prompt_ids]
+        self._eos = eos_token_id
+        successors: dict[int, list[int]] = {}
+        for a, b in zip(self._ids, self._ids[1:], strict=False):
+            successors.setdefault(a, []).append(b)
+        self._successors = successors
+        self._rng = np.random.default_rng([seed & 0xFFFFFFFF, stable_hash(_ids_key(self._ids))])
+        self._current = self._ids[-1] if self._ids else None
+        self._produced = 0
+
+    def next_token(self) -> int:
+        if not self._ids:
+            # No prompt to continue (e.g. empty input_ids): end at once if the model has an EOS.
+            return self._eos if self._eos is not None else 0
+        options = self._successors.get(self._current) if self._current is not None else None
+        if options:
+            token = options[int(self._rng.integers(len(options)))]
+        elif self._eos is not None and self._produced >= MIN_TOKENS_BEFORE_EOS:
+            token = self._eos
+        else:
+            token = self._ids[int(self._rng.integers(len(self._ids)))]
+        self._current = token
+        self._produced += 1
+        return token
+
+
+class TokenHashRouting:
+    """Seeded random-projection router over token embeddings (see module docstring)."""
+
+    def __init__(self, geometry: ModelGeometry, tokenizer: Tokenizer, *, seed: int = 0) -> None:
+        self.geometry = geometry
+        self.tokenizer = tokenizer
+        self.seed = seed
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x70A3])
+        # One projection per layer, stored as [EMBED_DIM, L * E] for a single matmul per batch.
+        self._projection = rng.standard_normal(
+            (EMBED_DIM, geometry.num_layers * geometry.num_experts), dtype=np.float32)
+        self._embeddings: dict[int, FloatArray] = {}   # bounded by the tokenizer's vocab
+
+    def embedding(self, token_id: int) -> FloatArray:
+        vec = self._embeddings.get(token_id)
+        if vec is None:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xE4B, int(token_id)])
+            vec = rng.standard_normal(EMBED_DIM, dtype=np.float32)
+            vec /= np.linalg.norm(vec)
+            self._embeddings[token_id] = vec
+        return vec
+
+    def _hidden(self, token_ids: Sequence[int], context: FloatArray
+                ) -> tuple[FloatArray, FloatArray]:
+        """Hidden states for consecutive tokens, carrying the running context along."""
+        hidden = np.empty((len(token_ids), EMBED_DIM), dtype=np.float32)
+        ctx = context.copy()
+        for i, tid in enumerate(token_ids):
+            emb = self.embedding(int(tid))
+            hidden[i] = (1.0 - CONTEXT_MIX) * emb + CONTEXT_MIX * ctx
+            ctx = CONTEXT_DECAY * ctx + (1.0 - CONTEXT_DECAY) * emb
+        return hidden, ctx
+
+    def _top_k(self, hidden: FloatArray) -> IntArray:
+        g = self.geometry
+        logits = (hidden @ self._projection).reshape(len(hidden), g.num_layers, g.num_experts)
+        # k rounds of argmax-and-mask: ~3x faster than argpartition over many short rows
+        # (measured on [1000, 48, 128]), and top_k is small (4-8).
+        top = np.empty((len(hidden), g.num_layers, g.top_k), dtype=np.int32)
+        for k in range(g.top_k):
+            best = logits.argmax(axis=2)
+            top[:, :, k] = best
+            np.put_along_axis(logits, best[:, :, None], -np.inf, axis=2)
+        return top
+
+    def route_prompt(self, prompt_ids: Sequence[int], text: str | None) -> IntArray:
+        hidden, _ = self._hidden(prompt_ids, np.zeros(EMBED_DIM, dtype=np.float32))
+        return self._top_k(hidden)
+
+    def continuation(self, prompt_ids: Sequence[int], text: str | None, seed: int
+                     ) -> Iterator[tuple[int, IntArray]]:
+        _, context = self._hidden(prompt_ids, np.zeros(EMBED_DIM, dtype=np.float32))
+        walk = BigramWalk(prompt_ids, seed, self.tokenizer.eos_token_id)
+        while True:
+            chunk = [walk.next_token() for _ in range(_CONTINUATION_CHUNK)]
+            hidden, context = self._hidden(chunk, context)
+            experts = self._top_k(hidden)
+            for i, token in enumerate(chunk):
+                yield token, experts[i]
+
+
+class RoutingTrace:
+    """The recorded ESFT routing data, loaded once (pure data, no I/O after construction)."""
+
+    def __init__(self, expert_ids: npt.NDArray[np.integer], offsets: npt.NDArray[np.integer],
+                 domains: Sequence[str], geometry: ModelGeometry) -> None:
+        self.expert_ids = expert_ids
+        self.offsets = offsets
+        self.domains = list(domains)
+        self.geometry = geometry
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.offsets) - 1
+
+    def request(self, index: int) -> npt.NDArray[np.integer]:
+        return self.expert_ids[self.offsets[index]: self.offsets[index + 1]]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RoutingTrace:
+        p = Path(path)
+        if not p.is_file():
+            raise RoutingError(f"trace_path {str(p)!r} does not exist (set {TRACE_PATH_ENV})")
+        with np.load(p, allow_pickle=False) as data:
+            missing = {"expert_ids", "seq_offsets", "domain"} - set(data.files)
+            if missing:
+                raise RoutingError(f"trace file {p} lacks array(s): {', '.join(sorted(missing))}")
+            ids = data["expert_ids"]
+            offsets = data["seq_offsets"].astype(np.int64)
+            domains = [str(d) for d in data["domain"]]
+            if ids.ndim != 3:
+                raise RoutingError(
+                    f"trace expert_ids must be [tokens, layers, top_k], got {ids.shape}")
+            num_experts = (int(data["num_experts"]) if "num_experts" in data.files
+                           else int(ids.max()) + 1)
+        geometry = _trace_geometry(ids.shape[1], num_experts, ids.shape[2])
+        if offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 2):
+            raise RoutingError(
+                "trace seq_offsets must rise from 0 to len(expert_ids), >= 2 tokens each")
+        if len(domains) != len(offsets) - 1:
+            raise RoutingError("trace domain must have one entry per request")
+        return cls(ids, offsets, domains, geometry)
+
+
+def _trace_geometry(num_layers: int, num_experts: int, top_k: int) -> ModelGeometry:
+    for g in KNOWN_GEOMETRIES.values():
+        if (g.num_layers, g.num_experts, g.top_k) == (num_layers, num_experts, top_k):
+            return g
+    return ModelGeometry("trace", num_layers, num_experts, top_k)
+
+
+def default_trace_path() -> Path:
+    """$ELDR_TRACE_PATH, else ../shared/data/esft_routing_shared.npz next to the repo root."""
+    env = os.environ.get(TRACE_PATH_ENV)
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[2]
+    return repo_root.parent / "shared" / "data" / TRACE_FILE_NAME
+
+
+class TraceRouting:
+    """Replays recorded routing; see the module docstring for how requests are chosen."""
+
+    def __init__(self, trace: RoutingTrace, tokenizer: Tokenizer, *,
+                 prefill_fraction: float = 0.5, seed: int = 0) -> None:
+        if not 0.0 < prefill_fraction < 1.0:
+            raise RoutingError(f"prefill_fraction must be in (0, 1), got {prefill_fraction!r}")
+        self.trace = trace
+        self.geometry = trace.geometry
+        self.tokenizer = tokenizer
+        self.prefill_fraction = prefill_fraction
+        self.seed = seed
+
+    def request_index(self, prompt_ids: Sequence[int], text: str | None) -> int:
+        """`[trace:N]` in the text picks request N (mod count); else a stable hash of the prompt."""
+        n = self.trace.num_requests
+        if text is not None:
+            match = _TRACE_MARKER.search(text)
+            if match:
+                return int(match.group(1)) % n
+            return stable_hash(text.encode("utf-8")) % n
+        return stable_hash(_ids_key(prompt_ids)) % n
+
+    def split(self, index: int) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.integer]]:
+        """(prefill rows, decode rows) of trace request `index`; both non-empty."""
+        rows = self.trace.request(index)
+        cut = min(max(1, int(len(rows) * self.prefill_fraction)), len(rows) - 1)
+        return rows[:cut], rows[cut:]
+
+    def route_prompt(self, prompt_ids: Sequence[int], text: str | None) -> IntArray:
+        prefill, _ = self.split(self.request_index(prompt_ids, text))
+        take = np.arange(len(prompt_ids)) % len(prefill)
+        return prefill[take].astype(np.int32)
+
+    def continuation(self, prompt_ids: Sequence[int], text: str | None, seed: int
+                     ) -> Iterator[tuple[int, IntArray]]:
+        _, decode = self.split(self.request_index(prompt_ids, text))
+        rows = decode.astype(np.int32)
+        walk = BigramWalk(prompt_ids, seed, self.tokenizer.eos_token_id)
+        i = 0
+        while True:
+            yield walk.next_token(), rows[i % len(rows)]
+            i += 1
+
+
+def make_routing_source(name: str, geometry: ModelGeometry, tokenizer: Tokenizer, *,
+                        seed: int = 0, trace_path: str | None = None,
+                        prefill_fraction: float = 0.5) -> RoutingSource:
+    """Build a routing source by name; "trace" ignores `geometry` and uses the trace's own."""
+    if name == "token-hash":
+        return TokenHashRouting(geometry, tokenizer, seed=seed)
+    if name == "trace":
+        trace = RoutingTrace.load(trace_path or default_trace_path())
+        return TraceRouting(trace, tokenizer, prefill_fraction=prefill_fraction, seed=seed)
+    raise RoutingError(f"routing must be one of {', '.join(ROUTING_SOURCES)}; got {name!r}")
