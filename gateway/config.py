@@ -1,0 +1,195 @@
+"""The gateway's one typed configuration: the single source of every default.
+
+Names and defaults mirror `python -m sglang_router.launch_router --help` (sglang-router 0.3.2)
+wherever the option exists there, so an operator can swap the Rust router for this gateway without
+changing the command line. `cli.py` derives its flags and `GATEWAY_*` environment variables from
+the fields below (field metadata carries the help text); `Settings.validate()` fails fast naming the
+offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+
+POLICIES = ("random", "round_robin", "least_load", "power_of_two", "eldr")
+PD_FLOWS = ("dual", "prefill-first")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(slots=True)
+class PrefillSpec:
+    url: str
+    bootstrap_port: int | None = None
+
+
+@dataclass(slots=True)
+class Settings:
+    # --- server ---
+    host: str = _f("0.0.0.0", "address to bind (IPv4 or IPv6)")
+    port: int = _f(30000, "port to bind")
+    processes: int = _f(
+        1, "server processes sharing the port via SO_REUSEPORT (ours; per-process state)"
+    )
+    # --- workers ---
+    pd_disaggregation: bool = _f(False, "enable prefill/decode disaggregated mode")
+    prefill: list[PrefillSpec] = _f(
+        [], "prefill worker: URL [BOOTSTRAP_PORT|none] (repeatable)", kind="prefill"
+    )
+    decode: list[str] = _f([], "decode worker URL (repeatable)", kind="append")
+    worker_urls: list[str] = _f([], "regular (non-PD) worker URLs", kind="nargs")
+    api_key: str | None = _f(None, "bearer token sent to workers")
+    # --- routing ---
+    policy: str = _f("round_robin", "routing policy (prefill and decode unless overridden)",
+                     choices=POLICIES)
+    prefill_policy: str | None = _f(None, "policy for prefill workers", choices=POLICIES)
+    decode_policy: str | None = _f(None, "policy for decode workers", choices=POLICIES)
+    pd_flow: str = _f("dual", "PD flow: dual (stock SGLang) or prefill-first", choices=PD_FLOWS)
+    zones: str | None = _f(None, "zone table path (enables the eldr policy)")
+    calibration_log: str | None = _f(None, "append decode routing results to this JSONL file")
+    calibration_sample_rate: float = _f(1.0, "fraction of requests written to the calibration log")
+    # --- request handling ---
+    request_timeout_secs: float = _f(1800.0, "upstream request timeout (seconds)")
+    max_payload_size: int = _f(536870912, "maximum request body in bytes")
+    max_concurrent_requests: int = _f(-1, "concurrent request limit (-1 disables)")
+    queue_size: int = _f(100, "requests waiting for a slot when the limit is reached (0: 429 now)")
+    queue_timeout_secs: float = _f(60.0, "maximum seconds a request waits in the queue")
+    request_id_headers: list[str] = _f([], "headers that carry a request id", kind="nargs")
+    shutdown_grace_period_secs: float = _f(180.0, "grace period for in-flight requests on stop")
+    # --- retries (defaults from sgl-router RetryConfig) ---
+    retry_max_retries: int = _f(5, "maximum attempts per request (1 = no retry)")
+    retry_initial_backoff_ms: int = _f(50, "first retry delay (ms)")
+    retry_max_backoff_ms: int = _f(30000, "maximum retry delay (ms)")
+    retry_backoff_multiplier: float = _f(1.5, "exponential backoff multiplier")
+    retry_jitter_factor: float = _f(0.2, "relative jitter added to each delay (0..1)")
+    disable_retries: bool = _f(False, "disable retries (same as --retry-max-retries 1)")
+    # --- circuit breaker (defaults from sgl-router CircuitBreakerConfig) ---
+    cb_failure_threshold: int = _f(10, "failures within the window that open a circuit")
+    cb_success_threshold: int = _f(3, "half-open successes that close a circuit")
+    cb_timeout_duration_secs: float = _f(60.0, "seconds an open circuit waits before half-open")
+    cb_window_duration_secs: float = _f(120.0, "sliding window for counting failures (seconds)")
+    disable_circuit_breaker: bool = _f(False, "disable circuit breakers")
+    # --- health checks (defaults from sgl-router HealthConfig) ---
+    health_failure_threshold: int = _f(3, "consecutive failures that mark a worker unhealthy")
+    health_success_threshold: int = _f(2, "consecutive successes that mark it healthy again")
+    health_check_timeout_secs: float = _f(5.0, "health check request timeout")
+    health_check_interval_secs: float = _f(60.0, "seconds between health checks")
+    health_check_endpoint: str = _f("/health", "worker health check path")
+    disable_health_check: bool = _f(False, "disable background health checks")
+    # --- load polling (ours: the Rust router polls loads only for power_of_two) ---
+    load_poll_interval_secs: float = _f(1.0, "seconds between /v1/loads polls (0 disables)")
+    load_stale_secs: float = _f(5.0, "worker-reported load older than this is ignored")
+    # --- observability / admin ---
+    prometheus_host: str = _f("0.0.0.0", "address for the Prometheus metrics server")
+    prometheus_port: int = _f(29000, "port for the Prometheus metrics server (0: disabled)")
+    log_level: str = _f("info", "log level", choices=LOG_LEVELS)
+    admin_token: str | None = _f(None, "bearer token required by admin endpoints")
+
+    # ------------------------------------------------------------------
+    @property
+    def effective_prefill_policy(self) -> str:
+        return self.prefill_policy or self.policy
+
+    @property
+    def effective_decode_policy(self) -> str:
+        return self.decode_policy or self.policy
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 if self.disable_retries else self.retry_max_retries
+
+    def validate(self) -> Settings:
+        """Raise ConfigError naming the first invalid key; return self for chaining."""
+        positive_ints = ("retry_max_retries", "cb_failure_threshold", "cb_success_threshold",
+                         "health_failure_threshold", "health_success_threshold", "processes",
+                         "max_payload_size")
+        for key in positive_ints:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        positive_floats = ("request_timeout_secs", "health_check_timeout_secs",
+                           "health_check_interval_secs", "cb_timeout_duration_secs",
+                           "cb_window_duration_secs", "retry_backoff_multiplier",
+                           "queue_timeout_secs", "load_stale_secs")
+        for key in positive_floats:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("retry_initial_backoff_ms", "retry_max_backoff_ms", "queue_size",
+                    "load_poll_interval_secs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.retry_jitter_factor <= 1.0:
+            raise ConfigError(f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}")
+        if not 0.0 <= self.calibration_sample_rate <= 1.0:
+            raise ConfigError(
+                f"calibration_sample_rate must be in [0, 1], got {self.calibration_sample_rate}"
+            )
+        if self.max_concurrent_requests == 0 or self.max_concurrent_requests < -1:
+            raise ConfigError("max_concurrent_requests must be -1 (unlimited) or >= 1")
+        for key in ("port", "prometheus_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError(f"{key} must be a TCP port, got {getattr(self, key)!r}")
+        for key, allowed in (("policy", POLICIES), ("prefill_policy", POLICIES),
+                             ("decode_policy", POLICIES), ("pd_flow", PD_FLOWS),
+                             ("log_level", LOG_LEVELS)):
+            value = getattr(self, key)
+            if value is not None and value not in allowed:
+                hint = " (the Rust router's cache_aware/manual are not implemented)" \
+                    if value in ("cache_aware", "manual", "bucket") else ""
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
+        if "eldr" in (self.effective_prefill_policy,):
+            raise ConfigError("prefill_policy cannot be eldr: expert locality is a decode concern")
+        if self.effective_decode_policy == "eldr" and not self.zones:
+            raise ConfigError("decode_policy eldr needs zones (--zones PATH)")
+        if not self.health_check_endpoint.startswith("/"):
+            raise ConfigError("health_check_endpoint must start with '/'")
+        for spec in self.prefill:
+            _check_url("prefill", spec.url)
+            if spec.bootstrap_port is not None and not 1 <= spec.bootstrap_port <= 65535:
+                raise ConfigError(f"prefill bootstrap port must be 1..65535: {spec.bootstrap_port}")
+        for url in self.decode:
+            _check_url("decode", url)
+        for url in self.worker_urls:
+            _check_url("worker_urls", url)
+        if self.pd_disaggregation and self.worker_urls:
+            raise ConfigError("worker_urls is for regular mode; use --prefill/--decode with "
+                              "--pd-disaggregation")
+        if not self.pd_disaggregation and (self.prefill or self.decode):
+            raise ConfigError("prefill/decode workers need --pd-disaggregation")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} is not an http(s) URL with a host")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {url!r} has an invalid port") from exc
+
+
+def parse_prefill(values: list[str]) -> PrefillSpec:
+    """`--prefill URL [BOOTSTRAP_PORT|none]`, as the Rust router's launcher parses it."""
+    if not values or len(values) > 2:
+        raise ConfigError(f"prefill takes URL [BOOTSTRAP_PORT|none], got {values!r}")
+    port: int | None = None
+    if len(values) == 2 and values[1].lower() != "none":
+        try:
+            port = int(values[1])
+        except ValueError as exc:
+            raise ConfigError(f"prefill bootstrap port must be an integer or 'none': "
+                              f"{values[1]!r}") from exc
+    return PrefillSpec(url=values[0].rstrip("/"), bootstrap_port=port)

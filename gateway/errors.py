@@ -1,0 +1,76 @@
+"""The gateway's exception tree.
+
+Upstream transport problems become these domain errors in exactly one place (`upstream.py`), and
+these become HTTP responses in exactly one place (`app.py`'s error middleware):
+
+    GatewayError                      -> 500 unless a subclass says otherwise
+    ├── BadRequestError               -> 400  malformed client input; message names the field
+    │   └── PayloadTooLargeError      -> 413
+    ├── UnauthorizedError             -> 401  admin bearer token missing or wrong
+    ├── NotFoundError                 -> 404  unknown worker id
+    ├── ConflictError                 -> 409  worker already registered
+    ├── OverloadedError               -> 429  rate-limit queue full / queue timeout
+    ├── NoWorkersError                -> 503  no available worker for a role
+    └── UpstreamError                 -> 502  a worker could not be reached or broke the protocol
+        └── UpstreamTimeoutError      -> 504
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+
+class PayloadTooLargeError(BadRequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnauthorizedError(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(GatewayError):
+    status = 409
+    code = "conflict"
+
+
+class OverloadedError(GatewayError):
+    status = 429
+    code = "overloaded"
+
+
+class NoWorkersError(GatewayError):
+    status = 503
+    code = "no_available_workers"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; raised at start-up, the message names the setting."""

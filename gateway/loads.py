@@ -1,0 +1,121 @@
+"""Load tracking: the in-flight guard and the worker-reported load poller.
+
+`InFlight` is the SGLang router's load guard: a context manager that counts a request against a
+worker for its whole lifetime, including streaming to the end, and always gives the count back
+(in `__exit__`, so cancellation on client disconnect and exceptions release it too).
+
+`LoadPoller` reads `GET /v1/loads` (sglang >= 0.5: `loads[]` per DP rank with
+`num_total_tokens`; see sglang `srt/entrypoints/v1_loads.py`) and sums over DP ranks. Workers
+that do not have it (404) are asked the deprecated `GET /get_load` (a list of per-rank dicts with
+`num_tokens`) instead. A failed poll clears the report; policies ignore reports older than
+`load_stale_secs` (see `Worker.view`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from gateway.metrics import GatewayMetrics
+from gateway.workers import Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    __slots__ = ("_entered", "_metrics", "_worker")
+
+    def __init__(self, worker: Worker, metrics: GatewayMetrics) -> None:
+        self._worker = worker
+        self._metrics = metrics
+        self._entered = False
+
+    def __enter__(self) -> InFlight:
+        self._worker.in_flight += 1
+        self._metrics.record_active(self._worker.worker_id, self._worker.role, 1)
+        self._entered = True
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Idempotent early release (e.g. the prefill leg finished before the decode stream)."""
+        if self._entered:
+            self._entered = False
+            self._worker.in_flight -= 1
+            self._metrics.record_active(self._worker.worker_id, self._worker.role, -1)
+
+
+def parse_v1_loads(payload: Any) -> int | None:
+    """Sum `num_total_tokens` over DP ranks of a `/v1/loads` answer; None if absent."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
+        return None
+    total, seen = 0, False
+    for rank in payload["loads"]:
+        if isinstance(rank, dict) and isinstance(rank.get("num_total_tokens"), int | float):
+            total += int(rank["num_total_tokens"])
+            seen = True
+    return total if seen else None
+
+
+def parse_get_load(payload: Any) -> int | None:
+    """Sum `num_tokens` of the deprecated `/get_load` answer (list of per-rank dicts or one)."""
+    ranks = payload if isinstance(payload, list) else [payload]
+    total, seen = 0, False
+    for rank in ranks:
+        if isinstance(rank, dict):
+            value = rank.get("num_tokens", rank.get("load"))
+            if isinstance(value, int | float):
+                total += int(value)
+                seen = True
+    return total if seen else None
+
+
+class LoadPoller:
+    def __init__(self, registry: WorkerRegistry, session: aiohttp.ClientSession,
+                 metrics: GatewayMetrics, interval: float, timeout: float,
+                 headers: dict[str, str]) -> None:
+        self._registry = registry
+        self._session = session
+        self._metrics = metrics
+        self._interval = interval
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = headers
+
+    async def poll_once(self) -> None:
+        workers = list(self._registry)
+        await asyncio.gather(*(self._poll(w) for w in workers))
+
+    async def _poll(self, worker: Worker) -> None:
+        load: int | None = None
+        try:
+            load = await self._fetch(worker.url + "/v1/loads", parse_v1_loads)
+            if load is None:
+                load = await self._fetch(worker.url + "/get_load", parse_get_load)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("load poll of %s failed: %s", worker.worker_id, exc)
+        worker.reported_load = load
+        if load is not None:
+            worker.load_updated_at = time.monotonic()
+        self._metrics.record_worker_load(worker.worker_id, load)
+
+    async def _fetch(self, url: str, parse: Any) -> int | None:
+        async with self._session.get(url, timeout=self._timeout, headers=self._headers) as resp:
+            if resp.status != 200:
+                return None
+            return parse(await resp.json(content_type=None))  # type: ignore[no-any-return]
+
+    async def run(self) -> None:
+        """Poll forever (cancelled by the app's cleanup)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.poll_once()
+            await asyncio.sleep(self._interval)

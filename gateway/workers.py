@@ -1,0 +1,106 @@
+"""Worker registry: the gateway's view of its prefill, decode and regular workers.
+
+A `Worker` is mutable runtime state (health, circuit, in-flight, reported load) owned by the
+registry; policies only ever see immutable `WorkerView` snapshots of the available ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.circuit import BreakerConfig, CircuitBreaker
+from gateway.errors import BadRequestError, ConflictError, NotFoundError
+from gateway.policies.base import WorkerView
+
+ROLES = ("prefill", "decode", "regular")
+
+
+@dataclass(eq=False)
+class Worker:
+    worker_id: str
+    url: str
+    role: str
+    bootstrap_port: int | None
+    breaker: CircuitBreaker
+    healthy: bool = True
+    in_flight: int = 0
+    reported_load: int | None = None
+    load_updated_at: float = 0.0
+    health_failures: int = 0
+    health_successes: int = 0
+    added_at: float = field(default_factory=time.time)
+
+    def view(self, now: float, stale_secs: float) -> WorkerView:
+        fresh = self.reported_load is not None and now - self.load_updated_at <= stale_secs
+        return WorkerView(self.worker_id, self.url, self.in_flight,
+                          self.reported_load if fresh else None)
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.breaker.allows()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.worker_id, "url": self.url, "worker_type": self.role,
+            "bootstrap_port": self.bootstrap_port, "is_healthy": self.healthy,
+            "circuit_state": self.breaker.state, "in_flight": self.in_flight,
+            "reported_load": self.reported_load, "available": self.available,
+        }
+
+
+class WorkerRegistry:
+    def __init__(self, breaker_config: BreakerConfig, load_stale_secs: float) -> None:
+        self._breaker_config = breaker_config
+        self._stale = load_stale_secs
+        self._workers: dict[str, Worker] = {}
+
+    def add(self, url: str, role: str, bootstrap_port: int | None = None,
+            worker_id: str | None = None) -> Worker:
+        if role not in ROLES:
+            raise BadRequestError(f"worker_type must be one of {', '.join(ROLES)}; got {role!r}")
+        url = url.rstrip("/")
+        wid = worker_id or url
+        if wid in self._workers:
+            raise ConflictError(f"worker {wid!r} is already registered")
+        if role != "prefill" and bootstrap_port is not None:
+            raise BadRequestError("bootstrap_port: only prefill workers have a bootstrap port")
+        worker = Worker(wid, url, role, bootstrap_port, CircuitBreaker(self._breaker_config))
+        self._workers[wid] = worker
+        return worker
+
+    def remove(self, worker_id: str) -> Worker:
+        try:
+            return self._workers.pop(worker_id)
+        except KeyError:
+            raise NotFoundError(f"worker {worker_id!r} is not registered") from None
+
+    def get(self, worker_id: str) -> Worker:
+        try:
+            return self._workers[worker_id]
+        except KeyError:
+            raise NotFoundError(f"worker {worker_id!r} is not registered") from None
+
+    def find(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def by_role(self, role: str) -> list[Worker]:
+        return [w for w in self._workers.values() if w.role == role]
+
+    def available(self, role: str) -> list[Worker]:
+        return [w for w in self._workers.values() if w.role == role and w.available]
+
+    def views(self, workers: list[Worker]) -> list[WorkerView]:
+        now = time.monotonic()
+        return [w.view(now, self._stale) for w in workers]
+
+    def has_healthy(self, role: str) -> bool:
+        return any(w.healthy for w in self._workers.values() if w.role == role)
