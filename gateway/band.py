@@ -10,7 +10,14 @@ the next most similar zones through the band and the min-candidates rule.
     if the band holds fewer than `min_candidates` distinct workers, the next most similar zones
     are admitted (ties: lower zone index first) until it does: the paper's "min-2" recipe,
     because pure locality (tau = 0, one candidate) regressed tail TPOT.
-    choose the band member with the fewest in-flight decode requests (ties: lowest zone index).
+    choose the band member with the fewest in-flight decode requests; ties go to the more
+    similar zone, then to the lowest zone index.
+
+Why similarity before index on load ties: at low load every band member has 0 or 1 requests in
+flight, so ties are the common case, and a bare lowest-index rule would send a request whose
+own zone is 3 to a min-2 neighbour zone 0 just because 0 < 3, giving up locality for nothing.
+The result is still deterministic, and tau = 1 is still join-shortest-queue (only the tie-break
+among equally loaded workers differs from `least_load`'s lowest position).
 
 Signatures and centroids are non-negative (IDF-weighted counts and their means), so every
 `s_k` lies in [0, 1]: `tau >= 1` admits every available zone and the choice is plain
@@ -118,10 +125,10 @@ def build_plan(
     for zone, worker in enumerate(zone_workers):
         if worker is None:
             continue
-        position = owner.get(normalize_worker_key(worker))
-        if position is not None:
+        match = owner.get(normalize_worker_key(worker))
+        if match is not None:
             zones.append(zone)
-            positions.append(position)
+            positions.append(match)
     served = set(positions)
     zoneless = [p for p in range(len(candidate_keys)) if p not in served]
     rows = np.ascontiguousarray(matrix[zones], dtype=np.float32)
@@ -159,7 +166,7 @@ def choose(
                 if len(workers) >= min_candidates:
                     break
     zones = plan.zones
-    chosen = min(band, key=lambda i: (in_flight[positions[i]], zones[i]))
+    chosen = min(band, key=lambda i: (in_flight[positions[i]], -sims[i], zones[i]))
     chosen_load = in_flight[positions[chosen]]
     overflow: int | None = None
     for position in plan.zoneless:

@@ -1,0 +1,133 @@
+"""`eldr`: expert-locality decode routing (arXiv 2607.00466) over the active zone table.
+
+The choice itself is `gateway.band` (pure numpy); this policy adapts it to the policy interface:
+it reads the zone runtime's current snapshot once per decision, caches one `BandPlan` per
+(snapshot, ordered available-worker list) so the per-request work is a single matrix-vector
+product and a scan, and falls back to least-load when there is nothing to be local about:
+
+    reason "no_table"       no zone table is loaded
+    reason "no_signature"   the request has no signature (source "none")
+    reason "dim_mismatch"   the signature was built for a table of another shape (a reload
+                            landed between resolving the signature and choosing)
+    reason "no_zone"        no available worker serves a zone, or similarities are not finite
+
+Band width and min-candidates come from the table (`tau`, `min_candidates`) unless the policy
+was built with overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from gateway.band import BandPlan, build_plan, choose
+from gateway.errors import ConfigError
+from gateway.policies.base import Policy, RoutingInput, Selection, WorkerView
+from gateway.policies.least_load import LeastLoadPolicy
+from gateway.zone_runtime import ActiveZones
+
+# Available-set changes are rare (health flips, joins); 64 plans cover any realistic churn
+# between table swaps, and the cache is dropped whole when full rather than tracked per entry.
+MAX_PLANS = 64
+
+
+class ZoneSource(Protocol):
+    """Anything with the current snapshot (a `ZoneRuntime`, or a stub in tests)."""
+
+    @property
+    def active(self) -> ActiveZones | None: ...
+
+
+class EldrPolicy:
+    name = "eldr"
+    needs_signature = True
+
+    def __init__(
+        self,
+        zones: ZoneSource,
+        *,
+        tau: float | None = None,
+        min_candidates: int | None = None,
+        fallback: Policy | None = None,
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        if tau is not None and not (0.0 <= tau <= 2.0):
+            raise ConfigError(f"eldr tau must be in [0, 2], got {tau!r}")
+        if min_candidates is not None and min_candidates < 1:
+            raise ConfigError(f"eldr min_candidates must be >= 1, got {min_candidates!r}")
+        self._zones = zones
+        self._tau = tau
+        self._min_candidates = min_candidates
+        self._fallback: Policy = fallback if fallback is not None else LeastLoadPolicy()
+        self._on_fallback = on_fallback
+        self._plans: dict[tuple[str, ...], BandPlan] = {}
+        self._plans_for: ActiveZones | None = None
+
+    def select(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
+        active = self._zones.active
+        if active is None:
+            return self._fall_back("no_table", candidates, routing)
+        signature = routing.signature
+        if signature is None:
+            return self._fall_back("no_signature", candidates, routing)
+        table = active.table
+        if signature.shape != (table.spec.dim,):
+            return self._fall_back("dim_mismatch", candidates, routing)
+        plan = self._plan(active, candidates)
+        choice = choose(
+            plan,
+            # A no-op for the float32 contiguous vectors SignatureSpec builds.
+            np.ascontiguousarray(signature, dtype=np.float32),
+            [c.in_flight for c in candidates],
+            table.tau if self._tau is None else self._tau,
+            table.min_candidates if self._min_candidates is None else self._min_candidates,
+        )
+        if choice is None:
+            return self._fall_back("no_zone", candidates, routing)
+        return Selection(
+            candidates[choice.position], choice.zone, choice.band_size, choice.rank,
+            choice.similarity,
+        )
+
+    def _plan(self, active: ActiveZones, candidates: Sequence[WorkerView]) -> BandPlan:
+        if active is not self._plans_for:
+            self._plans = {}
+            self._plans_for = active
+        key = tuple([c.worker_id for c in candidates])
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = build_plan(
+                active.table.centroids,
+                active.zone_workers,
+                [(c.worker_id, c.url) for c in candidates],
+            )
+            self._plans[key] = plan
+        return plan
+
+    def _fall_back(
+        self, reason: str, candidates: Sequence[WorkerView], routing: RoutingInput
+    ) -> Selection:
+        if self._on_fallback is not None:
+            self._on_fallback(reason)
+        return self._fallback.select(candidates, routing)
+
+
+def make_eldr_policy(settings: Any, **deps: Any) -> EldrPolicy:
+    """Registry hook (`gateway.policies.registry`): needs `zone_runtime=`; optional
+    `eldr_metrics=` (an `EldrMetrics`) counts fallbacks. `settings.eldr_tau` /
+    `settings.eldr_min_candidates`, when the config defines them and they are not None,
+    override the table's values."""
+    runtime = deps.get("zone_runtime")
+    if runtime is None:
+        raise ConfigError("decode_policy eldr needs a zone runtime (--zones PATH)")
+    metrics = deps.get("eldr_metrics")
+    return EldrPolicy(
+        runtime,
+        tau=getattr(settings, "eldr_tau", None),
+        min_candidates=getattr(settings, "eldr_min_candidates", None),
+        on_fallback=None if metrics is None else metrics.record_fallback,
+    )

@@ -1,0 +1,146 @@
+"""The `eldr` policy over real zone tables: band choice, fallbacks, plan cache, JSQ at tau = 1."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import ConfigError
+from gateway.policies.base import RoutingInput
+from gateway.policies.eldr import EldrPolicy, make_eldr_policy
+from gateway.policies.least_load import LeastLoadPolicy
+from gateway.zone_runtime import ActiveZones
+from tests.eldr.helpers import table, unit, view
+
+CENTROIDS = [[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]]
+WORKERS = ["w0", "w1", "w2", "w3"]
+
+
+@dataclass
+class Source:
+    active: ActiveZones | None
+
+
+def snapshot(
+    tau: float = 0.1, min_candidates: int = 2, workers: list[str] = WORKERS
+) -> ActiveZones:
+    t = table(CENTROIDS, workers, tau=tau, min_candidates=min_candidates)
+    return ActiveZones(t, tuple(t.workers), 1, time.time(), "test")
+
+
+def routed(sig: list[float] | None, source: str = "predictor") -> RoutingInput:
+    return RoutingInput(None if sig is None else unit(sig), source if sig else "none")
+
+
+def test_band_choice_reported_in_selection() -> None:
+    policy = EldrPolicy(Source(snapshot()))
+    cands = [view("w0", 5), view("w1", 3), view("w2", 0), view("w3", 0)]
+    sel = policy.select(cands, routed([1, 0, 0]))
+    assert sel.worker.worker_id == "w1"
+    assert (sel.zone, sel.band_size, sel.rank) == (1, 2, 2)
+    assert sel.similarity == pytest.approx(0.8)
+
+
+def test_table_tau_is_used_and_override_wins() -> None:
+    cands = [view("w0", 5), view("w1", 3), view("w2", 0), view("w3", 0)]
+    jsq_table = EldrPolicy(Source(snapshot(tau=1.0)))
+    assert jsq_table.select(cands, routed([1, 0, 0])).worker.worker_id == "w2"
+    local = EldrPolicy(Source(snapshot(tau=1.0)), tau=0.0, min_candidates=1)
+    assert local.select(cands, routed([1, 0, 0])).worker.worker_id == "w0"
+
+
+@pytest.mark.parametrize(
+    ("source", "sig", "reason"),
+    [
+        (Source(None), [1, 0, 0], "no_table"),
+        (Source(snapshot()), None, "no_signature"),
+        (Source(snapshot()), [1, 0, 0, 0], "dim_mismatch"),
+    ],
+)
+def test_fallbacks_are_least_load_and_reported(
+    source: Source, sig: list[float] | None, reason: str
+) -> None:
+    reasons: list[str] = []
+    policy = EldrPolicy(source, on_fallback=reasons.append)
+    cands = [view("w0", 5), view("w1", 3), view("w2", 1), view("w3", 4)]
+    sel = policy.select(cands, routed(sig))
+    assert sel.worker.worker_id == "w2" and sel.zone is None and sel.band_size is None
+    assert reasons == [reason]
+
+
+def test_no_zoned_candidate_falls_back() -> None:
+    reasons: list[str] = []
+    policy = EldrPolicy(Source(snapshot()), on_fallback=reasons.append)
+    sel = policy.select([view("x", 2), view("y", 1)], routed([1, 0, 0]))
+    assert sel.worker.worker_id == "y" and reasons == ["no_zone"]
+
+
+def test_unhealthy_worker_never_chosen() -> None:
+    policy = EldrPolicy(Source(snapshot()))
+    # w0 (the most similar zone) is not a candidate: it is unhealthy or its circuit is open.
+    cands = [view("w1", 9), view("w2", 0), view("w3", 0)]
+    for _ in range(3):
+        assert policy.select(cands, routed([1, 0, 0])).worker.worker_id != "w0"
+
+
+def test_plan_cache_follows_snapshot_and_available_set() -> None:
+    source = Source(snapshot())
+    policy = EldrPolicy(source)
+    full = [view("w0", 0), view("w1", 0), view("w2", 0), view("w3", 0)]
+    assert policy.select(full, routed([0, 0, 1])).zone == 3
+    # w3 gone: sims to zones 0-2 are all 0; band {0} widened by min-2 to {0, 1}; idle -> zone 0.
+    assert policy.select(full[:3], routed([0, 0, 1])).zone == 0
+    # A table swap (new snapshot) must not reuse plans built for the old one.
+    source.active = snapshot(workers=["w3", "w2", "w1", "w0"])
+    sel = policy.select(full, routed([1, 0, 0]))
+    assert sel.zone == 0 and sel.worker.worker_id == "w3"
+
+
+def test_remapped_zone_worker_is_used() -> None:
+    snap = snapshot()
+    remapped = ActiveZones(snap.table, (None, "w1", "w2", "new"), 1, snap.loaded_at, "t")
+    policy = EldrPolicy(Source(remapped))
+    sel = policy.select([view("w1", 0), view("w2", 0), view("new", 0)], routed([0, 0, 1]))
+    # zone 3's table worker w3 left; the runtime handed zone 3 to "new".
+    assert sel.worker.worker_id == "new" and sel.zone == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=4, max_size=4), st.sampled_from(range(4)))
+def test_tau_1_is_join_shortest_queue(loads: list[int], zone: int) -> None:
+    # Signatures and centroids are non-negative, so tau = 1 admits every zone: the choice is a
+    # least-loaded worker; among equally loaded ones, the most similar.
+    policy = EldrPolicy(Source(snapshot(tau=1.0)))
+    cands = [view(w, n) for w, n in zip(WORKERS, loads, strict=True)]
+    sig = [float(c) + 0.01 for c in CENTROIDS[zone]]
+    ours = policy.select(cands, routed(sig))
+    assert ours.worker.in_flight == min(loads)
+    if loads.count(min(loads)) == 1:
+        assert ours.worker == LeastLoadPolicy().select(cands, routed(sig)).worker
+    if loads[zone] == min(loads):
+        assert ours.zone == zone
+
+
+def test_invalid_overrides_rejected() -> None:
+    with pytest.raises(ConfigError, match="tau"):
+        EldrPolicy(Source(None), tau=-0.1)
+    with pytest.raises(ConfigError, match="min_candidates"):
+        EldrPolicy(Source(None), min_candidates=0)
+
+
+def test_registry_factory_needs_runtime() -> None:
+    with pytest.raises(ConfigError, match="zone runtime"):
+        make_eldr_policy(object())
+    policy = make_eldr_policy(object(), zone_runtime=Source(snapshot()))
+    assert policy.name == "eldr" and policy.needs_signature
+
+
+def test_float64_signature_accepted() -> None:
+    policy = EldrPolicy(Source(snapshot()))
+    sig = np.array([0, 0, 1], dtype=np.float64)
+    assert policy.select([view(w) for w in WORKERS], RoutingInput(sig, "cache")).zone == 3
