@@ -218,6 +218,15 @@ class CostModel:
         """Every duration zero: for benchmarking the proxy itself, not the model."""
         return cls("instant", 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
+    @classmethod
+    def fixed(cls, step_seconds: float, geometry: ModelGeometry, *,
+              prefill_seconds_per_token: float = 0.0) -> CostModel:
+        """Every decode step takes `step_seconds` regardless of batch or experts (for tests)."""
+        if step_seconds < 0 or prefill_seconds_per_token < 0:
+            raise ValueError("step_seconds and prefill_seconds_per_token must be >= 0")
+        return cls("fixed", geometry.num_layers, 0.0, step_seconds / geometry.num_layers,
+                   0.0, 0.0, 0.0, prefill_seconds_per_token)
+
     def scaled(self, time_scale: float) -> CostModel:
         """The same model with every duration multiplied by `time_scale`."""
         _check_time_scale(time_scale)
