@@ -1,0 +1,425 @@
+"""One emulated SGLang worker: the engines plus the per-request PD logic, no HTTP.
+
+`Worker.generate(item)` yields SGLang `/generate` output dicts (sglang 0.5.23
+`srt/managers/tokenizer_manager.py` `_handle_batch_output`: `text`, `output_ids`, `meta_info`;
+streaming chunks are cumulative because `incremental_streaming_output` defaults to False).
+Failures raise `GenerationError` carrying SGLang's status code and message; the HTTP layer
+(`server.py`) turns them into SGLang's error shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import time
+import zlib
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+from loadtest.emulator.config import WorkerConfig
+from loadtest.emulator.costmodel import CostModel
+from loadtest.emulator.engine import DecodeEngine, PrefillEngine
+from loadtest.emulator.generate_input import GenerateItem
+from loadtest.emulator.metrics import WorkerMetrics
+from loadtest.emulator.pd import (
+    FAKE_BOOTSTRAP_HOST,
+    BootstrapRegistry,
+    HandshakeError,
+    KvPayload,
+    fetch_kv,
+)
+from loadtest.emulator.routing import RoutingSource, make_routing_source
+from loadtest.emulator.tokenizer import Tokenizer
+from zones.geometry import ModelGeometry, geometry_by_name
+from zones.routed_experts import counts_from_expert_ids, encode_counts, encode_routed_experts
+
+log = logging.getLogger(__name__)
+
+# The emulator's KV capacity per worker, for token_usage / max_total_num_tokens. Not an SGLang
+# constant: SGLang sizes the pool from free GPU memory. 4096 tokens per batch slot keeps
+# token_usage meaningful (0..1) for the prompt lengths our workloads use.
+KV_TOKENS_PER_SLOT = 4096
+
+
+class GenerationError(Exception):
+    """A request failed the way SGLang fails it: HTTP status + SGLang's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str | None
+
+
+class Worker:
+    """Engines, routing source and bootstrap registry of one worker; start() before use."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        opts = config.engine
+        self.tokenizer = Tokenizer()
+        self.routing: RoutingSource = make_routing_source(
+            opts.routing, geometry_by_name(opts.model), self.tokenizer, seed=opts.seed,
+            trace_path=opts.trace_path)
+        self.geometry: ModelGeometry = self.routing.geometry
+        self.cost_model = (CostModel.instant() if opts.instant else
+                           CostModel.for_geometry(self.geometry, time_scale=opts.time_scale))
+        self.decode_engine = DecodeEngine(self.cost_model, self.geometry,
+                                          max_batch_size=opts.max_batch_size)
+        self.prefill_engine = PrefillEngine(self.cost_model)
+        self.registry = BootstrapRegistry()
+        self.metrics = WorkerMetrics(self)
+        self.max_total_num_tokens = opts.max_batch_size * KV_TOKENS_PER_SLOT
+        self.bootstrap_queue = 0  # prefills waiting for their decode (sglang bootstrap queue)
+        self.transfer_queue = 0  # decodes waiting for KV (sglang decode transfer queue)
+        self.prefill_tokens_total = 0
+        self.prefill_busy_s = 0.0
+        self.flushes = 0
+        self._session: aiohttp.ClientSession | None = None
+        self.started_at = time.time()
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    async def start(self) -> None:
+        await self.decode_engine.start()
+        self._session = aiohttp.ClientSession()
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.decode_engine.stop()
+
+    # ------------------------------------------------------------------ requests
+
+    def _prompt(self, item: GenerateItem) -> _Prompt:
+        if item.input_ids is not None:
+            ids = list(item.input_ids)
+            vocab = self.tokenizer.vocab_size
+            if max(ids) >= vocab:
+                # sglang SamplingParams.verify / tokenizer_manager: ids beyond the vocab are 400s.
+                raise GenerationError(400, f"The input_ids contain token id {max(ids)} which is "
+                                           f"out of the vocabulary range [0, {vocab}).")
+            return _Prompt(ids, None)
+        assert item.text is not None
+        ids = self.tokenizer.encode(item.text)
+        if not ids:
+            raise GenerationError(400, "'text' tokenizes to zero tokens")
+        return _Prompt(ids, item.text)
+
+    def _seed(self, item: GenerateItem) -> int:
+        # Both halves of a PD pair must continue the same text: key it on the shared room.
+        if item.bootstrap_room is not None:
+            return item.bootstrap_room & 0xFFFFFFFF
+        return zlib.crc32(item.rid.encode())
+
+    async def generate(self, item: GenerateItem) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield cumulative output dicts; the last one has a finish_reason."""
+        arrival = time.perf_counter()
+        prompt = self._prompt(item)
+        if item.routed_experts_start_len > len(prompt.ids):
+            # sglang 0.5.23 scheduler.py handle_generate_request, same wording.
+            raise GenerationError(
+                400, f"recv_req.routed_experts_start_len={item.routed_experts_start_len} is "
+                     f"higher than the number of input tokens len(req.origin_input_ids)="
+                     f"{len(prompt.ids)}. Please use a smaller routed_experts_start_len.")
+        if self.role != "regular" and item.bootstrap_room is None:
+            # sglang 0.5.23 scheduler.py handle_generate_request: PD requests need a room
+            # (the "fake" transfer backend auto-assigns one; we emulate the real backends).
+            raise GenerationError(
+                400, f"Invalid request: Disaggregated request received without bootstrap "
+                     f"room id. req.rid={item.rid!r}")
+        if item.prefill_first and self.role != "prefill":
+            raise GenerationError(400, "'prefill_first' is only valid on a prefill worker")
+        if item.prefill_first and not self.config.engine.prefill_first:
+            raise GenerationError(400, "'prefill_first' is disabled on this worker "
+                                       "(started with --no-prefill-first)")
+        self.metrics.on_arrival(len(prompt.ids), item.stream)
+        if self.role == "prefill":
+            out = await self._prefill(item, prompt, arrival)
+            yield out
+            return
+        async for out in self._decode(item, prompt, arrival):
+            yield out
+
+    async def complete(self, item: GenerateItem) -> dict[str, Any]:
+        """Drive one item to its final output dict (closing the generator on cancel)."""
+        last: dict[str, Any] | None = None
+        async with contextlib.aclosing(self.generate(item)) as outs:
+            async for out in outs:
+                last = out
+        assert last is not None
+        return last
+
+    async def _run_prefill(self, n_tokens: int) -> None:
+        start = time.perf_counter()
+        await self.prefill_engine.run(n_tokens)
+        self.prefill_busy_s += time.perf_counter() - start
+        self.prefill_tokens_total += n_tokens
+
+    async def _prefill(self, item: GenerateItem, prompt: _Prompt, arrival: float
+                       ) -> dict[str, Any]:
+        room = item.bootstrap_room
+        assert room is not None
+        fake = item.bootstrap_host == FAKE_BOOTSTRAP_HOST
+        published = False
+        try:
+            if not fake and not item.prefill_first:
+                self.bootstrap_queue += 1
+                try:
+                    await self.registry.wait_for_decode(
+                        room, self.config.engine.bootstrap_timeout_secs)
+                except HandshakeError as exc:
+                    self.metrics.bootstrap_failed()
+                    # sglang 0.5.23 prefill.py handle_bootstrap_failure: 500 with this message.
+                    raise GenerationError(
+                        500, f"Prefill bootstrap failed for request rank=0 "
+                             f"req.rid={item.rid!r} req.bootstrap_room={room} "
+                             f"with exception {exc}") from None
+                finally:
+                    self.bootstrap_queue -= 1
+            await self._run_prefill(len(prompt.ids))
+            first_token, _ = next(iter(self.routing.continuation(
+                prompt.ids, prompt.text, self._seed(item))))
+            if not fake:
+                hold = None
+                if item.prefill_first:
+                    hold = (item.prefill_first_hold_secs
+                            or self.config.engine.prefill_first_hold_secs)
+                try:
+                    self.registry.publish(room, KvPayload(first_token, len(prompt.ids)),
+                                          hold_secs=hold)
+                    published = True
+                except HandshakeError as exc:
+                    self.metrics.transfer_failed()
+                    # sglang 0.5.23 prefill.py handle_inflight_transfer_failure.
+                    raise GenerationError(
+                        500, f"Prefill transfer failed for request rank=0 "
+                             f"req.rid={item.rid!r} req.bootstrap_room={room} "
+                             f"with exception {exc}") from None
+        except asyncio.CancelledError:
+            if not fake and not published:
+                self.registry.fail(room, f"prefill for bootstrap_room {room} was aborted")
+            raise
+        meta = self._meta(item, prompt, [first_token],
+                          # sglang 0.5.23 prefill.py process_disagg_prefill_inflight_queue:
+                          # a finished prefill reports FINISH_LENGTH(length=0).
+                          {"type": "length", "length": 0}, arrival)
+        if item.return_logprob:
+            meta["input_token_logprobs"] = self._logprobs(prompt.ids, first_is_none=True)
+            meta["output_token_logprobs"] = self._logprobs([first_token])
+        prompt_rows = None
+        if item.prefill_first or item.return_routed_experts:
+            prompt_rows = self.routing.route_prompt(prompt.ids, prompt.text)
+        if item.return_routed_experts and prompt_rows is not None:
+            # The prefill forwarded the prompt only: rows [start_len, prompt_len)
+            # (sglang 0.5.23 prefill.py collects routed experts once the transfer is done).
+            meta["routed_experts"] = encode_routed_experts(
+                prompt_rows[item.routed_experts_start_len:])
+        if item.prefill_first and prompt_rows is not None:
+            meta["prompt_expert_counts"] = encode_counts(
+                counts_from_expert_ids(prompt_rows, self.geometry))
+            meta["expert_geometry"] = self.geometry.to_dict()
+        self.metrics.on_finish(item.stream, arrival, 1, None, None)
+        return {"text": self.tokenizer.decode([first_token]), "output_ids": [first_token],
+                "meta_info": meta}
+
+    async def _first_token(self, item: GenerateItem, prompt: _Prompt
+                           ) -> tuple[Iterator[tuple[int, np.ndarray]], int]:
+        """The token stream for the engine and the prompt length, after prefill or KV fetch."""
+        stream = iter(self.routing.continuation(prompt.ids, prompt.text, self._seed(item)))
+        room = item.bootstrap_room
+        if self.role == "regular" or item.bootstrap_host == FAKE_BOOTSTRAP_HOST:
+            await self._run_prefill(len(prompt.ids))
+            return stream, len(prompt.ids)
+        assert room is not None and self._session is not None
+        if item.bootstrap_host is None or item.bootstrap_port is None:
+            # A decode cannot reach a prefill without its bootstrap address.
+            raise GenerationError(
+                400, f"Invalid request: bootstrap_host and bootstrap_port are required on a "
+                     f"decode worker. req.rid={item.rid!r}")
+        self.transfer_queue += 1
+        try:
+            opts = self.config.engine
+            kv = await fetch_kv(self._session, item.bootstrap_host, item.bootstrap_port, room,
+                                opts.bootstrap_timeout_secs + opts.waiting_timeout_secs)
+        except HandshakeError as exc:
+            self.metrics.bootstrap_failed()
+            # sglang 0.5.23 decode.py DecodePreallocQueue._update_handshake_waiters.
+            raise GenerationError(
+                500, f"Decode handshake failed for request rank=0 req.rid={item.rid!r} "
+                     f"req.bootstrap_room={room} with exception {exc}") from None
+        finally:
+            self.transfer_queue -= 1
+        own_token, experts = next(stream)
+        if own_token != kv.first_token_id:
+            log.warning("room %s: prefill sampled %s, decode continuation has %s",
+                        room, kv.first_token_id, own_token)
+        # SGLang transfers the prefill's sampled token with the KV; it is output token 0.
+        return itertools.chain([(kv.first_token_id, experts)], stream), kv.prompt_len
+
+    async def _decode(self, item: GenerateItem, prompt: _Prompt, arrival: float
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+        tokens, prompt_len = await self._first_token(item, prompt)
+        output_ids: list[int] = []
+        rows: list[np.ndarray] = []
+        finish: dict[str, Any] | None = None
+        first_at: float | None = None
+        last_at: float | None = None
+        if item.max_new_tokens == 0:
+            finish = {"type": "length", "length": 0}
+        else:
+            handle = self.decode_engine.submit(
+                item.rid, prompt_len, item.max_new_tokens, tokens,
+                eos_token_id=None if item.ignore_eos else self.tokenizer.eos_token_id)
+            try:
+                async for event in handle:
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        self.metrics.on_first_token(item.stream, now - arrival)
+                    else:
+                        assert last_at is not None
+                        self.metrics.on_inter_token(now - last_at)
+                    last_at = now
+                    output_ids.append(int(event.token_id))
+                    rows.append(np.asarray(event.expert_ids, dtype=np.int32))
+                    # The chunk carrying the last token also carries finish_reason (SGLang
+                    # streams no separate closing chunk), so decide finality here.
+                    eos_hit = (not item.ignore_eos
+                               and event.token_id == self.tokenizer.eos_token_id)
+                    if eos_hit or len(output_ids) >= item.max_new_tokens:
+                        break
+                    if item.stream:
+                        meta = self._meta(item, prompt, output_ids, None, arrival)
+                        yield {"text": self.tokenizer.decode(output_ids),
+                               "output_ids": list(output_ids), "meta_info": meta}
+            finally:
+                if handle.finish_reason is None:
+                    handle.cancel()
+            reason = handle.finish_reason
+            if output_ids and not item.ignore_eos and \
+                    output_ids[-1] == self.tokenizer.eos_token_id:
+                reason = "stop"
+            elif len(output_ids) >= item.max_new_tokens:
+                reason = "length"
+            if reason == "stop":
+                finish = {"type": "stop", "matched": self.tokenizer.eos_token_id}
+            elif reason == "abort":
+                finish = {"type": "abort", "message": "Aborted", "status_code": None,
+                          "err_type": None}
+            else:
+                finish = {"type": "length", "length": len(output_ids)}
+        meta = self._meta(item, prompt, output_ids, finish, arrival)
+        if item.return_logprob:
+            meta["input_token_logprobs"] = (
+                [] if self.role == "decode" else self._logprobs(prompt.ids, first_is_none=True))
+            meta["output_token_logprobs"] = self._logprobs(output_ids)
+        if item.return_routed_experts:
+            meta["routed_experts"] = encode_routed_experts(
+                self._routed_rows(item, prompt, prompt_len, rows))
+        self.metrics.on_finish(item.stream, arrival, len(output_ids), first_at, last_at)
+        yield {"text": self.tokenizer.decode(output_ids), "output_ids": output_ids,
+               "meta_info": meta}
+
+    def _routed_rows(self, item: GenerateItem, prompt: _Prompt, prompt_len: int,
+                     output_rows: list[np.ndarray]) -> np.ndarray:
+        """Rows for positions [start_len, seqlen - 1), as SGLang's capturer returns them."""
+        g = self.geometry
+        out = (np.stack(output_rows[:-1]) if len(output_rows) > 1
+               else np.zeros((0, g.num_layers, g.top_k), dtype=np.int32))
+        if self.role == "decode":
+            # PD decode: prompt positions were never forwarded here (their KV arrived by
+            # transfer), so their rows carry no routing; SGLang leaves them unset. We fill
+            # zeros; clients must skip the first (prompt_tokens - start_len) rows.
+            prompt_part = np.zeros((prompt_len, g.num_layers, g.top_k), dtype=np.int32)
+        else:
+            prompt_part = self.routing.route_prompt(prompt.ids, prompt.text).astype(np.int32)
+        return np.concatenate([prompt_part, out])[item.routed_experts_start_len:]
+
+    def _meta(self, item: GenerateItem, prompt: _Prompt, output_ids: list[int],
+              finish: dict[str, Any] | None, arrival: float) -> dict[str, Any]:
+        # Key order and names: sglang 0.5.23 tokenizer_manager._handle_batch_output.
+        meta: dict[str, Any] = {
+            "id": item.rid,
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt.ids),
+            "weight_version": "default",
+            "num_retractions": 0,
+            "reasoning_tokens": 0,
+            "completion_tokens": len(output_ids),
+            "cached_tokens": 0,
+        }
+        if finish is not None:
+            meta["e2e_latency"] = time.perf_counter() - arrival
+        return meta
+
+    def _logprobs(self, ids: list[int], *, first_is_none: bool = False) -> list[list[Any]]:
+        # [logprob, token_id, text] triples (tokenizer_manager.detokenize_logprob_tokens with
+        # return_text_in_logprobs=False). No model, so every token gets the uniform-vocabulary
+        # log-probability; the first prompt token has None, as in SGLang.
+        lp = -math.log(self.tokenizer.vocab_size)
+        return [[None if (first_is_none and i == 0) else lp, t, None] for i, t in enumerate(ids)]
+
+    # ------------------------------------------------------------------ load
+
+    def load_snapshot(self) -> dict[str, Any]:
+        """One DP rank's load, fields of sglang 0.5.23 `srt/managers/load_snapshot.py`."""
+        d = self.decode_engine.load()
+        p = self.prefill_engine.load()
+        running = d.num_running_reqs + p.num_running_reqs
+        waiting = d.num_waiting_reqs + p.num_waiting_reqs + self.bootstrap_queue
+        total = d.num_total_tokens + p.num_total_tokens
+        usage = total / self.max_total_num_tokens
+        snap: dict[str, Any] = {
+            "timestamp": time.time(),
+            "dp_rank": 0,
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_waiting_uncached_tokens": p.num_total_tokens if p.num_waiting_reqs else 0,
+            "num_used_tokens": total,
+            "num_total_tokens": total,
+            "num_active_tokens": total,
+            "num_prealloc_ready_tokens": 0,
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "max_running_requests": self.config.engine.max_batch_size,
+            "token_usage": usage,
+            "gen_throughput": self.metrics.gen_throughput(),
+            "cache_hit_rate": 0.0,
+            "utilization": usage,
+            "total_prefill_uncached_tokens": self.prefill_tokens_total,
+            "total_prefill_busy_us": int(self.prefill_busy_s * 1e6),
+            "decode_moments": None,
+        }
+        if self.role != "regular":
+            snap["disaggregation"] = {
+                "mode": self.role,
+                "prefill_bootstrap_queue_reqs": self.bootstrap_queue,
+                "prefill_inflight_queue_reqs": 0,
+                "decode_prealloc_queue_reqs": self.transfer_queue,
+                "decode_transfer_queue_reqs": 0,
+                "decode_retracted_queue_reqs": 0,
+                "kv_transfer_speed_gb_s": 0.0,
+                "kv_transfer_latency_ms": 0.0,
+            }
+        snap["queues"] = {"waiting": waiting, "grammar": 0, "paused": 0, "retracted": 0,
+                          "prealloc_ready": 0}
+        return snap
+
+
+WORKER_KEY: web.AppKey[Worker] = web.AppKey("worker", Worker)
