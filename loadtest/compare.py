@@ -1,0 +1,578 @@
+"""`python -m loadtest compare`: routers side by side on an emulated PD cluster.
+
+One run of this command:
+1. starts the emulated cluster (`python -m loadtest cluster ... --json`) as a subprocess;
+2. fits zones: drives the *calibration* split through our gateway (least_load policy, with
+   `--calibration-log`), then runs `python -m zones fit` on that log (skipped with `--zones`);
+3. for every rate and every router under test, starts the router, drives the *evaluation* split
+   with the same seed (so every router sees the identical prompts and Poisson arrival times),
+   snapshots `/emulator/stats` on every decode worker before and after, samples CPU, stops the
+   router, and marks the run VOID when the host rather than the modelled cluster was the limit;
+4. writes `results.json` and renders the report (`loadtest/report.py`).
+
+Routers are named `gateway:POLICY` (our gateway, dual PD flow), `gateway:eldr-prefill-first`
+(our gateway, prefill-first flow) and `sglang:POLICY` (the Rust `sglang-router`). Every router
+uses the same prefill policy (`--prefill-policy`, default round_robin) so that only decode
+selection differs. The cluster is started with prefill-first support whenever a prefill-first
+router is under test; dual-flow routers never send the `prefill_first` field, so to them the
+workers behave like stock SGLang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadtest.cluster_stats import counters, decode_run_stats, void_reasons
+from loadtest.driver import DriverConfig, run_load, write_run
+from loadtest.procs import (
+    CpuSampler,
+    ManagedProcess,
+    ProcessStartError,
+    free_port,
+    free_port_block,
+    python_argv,
+)
+from loadtest.workloads import (
+    DEFAULT_CORPUS,
+    DEFAULT_TRACES,
+    KINDS,
+    Conversation,
+    WorkloadError,
+    WorkloadSpec,
+    build_workload,
+    load_corpus,
+)
+
+GATEWAY_POLICIES = ("random", "round_robin", "least_load", "power_of_two", "eldr")
+SGLANG_POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+ALL_ROUTERS = (
+    *(f"gateway:{p}" for p in GATEWAY_POLICIES),
+    "gateway:eldr-prefill-first",
+    *(f"sglang:{p}" for p in SGLANG_POLICIES),
+)
+# Routers that use no locality signal: "best load-only router" in the report is the best of
+# these at each rate.
+LOAD_ONLY_ROUTERS = tuple(r for r in ALL_ROUTERS if "eldr" not in r and r != "sglang:cache_aware")
+QUICK_ROUTERS = ("gateway:round_robin", "gateway:least_load", "gateway:eldr", "sglang:round_robin")
+
+
+class CompareError(RuntimeError):
+    """An experiment could not be set up; the message says which step and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSpec:
+    name: str
+    kind: str  # "gateway" | "sglang"
+    policy: str
+    pd_flow: str = "dual"
+
+    @classmethod
+    def parse(cls, name: str) -> RouterSpec:
+        kind, sep, policy = name.partition(":")
+        if not sep or kind not in ("gateway", "sglang"):
+            raise CompareError(f"--routers entry {name!r} must be gateway:POLICY or sglang:POLICY")
+        if kind == "gateway":
+            if policy == "eldr-prefill-first":
+                return cls(name, kind, "eldr", "prefill-first")
+            if policy not in GATEWAY_POLICIES:
+                raise CompareError(f"--routers {name!r}: gateway policies are {GATEWAY_POLICIES}")
+        elif policy not in SGLANG_POLICIES:
+            raise CompareError(f"--routers {name!r}: sglang policies are {SGLANG_POLICIES}")
+        return cls(name, kind, policy)
+
+    @property
+    def needs_zones(self) -> bool:
+        return self.policy == "eldr"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    prefill: list[tuple[str, int | None]]  # (url, bootstrap port)
+    decode: list[str]
+    pid: int = 0
+
+
+def parse_cluster_info(doc: dict[str, Any]) -> ClusterInfo:
+    """The cluster's `--json` line: `prefill` and `decode` lists of URLs or objects with `url`
+    (and `bootstrap_port` for prefill workers)."""
+
+    def items(key: str) -> list[Any]:
+        value = doc.get(key) or doc.get(f"{key}_workers")
+        if not isinstance(value, list) or not value:
+            raise CompareError(f"cluster JSON line has no non-empty {key!r} list: {doc}")
+        return value
+
+    prefill: list[tuple[str, int | None]] = []
+    for item in items("prefill"):
+        if isinstance(item, str):
+            prefill.append((item, None))
+        elif isinstance(item, dict) and isinstance(item.get("url"), str):
+            port = item.get("bootstrap_port")
+            prefill.append((item["url"], int(port) if port is not None else None))
+        else:
+            raise CompareError(f"cluster JSON prefill entry is not a URL or {{url: ...}}: {item}")
+    decode: list[str] = []
+    for item in items("decode"):
+        url = item if isinstance(item, str) else item.get("url") if isinstance(item, dict) else None
+        if not isinstance(url, str):
+            raise CompareError(f"cluster JSON decode entry is not a URL or {{url: ...}}: {item}")
+        decode.append(url)
+    return ClusterInfo(prefill, decode, int(doc.get("pid") or 0))
+
+
+def worker_flags(cluster: ClusterInfo) -> list[str]:
+    """`--prefill URL [BPORT] ... --decode URL ...`, the sglang_router syntax our gateway shares."""
+    out: list[str] = []
+    for url, port in cluster.prefill:
+        out += ["--prefill", url] + ([str(port)] if port is not None else [])
+    for url in cluster.decode:
+        out += ["--decode", url]
+    return out
+
+
+def router_argv(
+    spec: RouterSpec,
+    cluster: ClusterInfo,
+    port: int,
+    prefill_policy: str,
+    zones: Path | None,
+    calibration_log: Path | None = None,
+) -> list[str]:
+    common = [
+        "--pd-disaggregation",
+        *worker_flags(cluster),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prefill-policy",
+        prefill_policy,
+        "--decode-policy",
+        spec.policy,
+    ]
+    if spec.kind == "sglang":
+        return python_argv(
+            "sglang_router.launch_router",
+            [
+                *common,
+                "--prometheus-port",
+                str(free_port()),
+                "--prometheus-host",
+                "127.0.0.1",
+                "--log-level",
+                "warn",
+            ],
+        )
+    args = [*common, "--pd-flow", spec.pd_flow, "--prometheus-port", "0"]
+    if spec.needs_zones:
+        if zones is None:
+            raise CompareError(f"{spec.name} needs a zone table (calibration failed or --zones)")
+        args += ["--zones", str(zones)]
+    if calibration_log is not None:
+        args += ["--calibration-log", str(calibration_log)]
+    return python_argv("gateway", args)
+
+
+@dataclass(slots=True)
+class CompareOptions:
+    out: Path
+    workload: str = "task"
+    rates: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    routers: list[str] = field(default_factory=lambda: list(ALL_ROUTERS))
+    prefill: int = 8
+    decode: int = 16
+    model: str = "Qwen3-30B-A3B"
+    time_scale: float = 20.0
+    num_requests: int = 300
+    calibration_requests: int = 400
+    warmup: int = 4
+    seed: int = 0
+    max_output_tokens: int = 256
+    min_output_tokens: int = 64
+    max_duration: float = 300.0
+    request_timeout: float = 300.0
+    prefill_policy: str = "round_robin"
+    zones: Path | None = None
+    endpoint: str = "generate"
+    progress: bool = True
+    corpus: Path = DEFAULT_CORPUS
+    traces: Path = DEFAULT_TRACES
+    startup_timeout: float = 120.0
+
+
+QUICK_OVERRIDES: dict[str, Any] = {
+    "prefill": 4,
+    "decode": 8,
+    "rates": [2.0, 4.0],
+    "routers": list(QUICK_ROUTERS),
+    "num_requests": 60,
+    "calibration_requests": 120,
+    "max_output_tokens": 64,
+    "min_output_tokens": 32,
+    "max_duration": 60.0,
+    "request_timeout": 120.0,
+}
+
+
+async def fetch_stats(
+    session: aiohttp.ClientSession, urls: Sequence[str]
+) -> list[dict[str, float]]:
+    async def one(url: str) -> dict[str, float]:
+        try:
+            async with session.get(
+                url.rstrip("/") + "/emulator/stats", timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
+                if r.status != 200:
+                    raise CompareError(f"GET {url}/emulator/stats answered {r.status}")
+                return counters(await r.json(loads=orjson.loads))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise CompareError(f"GET {url}/emulator/stats failed: {exc}") from exc
+
+    return list(await asyncio.gather(*(one(u) for u in urls)))
+
+
+class Experiment:
+    """Owns the cluster process for the whole comparison; routers come and go per run."""
+
+    def __init__(self, opts: CompareOptions) -> None:
+        self.opts = opts
+        self.logs = opts.out / "logs"
+        self.cluster_proc: ManagedProcess | None = None
+        self.cluster: ClusterInfo | None = None
+        self.specs = [RouterSpec.parse(r) for r in opts.routers]
+
+    def workload(self, split: str, num: int) -> list[Conversation]:
+        o = self.opts
+        spec = WorkloadSpec(
+            kind=o.workload,
+            split=split,
+            num_conversations=num,
+            seed=o.seed,
+            min_output_tokens=o.min_output_tokens,
+            max_output_tokens=o.max_output_tokens,
+        )
+        return build_workload(spec, load_corpus(o.corpus), o.traces)
+
+    async def start_cluster(self) -> ClusterInfo:
+        o = self.opts
+        n = o.prefill + o.decode
+        base = free_port_block(3 * n + 8)  # HTTP + bootstrap ports, with room to spare
+        args = [
+            "cluster",
+            "--prefill",
+            str(o.prefill),
+            "--decode",
+            str(o.decode),
+            "--base-port",
+            str(base),
+            "--model",
+            o.model,
+            "--routing",
+            "trace" if o.workload == "trace" else "token-hash",
+            "--time-scale",
+            str(o.time_scale),
+            "--json",
+        ]
+        if any(s.pd_flow == "prefill-first" for s in self.specs):
+            args.append("--prefill-first")
+        proc = ManagedProcess(
+            "emulated cluster", python_argv("loadtest", args), self.logs / "cluster.log"
+        )
+        self.cluster_proc = proc
+        await proc.start(capture_stdout=True)
+        info = parse_cluster_info(await proc.read_json_line(o.startup_timeout))
+        for url in [u for u, _ in info.prefill] + info.decode:
+            await proc.wait_http_ok(url.rstrip("/") + "/health", o.startup_timeout)
+        self.cluster = replace(info, pid=proc.pid)
+        return self.cluster
+
+    async def start_router(
+        self, spec: RouterSpec, zones: Path | None, tag: str, calibration_log: Path | None = None
+    ) -> tuple[ManagedProcess, str]:
+        assert self.cluster is not None
+        port = free_port()
+        argv = router_argv(
+            spec, self.cluster, port, self.opts.prefill_policy, zones, calibration_log
+        )
+        proc = ManagedProcess(spec.name, argv, self.logs / f"{tag}.log")
+        await proc.start()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await proc.wait_http_ok(url + "/health", self.opts.startup_timeout)
+        except BaseException:
+            await proc.stop()
+            raise
+        return proc, url
+
+    def driver_config(self, url: str, rate: float | None, num: int) -> DriverConfig:
+        o = self.opts
+        return DriverConfig(
+            url=url,
+            endpoint=o.endpoint,
+            rate=rate if rate else float("inf"),
+            concurrency=None if rate else 2 * o.decode,
+            num_requests=num,
+            warmup=o.warmup,
+            max_duration=o.max_duration,
+            request_timeout=o.request_timeout,
+            seed=o.seed,
+            progress=o.progress,
+        )
+
+    async def calibrate(self) -> Path:
+        """Calibration traffic through the gateway's calibration log, then `zones fit`."""
+        o = self.opts
+        log = o.out / "calibration" / "calibration.jsonl"
+        table = o.out / "calibration" / "zones.json"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        spec = RouterSpec("gateway:least_load", "gateway", "least_load")
+        proc, url = await self.start_router(spec, None, "calibration-gateway", log)
+        try:
+            convs = self.workload("calibration", o.calibration_requests + o.warmup)
+            result = await run_load(self.driver_config(url, None, o.calibration_requests), convs)
+            write_run(result, o.out / "calibration" / "traffic")
+        finally:
+            await proc.stop()
+        if not log.is_file() or not log.stat().st_size:
+            raise CompareError(f"calibration produced no log at {log}; see {self.logs}")
+        assert self.cluster is not None
+        fit = ManagedProcess(
+            "zones fit",
+            python_argv("zones", zones_fit_args(log, self.cluster.decode, table, o.model)),
+            self.logs / "zones-fit.log",
+        )
+        await fit.start()
+        assert fit.proc is not None
+        try:
+            code = await asyncio.wait_for(fit.proc.wait(), 600)
+        finally:
+            await fit.stop()
+        if code != 0 or not table.is_file():
+            raise fit.failure(f"exited with code {code}")
+        return table
+
+    async def run_one(
+        self, spec: RouterSpec, rate: float, zones: Path | None, convs: list[Conversation]
+    ) -> dict[str, Any]:
+        o = self.opts
+        assert self.cluster is not None and self.cluster_proc is not None
+        run_dir = o.out / "runs" / spec.name.replace(":", "_") / f"rate_{rate:g}"
+        proc, url = await self.start_router(spec, zones, f"{spec.name.replace(':', '_')}-{rate:g}")
+        try:
+            async with aiohttp.ClientSession() as session:
+                before = await fetch_stats(session, self.cluster.decode)
+                pids = {
+                    "router": proc.pid,
+                    "emulator": self.cluster_proc.pid,
+                    "driver": os.getpid(),
+                }
+                async with CpuSampler(pids) as sampler:
+                    result = await run_load(self.driver_config(url, rate, o.num_requests), convs)
+                after = await fetch_stats(session, self.cluster.decode)
+        finally:
+            await proc.stop()
+        summary = write_run(result, run_dir)
+        cluster = decode_run_stats(before, after)
+        cpu = sampler.usage()
+        reasons = void_reasons(cluster, cpu.system_percent_mean)
+        if summary["completed"] < 0.9 * summary["requests"]:
+            reasons.append(f"only {summary['completed']}/{summary['requests']} requests completed")
+        record = {
+            "router": spec.name,
+            "rate": rate,
+            "workload": o.workload,
+            "summary": summary,
+            "cluster": cluster.to_dict(),
+            "cpu": asdict(cpu),
+            "void": bool(reasons),
+            "void_reasons": reasons,
+        }
+        (run_dir / "run.json").write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
+        return record
+
+    async def run(self, argv_text: str) -> dict[str, Any]:
+        o = self.opts
+        o.out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        runs: list[dict[str, Any]] = []
+        meta: dict[str, Any] = {
+            "command": argv_text,
+            "started_at": started,
+            "options": _jsonable(asdict(o)),
+            "load_only_routers": list(LOAD_ONLY_ROUTERS),
+        }
+        try:
+            await self.start_cluster()
+            zones = o.zones
+            if zones is None and any(s.needs_zones for s in self.specs):
+                zones = await self.calibrate()
+            meta["zones"] = str(zones) if zones else None
+            convs = self.workload("evaluation", o.num_requests + o.warmup)
+            for rate in o.rates:
+                for spec in self.specs:
+                    try:
+                        runs.append(await self.run_one(spec, rate, zones, convs))
+                    except (CompareError, ProcessStartError) as exc:
+                        # One broken router must not lose the other routers' runs.
+                        print(f"error: {spec.name} at rate {rate:g}: {exc}", file=sys.stderr)
+                        runs.append(
+                            {
+                                "router": spec.name,
+                                "rate": rate,
+                                "workload": o.workload,
+                                "error": str(exc),
+                                "void": True,
+                                "void_reasons": [str(exc)],
+                            }
+                        )
+                    _write_results(o.out, meta, runs)
+        finally:
+            if self.cluster_proc is not None:
+                await self.cluster_proc.stop()
+            meta["finished_at"] = time.time()
+            _write_results(o.out, meta, runs)
+        return {"meta": meta, "runs": runs}
+
+
+def zones_fit_args(log: Path, decode_urls: Sequence[str], table: Path, model: str) -> list[str]:
+    """`python -m zones fit` arguments: one zone per decode worker, named by its URL."""
+    return [
+        "fit",
+        "--calibration",
+        str(log),
+        "--out",
+        str(table),
+        "--model",
+        model,
+        "--workers",
+        *decode_urls,
+    ]
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def _write_results(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    (out / "results.json").write_bytes(
+        orjson.dumps({"meta": meta, "runs": runs}, option=orjson.OPT_INDENT_2)
+    )
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0] if __doc__ else None
+    d = CompareOptions(out=Path("."))
+    parser.add_argument("--out", type=Path, required=True, help="results directory")
+    parser.add_argument(
+        "--quick", action="store_true", help="small preset: 4P+8D, 2 rates, 4 routers, 60 requests"
+    )
+    parser.add_argument("--workload", choices=KINDS, default=d.workload)
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"request rates per second (default {d.rates})",
+    )
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        default=None,
+        help=f"routers under test (default all: {' '.join(ALL_ROUTERS)})",
+    )
+    parser.add_argument("--prefill", type=int, default=None, help=f"default {d.prefill}")
+    parser.add_argument("--decode", type=int, default=None, help=f"default {d.decode}")
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=d.time_scale,
+        help="emulator slow-down so this machine is not the bottleneck",
+    )
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help=f"measured requests per run (default {d.num_requests})",
+    )
+    parser.add_argument("--calibration-requests", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--max-output-tokens", type=int, default=None)
+    parser.add_argument("--prefill-policy", default=d.prefill_policy)
+    parser.add_argument(
+        "--zones", type=Path, default=None, help="use this zone table instead of calibrating"
+    )
+    parser.add_argument(
+        "--endpoint", choices=("generate", "chat", "completions"), default=d.endpoint
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-report", action="store_true")
+
+
+def options_from_args(args: argparse.Namespace) -> CompareOptions:
+    opts = CompareOptions(out=args.out)
+    if args.quick:
+        for key, value in QUICK_OVERRIDES.items():
+            setattr(opts, key, value)
+    explicit = {
+        "workload": args.workload,
+        "rates": args.rates,
+        "routers": args.routers,
+        "prefill": args.prefill,
+        "decode": args.decode,
+        "model": args.model,
+        "time_scale": args.time_scale,
+        "num_requests": args.num_requests,
+        "calibration_requests": args.calibration_requests,
+        "seed": args.seed,
+        "max_output_tokens": args.max_output_tokens,
+        "prefill_policy": args.prefill_policy,
+        "zones": args.zones,
+        "endpoint": args.endpoint,
+    }
+    for key, value in explicit.items():
+        if value is not None:
+            setattr(opts, key, value)
+    opts.progress = not args.no_progress
+    if opts.max_output_tokens < opts.min_output_tokens:
+        opts.min_output_tokens = opts.max_output_tokens
+    if opts.prefill < 1 or opts.decode < 1:
+        raise CompareError("--prefill and --decode must be >= 1")
+    if any(r <= 0 for r in opts.rates):
+        raise CompareError("--rates must all be > 0")
+    if opts.time_scale <= 0:
+        raise CompareError("--time-scale must be > 0")
+    for name in opts.routers:
+        RouterSpec.parse(name)
+    return opts
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        opts = options_from_args(args)
+        argv_text = "python -m loadtest compare " + shlex.join(sys.argv[2:])
+        results = asyncio.run(Experiment(opts).run(argv_text))
+    except (CompareError, ProcessStartError, WorkloadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_report:
+        from loadtest.report import render_report
+
+        path = render_report(opts.out)
+        print(f"report: {path}")
+    ok = [r for r in results["runs"] if not r.get("error")]
+    return 0 if ok else 1

@@ -1,0 +1,105 @@
+"""compare's pure parts (router specs, cluster line, argv) and process management."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loadtest.compare import (
+    ALL_ROUTERS,
+    ClusterInfo,
+    CompareError,
+    RouterSpec,
+    configure_parser,
+    options_from_args,
+    parse_cluster_info,
+    router_argv,
+)
+from loadtest.procs import ManagedProcess, ProcessStartError
+
+
+def test_router_specs() -> None:
+    assert RouterSpec.parse("gateway:eldr-prefill-first").pd_flow == "prefill-first"
+    assert RouterSpec.parse("sglang:cache_aware").kind == "sglang"
+    for bad in ("gateway", "nginx:random", "gateway:cache_aware", "sglang:eldr"):
+        with pytest.raises(CompareError, match="--routers"):
+            RouterSpec.parse(bad)
+    assert all(RouterSpec.parse(r) for r in ALL_ROUTERS)
+
+
+def test_cluster_line_shapes() -> None:
+    a = parse_cluster_info(
+        {
+            "prefill": [{"url": "http://127.0.0.1:1", "bootstrap_port": 9}],
+            "decode": [{"url": "http://127.0.0.1:2"}],
+        }
+    )
+    b = parse_cluster_info({"prefill": ["http://127.0.0.1:1"], "decode": ["http://127.0.0.1:2"]})
+    assert a.prefill == [("http://127.0.0.1:1", 9)] and a.decode == ["http://127.0.0.1:2"]
+    assert b.prefill == [("http://127.0.0.1:1", None)]
+    with pytest.raises(CompareError, match="decode"):
+        parse_cluster_info({"prefill": ["http://x:1"]})
+
+
+def test_router_argv_same_workers_same_prefill_policy() -> None:
+    cluster = ClusterInfo([("http://127.0.0.1:1", 9)], ["http://127.0.0.1:2", "http://127.0.0.1:3"])
+    g = router_argv(RouterSpec.parse("gateway:eldr"), cluster, 5000, "round_robin", Path("z.json"))
+    s = router_argv(RouterSpec.parse("sglang:power_of_two"), cluster, 5001, "round_robin", None)
+    assert g[1:3] == ["-m", "gateway"] and s[1:3] == ["-m", "sglang_router.launch_router"]
+    for argv in (g, s):
+        joined = " ".join(argv)
+        assert (
+            "--pd-disaggregation --prefill http://127.0.0.1:1 9 --decode http://127.0.0.1:2 "
+            "--decode http://127.0.0.1:3" in joined
+        )
+        assert "--prefill-policy round_robin" in joined
+    assert "--zones z.json" in " ".join(g) and "--pd-flow dual" in " ".join(g)
+    with pytest.raises(CompareError, match="zone table"):
+        router_argv(RouterSpec.parse("gateway:eldr"), cluster, 5000, "round_robin", None)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    return p.parse_args(list(argv))
+
+
+def test_quick_preset_and_overrides() -> None:
+    o = options_from_args(_parse("--out", "x", "--quick", "--rates", "1", "3"))
+    assert (o.prefill, o.decode, o.rates, o.num_requests) == (4, 8, [1.0, 3.0], 60)
+    full = options_from_args(_parse("--out", "x"))
+    assert (full.prefill, full.decode, full.model) == (8, 16, "Qwen3-30B-A3B")
+    with pytest.raises(CompareError, match="--rates"):
+        options_from_args(_parse("--out", "x", "--rates", "0"))
+
+
+async def test_managed_process_json_line_and_stop(tmp_path: Path) -> None:
+    code = (
+        "import json,time; print('booting'); print(json.dumps({'ok': 1}), flush=True); "
+        "time.sleep(60)"
+    )
+    proc = ManagedProcess("child", [sys.executable, "-c", code], tmp_path / "child.log")
+    await proc.start(capture_stdout=True)
+    try:
+        assert await proc.read_json_line(30) == {"ok": 1}
+        pid = proc.pid
+        assert psutil.pid_exists(pid)
+    finally:
+        await proc.stop(grace=5)
+    assert proc.proc is not None and proc.proc.returncode is not None
+    assert "booting" in (tmp_path / "child.log").read_text()
+
+
+async def test_managed_process_early_exit_is_reported(tmp_path: Path) -> None:
+    code = "import sys; print('bad flag', file=sys.stderr); sys.exit(3)"
+    proc = ManagedProcess("child", [sys.executable, "-c", code], tmp_path / "c.log")
+    await proc.start(capture_stdout=True)
+    try:
+        with pytest.raises(ProcessStartError, match="bad flag"):
+            await proc.read_json_line(30)
+    finally:
+        await proc.stop(grace=5)
