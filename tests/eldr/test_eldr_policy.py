@@ -17,7 +17,7 @@ from gateway.policies.least_load import LeastLoadPolicy
 from gateway.zone_runtime import ActiveZones
 from tests.eldr.helpers import table, unit, view
 
-CENTROIDS = [[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]]
+CENTROIDS: list[list[float]] = [[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]]
 WORKERS = ["w0", "w1", "w2", "w3"]
 
 

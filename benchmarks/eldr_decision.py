@@ -1,0 +1,155 @@
+"""Cost of one `eldr` decode decision: p50/p99 per decision, measured with perf_counter_ns.
+
+Setup (issue #5 target: p99 < 50 us): 64 decode workers, one zone each, Qwen3-30B-A3B geometry
+with every layer kept, so signatures have 48 x 128 = 6,144 dimensions. Centroids and signatures
+are built from random non-negative count matrices through zones' real `SignatureSpec` /
+`make_table`, so they have the same shape and sparsity class as real ones. Each timed call is the
+whole `EldrPolicy.select` (snapshot read, plan-cache lookup, similarity product, band, Selection)
+on a fresh in-flight vector; the candidate list is rebuilt every call, as dispatch does.
+
+    python benchmarks/eldr_decision.py                 # defaults below
+    python benchmarks/eldr_decision.py --decisions 200000 --json out.json
+
+Numbers depend on the machine and on how busy it is; report the machine with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.band import build_plan, choose
+from gateway.policies.base import RoutingInput, WorkerView
+from gateway.policies.eldr import EldrPolicy
+from gateway.zone_runtime import ActiveZones
+from zones.geometry import KNOWN_GEOMETRIES
+from zones.signature import SignatureSpec
+from zones.table import make_table
+
+
+@dataclass
+class _Source:
+    active: ActiveZones | None
+
+
+def _percentiles(ns: np.ndarray) -> dict[str, float]:
+    us = ns / 1000.0
+    return {
+        "p50_us": float(np.percentile(us, 50)),
+        "p90_us": float(np.percentile(us, 90)),
+        "p99_us": float(np.percentile(us, 99)),
+        "p999_us": float(np.percentile(us, 99.9)),
+        "max_us": float(us.max()),
+        "mean_us": float(us.mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workers", type=int, default=64)
+    ap.add_argument("--geometry", default="Qwen3-30B-A3B", choices=sorted(KNOWN_GEOMETRIES))
+    ap.add_argument("--decisions", type=int, default=50_000)
+    ap.add_argument("--warmup", type=int, default=2_000)
+    ap.add_argument("--signatures", type=int, default=512, help="distinct request signatures")
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.workers < 1 or args.decisions < 1 or args.signatures < 1:
+        ap.error("--workers, --decisions and --signatures must be >= 1")
+
+    rng = np.random.default_rng(args.seed)
+    g = KNOWN_GEOMETRIES[args.geometry]
+    spec = SignatureSpec(
+        g,
+        rng.uniform(0.1, 3.0, size=(g.num_layers, g.num_experts)).astype(np.float32),
+        np.ones(g.num_layers, dtype=bool),
+    )
+
+    def random_counts(n: int) -> np.ndarray:
+        # ~top_k x 200 tokens of routing per layer spread over a random subset of experts.
+        return rng.poisson(rng.gamma(0.5, 4.0, size=(n, g.num_layers, g.num_experts)))
+
+    centroids, valid = spec.build_many(random_counts(args.workers))
+    assert valid.all()
+    workers = [f"http://10.0.0.{i}:30001" for i in range(args.workers)]
+    table = make_table(spec, centroids, workers, tau=args.tau)
+    sigs, ok = spec.build_many(random_counts(args.signatures))
+    sigs = sigs[ok]
+    active = ActiveZones(table, tuple(workers), 1, time.time(), "bench")
+    policy = EldrPolicy(_Source(active))
+    loads = rng.integers(0, 32, size=(args.decisions + args.warmup, args.workers)).tolist()
+
+    def run_policy(n: int, offset: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            row = loads[offset + i]
+            cands = [WorkerView(w, w, row[k], None) for k, w in enumerate(workers)]
+            routing = RoutingInput(sigs[i % len(sigs)], "cache")
+            t0 = time.perf_counter_ns()
+            policy.select(cands, routing)
+            out[i] = time.perf_counter_ns() - t0
+        return out
+
+    plan = build_plan(table.centroids, workers, [(w,) for w in workers])
+
+    def run_band(n: int, offset: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            row = loads[offset + i]
+            sig = sigs[i % len(sigs)]
+            t0 = time.perf_counter_ns()
+            choose(plan, sig, row, args.tau, 2)
+            out[i] = time.perf_counter_ns() - t0
+        return out
+
+    run_policy(args.warmup, 0)
+    run_band(args.warmup, 0)
+    gc.collect()
+    policy_ns = run_policy(args.decisions, args.warmup)
+    band_ns = run_band(args.decisions, args.warmup)
+    result = {
+        "workers": args.workers,
+        "dim": int(spec.dim),
+        "decisions": args.decisions,
+        "tau": args.tau,
+        "select": _percentiles(policy_ns),
+        "band_core": _percentiles(band_ns),
+        "target_p99_us": 50.0,
+        "machine": {
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+    }
+    for name in ("select", "band_core"):
+        r = result[name]
+        assert isinstance(r, dict)
+        print(
+            f"{name:>9}: p50 {r['p50_us']:.1f} us  p90 {r['p90_us']:.1f}  p99 {r['p99_us']:.1f}  "
+            f"p99.9 {r['p999_us']:.1f}  max {r['max_us']:.0f}  "
+            f"({args.decisions} decisions, {args.workers} workers, D={spec.dim})"
+        )
+    select = result["select"]
+    assert isinstance(select, dict)
+    p99 = select["p99_us"]
+    print(f"target p99 < 50 us: {'met' if p99 < 50.0 else 'NOT met'} (select p99 {p99:.1f} us)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
