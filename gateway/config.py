@@ -22,8 +22,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    """A scalar field with its help text (lists use `field(default_factory=list)` directly)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -43,11 +42,12 @@ class Settings:
     )
     # --- workers ---
     pd_disaggregation: bool = _f(False, "enable prefill/decode disaggregated mode")
-    prefill: list[PrefillSpec] = _f(
-        [], "prefill worker: URL [BOOTSTRAP_PORT|none] (repeatable)", kind="prefill"
-    )
-    decode: list[str] = _f([], "decode worker URL (repeatable)", kind="append")
-    worker_urls: list[str] = _f([], "regular (non-PD) worker URLs", kind="nargs")
+    prefill: list[PrefillSpec] = field(default_factory=list, metadata={
+        "help": "prefill worker: URL [BOOTSTRAP_PORT|none] (repeatable)", "kind": "prefill"})
+    decode: list[str] = field(default_factory=list, metadata={
+        "help": "decode worker URL (repeatable)", "kind": "append"})
+    worker_urls: list[str] = field(default_factory=list, metadata={
+        "help": "regular (non-PD) worker URLs", "kind": "nargs"})
     api_key: str | None = _f(None, "bearer token sent to workers")
     # --- routing ---
     policy: str = _f("round_robin", "routing policy (prefill and decode unless overridden)",
@@ -64,7 +64,8 @@ class Settings:
     max_concurrent_requests: int = _f(-1, "concurrent request limit (-1 disables)")
     queue_size: int = _f(100, "requests waiting for a slot when the limit is reached (0: 429 now)")
     queue_timeout_secs: float = _f(60.0, "maximum seconds a request waits in the queue")
-    request_id_headers: list[str] = _f([], "headers that carry a request id", kind="nargs")
+    request_id_headers: list[str] = field(default_factory=list, metadata={
+        "help": "headers that carry a request id", "kind": "nargs"})
     shutdown_grace_period_secs: float = _f(180.0, "grace period for in-flight requests on stop")
     # --- retries (defaults from sgl-router RetryConfig) ---
     retry_max_retries: int = _f(5, "maximum attempts per request (1 = no retry)")
@@ -128,7 +129,9 @@ class Settings:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= self.retry_jitter_factor <= 1.0:
-            raise ConfigError(f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}")
+            raise ConfigError(
+                f"retry_jitter_factor must be in [0, 1], got {self.retry_jitter_factor}"
+            )
         if not 0.0 <= self.calibration_sample_rate <= 1.0:
             raise ConfigError(
                 f"calibration_sample_rate must be in [0, 1], got {self.calibration_sample_rate}"

@@ -111,7 +111,8 @@ class LoadPoller:
         async with self._session.get(url, timeout=self._timeout, headers=self._headers) as resp:
             if resp.status != 200:
                 return None
-            return parse(await resp.json(content_type=None))  # type: ignore[no-any-return]
+            result: int | None = parse(await resp.json(content_type=None))
+            return result
 
     async def run(self) -> None:
         """Poll forever (cancelled by the app's cleanup)."""

@@ -24,7 +24,9 @@ def _make_eldr(settings: Settings, **deps: Any) -> Policy:
     module = importlib.import_module("gateway.policies.eldr")
     factory = getattr(module, "make_eldr_policy", None)
     if factory is None:
-        raise ConfigError("gateway.policies.eldr does not define make_eldr_policy(settings, **deps)")
+        raise ConfigError(
+            "gateway.policies.eldr does not define make_eldr_policy(settings, **deps)"
+        )
     return typing_cast_policy(factory(settings, **deps))
 
 

@@ -1,0 +1,243 @@
+"""App factory: `create_app(settings) -> aiohttp.web.Application`.
+
+Everything stateful (HTTP client session, worker registry, policies, metrics registry,
+background health/load tasks, the Prometheus site, the optional zone runtime) is built in the
+app's cleanup context and torn down with it: no module-level state, so tests build apps freely.
+State lives under typed `web.AppKey`s; `STATE` holds the `GatewayState` (its `.registry` is the
+per-app Prometheus `CollectorRegistry` other modules attach metrics to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway import admin, info
+from gateway.circuit import BreakerConfig
+from gateway.config import Settings
+from gateway.dispatch import Dispatcher
+from gateway.errors import GatewayError
+from gateway.health import HealthChecker
+from gateway.loads import LoadPoller
+from gateway.metrics import GatewayMetrics
+from gateway.policies.registry import make_policy
+from gateway.resolver import NullResolver, RoutingResolver
+from gateway.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+GENERATION_ENDPOINTS = ("/generate", "/v1/chat/completions", "/v1/completions")
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    registry: CollectorRegistry  # Prometheus registry of this app
+    metrics: GatewayMetrics
+    workers: WorkerRegistry
+    session: aiohttp.ClientSession | None = None
+    dispatcher: Dispatcher | None = None
+    health: HealthChecker | None = None
+    zone_runtime: Any = None
+    eldr_metrics: Any = None
+    metrics_port: int | None = None  # the bound Prometheus port (useful when configured as 0)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def upstream_headers(self) -> dict[str, str]:
+        if self.settings.api_key:
+            return {"Authorization": f"Bearer {self.settings.api_key}"}
+        return {}
+
+
+STATE = web.AppKey("gateway_state", GatewayState)
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status,
+                        content_type="application/json")
+
+
+def error_response(status: int, message: str, code: str) -> web.Response:
+    # OpenAI-style error object, which the openai client and SGLang's own errors both use.
+    return json_response({"error": {"message": message, "type": code, "code": status}}, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                           ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc.status, exc.message, exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason
+        if exc.status == 413:
+            limit = request.app[STATE].settings.max_payload_size
+            reason = f"request body exceeds max_payload_size ({limit} bytes)"
+        return error_response(exc.status, f"{reason}: {request.method} {request.path}"
+                              if exc.status in (404, 405) else reason, "http_error")
+
+
+def _build_state(settings: Settings) -> GatewayState:
+    registry = CollectorRegistry()
+    breaker = BreakerConfig(
+        failure_threshold=settings.cb_failure_threshold,
+        success_threshold=settings.cb_success_threshold,
+        timeout_secs=settings.cb_timeout_duration_secs,
+        window_secs=settings.cb_window_duration_secs,
+        enabled=not settings.disable_circuit_breaker,
+    )
+    workers = WorkerRegistry(breaker, settings.load_stale_secs)
+    for spec in settings.prefill:
+        workers.add(spec.url, "prefill", spec.bootstrap_port)
+    for url in settings.decode:
+        workers.add(url, "decode")
+    for url in settings.worker_urls:
+        workers.add(url, "regular")
+    return GatewayState(settings=settings, registry=registry,
+                        metrics=GatewayMetrics(registry), workers=workers)
+
+
+def _make_resolver(state: GatewayState) -> RoutingResolver:
+    """The real resolver when gateway.signatures provides `make_resolver`, else no signatures."""
+    if state.zone_runtime is None:
+        return NullResolver()
+    try:
+        module = importlib.import_module("gateway.signatures")
+    except ImportError:
+        return NullResolver()
+    factory = getattr(module, "make_resolver", None)
+    if factory is None:
+        return NullResolver()
+    resolver: RoutingResolver = factory(state.settings, zone_runtime=state.zone_runtime,
+                                        eldr_metrics=state.eldr_metrics, registry=state.registry)
+    return resolver
+
+
+def _sync_zone_workers(state: GatewayState) -> None:
+    if state.zone_runtime is not None:
+        state.zone_runtime.set_workers([(w.worker_id, w.url)
+                                        for w in state.workers.by_role("decode")])
+
+
+async def _start_zones(app: web.Application, state: GatewayState) -> None:
+    if not state.settings.zones:
+        return
+    from gateway.eldr_metrics import EldrMetrics
+    from gateway.zone_runtime import ZoneRuntime
+
+    state.eldr_metrics = EldrMetrics(state.registry)
+    runtime = ZoneRuntime(state.settings.zones, metrics=state.eldr_metrics)
+    result = await runtime.reload()
+    if runtime.active is None:
+        raise GatewayError(f"zones: cannot load {state.settings.zones}: "
+                           f"{runtime.last_error or result}")
+    state.zone_runtime = runtime
+    _sync_zone_workers(state)
+    state.tasks.append(asyncio.ensure_future(runtime.watch()))
+
+
+async def _metrics_site(state: GatewayState) -> web.AppRunner | None:
+    settings = state.settings
+    if settings.prometheus_port == 0:
+        return None
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def serve_metrics(_: web.Request) -> web.Response:
+        body = generate_latest(state.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", serve_metrics)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.prometheus_host, settings.prometheus_port,
+                       reuse_port=settings.processes > 1)
+    await site.start()
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    state.metrics_port = sockets[0].getsockname()[1] if sockets else settings.prometheus_port
+    return runner
+
+
+def create_app(settings: Settings, *, rng: random.Random | None = None,
+               serve_metrics: bool = True) -> web.Application:
+    """Build the gateway app. `serve_metrics=False` skips the Prometheus site (tests that run
+    many apps in one process); `/metrics` on the main port is always available."""
+    settings.validate()
+    state = _build_state(settings)
+    app = web.Application(client_max_size=settings.max_payload_size,
+                          middlewares=[admin.auth_middleware_for(settings), error_middleware])
+    app[STATE] = state
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              json_serialize=lambda o: orjson.dumps(o).decode())
+        await _start_zones(app, state)
+        deps = {"rng": rng, "zone_runtime": state.zone_runtime,
+                "eldr_metrics": state.eldr_metrics}
+        state.dispatcher = Dispatcher(
+            settings, state.workers, state.session, state.metrics,
+            prefill_policy=make_policy(settings.effective_prefill_policy, settings, **deps),
+            decode_policy=make_policy(settings.effective_decode_policy, settings, **deps),
+            regular_policy=make_policy(settings.policy if settings.policy != "eldr"
+                                       else "least_load", settings, **deps),
+            resolver=_make_resolver(state), rng=rng)
+        headers = state.upstream_headers()
+        state.health = HealthChecker(
+            state.workers, state.session, state.metrics, settings.health_check_endpoint,
+            settings.health_check_interval_secs, settings.health_check_timeout_secs,
+            settings.health_failure_threshold, settings.health_success_threshold, headers)
+        if not settings.disable_health_check:
+            state.tasks.append(asyncio.ensure_future(state.health.run()))
+        if settings.load_poll_interval_secs > 0:
+            poller = LoadPoller(state.workers, state.session, state.metrics,
+                                settings.load_poll_interval_secs,
+                                settings.health_check_timeout_secs, headers)
+            state.tasks.append(asyncio.ensure_future(poller.run()))
+        metrics_runner = await _metrics_site(state) if serve_metrics else None
+        for worker in state.workers:
+            state.metrics.record_health(worker.worker_id, worker.role, worker.healthy, True)
+            state.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+        try:
+            yield
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            for task in state.tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            state.tasks.clear()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+            await state.session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    async def generation(request: web.Request) -> web.StreamResponse:
+        dispatcher = state.dispatcher
+        assert dispatcher is not None, "dispatcher is built in the app lifecycle"
+        return await dispatcher.handle(request, request.path)
+
+    for path in GENERATION_ENDPOINTS:
+        app.router.add_post(path, generation)
+    info.add_routes(app, state)
+    admin.add_routes(app, state, on_workers_changed=lambda: _sync_zone_workers(state))
+    if settings.zones:
+        admin.add_zone_routes(app, state)
+    return app

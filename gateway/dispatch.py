@@ -1,0 +1,499 @@
+"""The one dispatch path: every generation endpoint goes through `Dispatcher.handle`.
+
+    parse + validate body -> concurrency slot -> attempts (retry loop) -> relay -> metrics
+
+An attempt is one *flow* opening a decode (or regular) answer whose status is 2xx:
+- `dual` (stock SGLang, sgl-router `http/pd_router.rs`): choose the prefill AND the decode
+  first, inject the same bootstrap fields into both bodies, POST both at once. Whichever leg
+  fails first decides: a prefill error cancels the decode and is returned as is (transport
+  errors 502), so a prefill 400 is answered at once rather than after the decode times out.
+- `prefill-first` (the paper's flow; emulator extension in docs/wire-format.md): POST the prefill
+  with `"prefill_first": true, "stream": false`, read its result, let the resolver turn it into
+  a routing input, choose the decode, POST the decode with the same bootstrap room. A room whose
+  decode never connects is freed with `POST /disaggregation/release`.
+- `regular` (non-PD `--worker-urls`): one worker, one POST.
+Batched requests fall back from prefill-first to dual (one prefill answer carries one signature).
+
+The relay is shared by all flows: non-streaming answers are returned with the decode's status
+and content type (re-encoded only when prefill input logprobs must be merged); streams are passed
+through chunk by chunk without re-encoding unless a logprob merge needs SSE lines. A stream whose
+upstream breaks after the client got the headers ends with an SSE `data: {"error": ...}` event
+(SGLang's own in-stream error shape), since the status line was already sent.
+
+Retries (new pair, new room) happen only before anything was sent to the client. In-flight counts
+are held by `InFlight` guards inside an `AsyncExitStack` that also cancels the other leg and
+closes upstream responses, so client disconnects (handler cancellation) release everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import bootstrap
+from gateway.config import Settings
+from gateway.errors import BadRequestError, NoWorkersError, PayloadTooLargeError
+from gateway.limiter import ConcurrencyLimiter
+from gateway.loads import InFlight
+from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
+from gateway.metrics import GatewayMetrics
+from gateway.policies.base import NO_ROUTING_INPUT, Policy, RoutingInput, Selection
+from gateway.resolver import NullResolver, RequestContext, RoutingResolver
+from gateway.retry import RetryConfig
+from gateway.upstream import (
+    TRANSPORT_ERRORS,
+    AttemptFailed,
+    LegResult,
+    close_response,
+    post_open,
+    post_read,
+)
+from gateway.workers import Worker, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# Client headers worth passing upstream (sgl-router `header_utils::should_forward_request_header`
+# forwards auth and tracing headers and drops hop-by-hop ones).
+FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id", "traceparent",
+                     "tracestate")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class Opened:
+    """A 2xx decode/regular answer ready to relay, plus what the relay needs around it."""
+
+    response: aiohttp.ClientResponse
+    worker: Worker
+    selection: Selection | None
+    prefill_task: asyncio.Task[LegResult] | None = None  # dual flow: may still be running
+    prefill_result: LegResult | None = None  # prefill-first flow: already read
+    first_chunk: bytes | None = None  # streams: read while racing the prefill
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, registry: WorkerRegistry,
+                 session: aiohttp.ClientSession, metrics: GatewayMetrics,
+                 prefill_policy: Policy, decode_policy: Policy,
+                 regular_policy: Policy, resolver: RoutingResolver | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.session = session
+        self.metrics = metrics
+        self.policies = {"prefill": prefill_policy, "decode": decode_policy,
+                         "regular": regular_policy}
+        self.resolver: RoutingResolver = resolver or NullResolver()
+        self.rng = rng or random.Random()
+        self.retry = RetryConfig(
+            max_attempts=settings.max_attempts,
+            initial_backoff_ms=settings.retry_initial_backoff_ms,
+            max_backoff_ms=settings.retry_max_backoff_ms,
+            multiplier=settings.retry_backoff_multiplier,
+            jitter_factor=settings.retry_jitter_factor,
+        )
+        self.limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.queue_size,
+                                          settings.queue_timeout_secs)
+        self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_secs)
+        self._id_headers = tuple(h.lower() for h in settings.request_id_headers)
+
+    # ------------------------------------------------------------------ entry point
+    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            ctx = await self._parse(request, endpoint, started)
+            async with self.limiter.slot():
+                response = await self._attempts(request, ctx)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception as exc:
+            status = getattr(exc, "status", 500)
+            raise
+        except asyncio.CancelledError:
+            status = 499  # client closed the connection (nginx's convention)
+            raise
+        finally:
+            self.metrics.record_request(endpoint, status, time.perf_counter() - started)
+
+    async def _parse(self, request: web.Request, endpoint: str, started: float) -> RequestContext:
+        limit = self.settings.max_payload_size
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLargeError(
+                f"request body is {request.content_length} bytes; max_payload_size is {limit}")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLargeError(
+                f"request body exceeds max_payload_size ({limit} bytes)") from None
+        if not raw:
+            raise BadRequestError("request body is empty; expected a JSON object")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequestError(
+                f"request body must be a JSON object, got {type(body).__name__}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequestError("stream: must be a boolean")
+        if endpoint == "/v1/chat/completions" and not isinstance(body.get("messages"), list):
+            raise BadRequestError("messages: required, must be an array")
+        if endpoint == "/v1/completions" and "prompt" not in body:
+            raise BadRequestError("prompt: required")
+        if endpoint == "/generate" and not any(k in body for k in
+                                               ("text", "input_ids", "input_embeds")):
+            raise BadRequestError("text or input_ids: one is required")
+        n = body.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise BadRequestError("n: must be a positive integer")
+        batch = bootstrap.batch_size(body) if self.settings.pd_disaggregation else None
+        request_id = None
+        for name in (*self._id_headers, "x-request-id"):
+            request_id = request.headers.get(name)
+            if request_id:
+                break
+        return RequestContext(endpoint=endpoint, body=body, stream=stream,
+                              return_logprob=body.get("return_logprob") is True, batch=batch,
+                              started=started, request_id=request_id)
+
+    def _headers(self, request: web.Request) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        for name in (*FORWARDED_HEADERS, *self._id_headers):
+            value = request.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        if self.settings.api_key:
+            headers["authorization"] = f"Bearer {self.settings.api_key}"
+        return headers
+
+    # ------------------------------------------------------------------ retry loop
+    async def _attempts(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        headers = self._headers(request)
+        attempts = self.retry.max_attempts
+        for attempt in range(attempts):
+            if attempt:
+                self.metrics.record_retry(ctx.endpoint)
+                await asyncio.sleep(self.retry.backoff_secs(attempt - 1, self.rng))
+            stack = AsyncExitStack()
+            try:
+                opened = await self._open(ctx, headers, stack)
+            except AttemptFailed as failure:
+                await stack.aclose()
+                self._record_failure(failure)
+                if failure.retryable and attempt + 1 < attempts:
+                    log.info("attempt %d of %s failed (%s); retrying", attempt + 1,
+                             ctx.endpoint, failure)
+                    continue
+                return failure.response()
+            except BaseException:
+                await stack.aclose()
+                raise
+            async with stack:
+                return await self._relay(request, ctx, opened)
+        raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
+
+    def _record_failure(self, failure: AttemptFailed) -> None:
+        worker = failure.worker
+        if worker is None:
+            return
+        self.metrics.record_upstream_error(worker.worker_id, worker.role,
+                                           failure.kind if failure.kind != "status"
+                                           else str(failure.status))
+        # Only failures that say something about the worker's health count against its breaker:
+        # a 4xx is the client's fault (the Rust router records failures for 5xx and transport).
+        if failure.kind != "status" or failure.status >= 500:
+            worker.breaker.record_failure()
+            self.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+
+    def _record_success(self, worker: Worker) -> None:
+        worker.breaker.record_success()
+        self.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, role: str, routing: RoutingInput) -> tuple[Worker, Selection]:
+        workers = self.registry.available(role)
+        if not workers:
+            raise NoWorkersError(f"no available {role} workers (all unhealthy, circuit-open or "
+                                 "none registered)")
+        policy = self.policies[role]
+        selection = policy.select(self.registry.views(workers), routing)
+        worker = self.registry.find(selection.worker.worker_id)
+        if worker is None:  # a policy returned something that is not a candidate: a bug
+            raise AssertionError(f"policy {policy.name} chose unknown worker "
+                                 f"{selection.worker.worker_id}")
+        self.metrics.record_selection(role, policy.name, worker.worker_id)
+        return worker, selection
+
+    # ------------------------------------------------------------------ flows
+    async def _open(self, ctx: RequestContext, headers: dict[str, str],
+                    stack: AsyncExitStack) -> Opened:
+        if not self.settings.pd_disaggregation:
+            return await self._open_regular(ctx, headers, stack)
+        if self.settings.pd_flow == "prefill-first" and ctx.batch is None:
+            return await self._open_prefill_first(ctx, headers, stack)
+        return await self._open_dual(ctx, headers, stack)
+
+    async def _open_regular(self, ctx: RequestContext, headers: dict[str, str],
+                            stack: AsyncExitStack) -> Opened:
+        worker, selection = self._select("regular", NO_ROUTING_INPUT)
+        stack.enter_context(InFlight(worker, self.metrics))
+        body = orjson.dumps(ctx.body)
+        resp = await post_open(self.session, worker, ctx.endpoint, body, headers, self.timeout)
+        stack.callback(close_response, resp)
+        opened = Opened(resp, worker, selection)
+        if ctx.stream:
+            opened.first_chunk = await self._read_first(opened, merge=False)
+        return opened
+
+    async def _open_dual(self, ctx: RequestContext, headers: dict[str, str],
+                         stack: AsyncExitStack) -> Opened:
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
+        decode_policy = self.policies["decode"]
+        routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
+                   else NO_ROUTING_INPUT)
+        decode, selection = self._select("decode", routing)
+        rooms = bootstrap.new_rooms(ctx.batch, self.rng)
+        body = orjson.dumps(bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port,
+                                             rooms))
+        prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
+        stack.enter_context(InFlight(decode, self.metrics))
+        prefill_task = asyncio.ensure_future(
+            post_read(self.session, prefill, ctx.endpoint, body, headers, self.timeout))
+        stack.push_async_callback(_cancel, prefill_task)
+        decode_task = asyncio.ensure_future(
+            post_open(self.session, decode, ctx.endpoint, body, headers, self.timeout))
+        stack.push_async_callback(_discard_response_task, decode_task)
+
+        done, _ = await asyncio.wait({prefill_task, decode_task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if prefill_task in done:
+            self._check_prefill(prefill, prefill_task.result())  # raises: decode cancelled
+            prefill_guard.release()
+        resp = await decode_task  # AttemptFailed propagates; the stack cancels the prefill
+        opened = Opened(resp, decode, selection, prefill_task=prefill_task)
+        if not ctx.stream or ctx.return_logprob:
+            # The decode cannot finish without the prefill, and a merge needs its logprobs.
+            self._check_prefill(prefill, await prefill_task)
+            prefill_guard.release()
+        if ctx.stream:
+            opened.first_chunk = await self._race_first_chunk(opened, prefill, ctx.return_logprob)
+            if prefill_task.done():
+                prefill_guard.release()
+            else:
+                stack.push_async_callback(self._finish_prefill, prefill, prefill_task,
+                                          prefill_guard)
+        return opened
+
+    async def _open_prefill_first(self, ctx: RequestContext, headers: dict[str, str],
+                                  stack: AsyncExitStack) -> Opened:
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
+        room = bootstrap.new_rooms(None, self.rng)
+        injected = bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port, room)
+        prefill_body = dict(injected, prefill_first=True, stream=False)
+        with InFlight(prefill, self.metrics):
+            result = await post_read(self.session, prefill, ctx.endpoint,
+                                     orjson.dumps(prefill_body), headers, self.timeout)
+        self._check_prefill(prefill, result)
+        released = False
+
+        async def release_room() -> None:
+            if not released:
+                await self._release_room(prefill, room, headers)
+
+        stack.push_async_callback(release_room)
+        decode_policy = self.policies["decode"]
+        routing = NO_ROUTING_INPUT
+        if decode_policy.needs_signature:
+            try:
+                parsed = orjson.loads(result.body)
+            except orjson.JSONDecodeError:
+                parsed = None
+            routing = self.resolver.from_prefill(ctx, parsed)
+        decode, selection = self._select("decode", routing)
+        stack.enter_context(InFlight(decode, self.metrics))
+        resp = await post_open(self.session, decode, ctx.endpoint, orjson.dumps(injected),
+                               headers, self.timeout)
+        released = True  # the decode connected: the room is consumed by it
+        stack.callback(close_response, resp)
+        opened = Opened(resp, decode, selection, prefill_result=result)
+        if ctx.stream:
+            opened.first_chunk = await self._read_first(opened, merge=ctx.return_logprob)
+        return opened
+
+    async def _release_room(self, prefill: Worker, room: int | list[int],
+                            headers: dict[str, str]) -> None:
+        body = orjson.dumps({"bootstrap_room": room})
+        with contextlib.suppress(AttemptFailed):
+            await post_read(self.session, prefill, "/disaggregation/release", body, headers,
+                            aiohttp.ClientTimeout(total=self.settings.health_check_timeout_secs))
+
+    def _check_prefill(self, prefill: Worker, result: LegResult) -> None:
+        if not 200 <= result.status < 300:
+            raise AttemptFailed.from_status(prefill, result.status, result.body,
+                                            result.content_type)
+        self._record_success(prefill)
+
+    async def _finish_prefill(self, prefill: Worker, task: asyncio.Task[LegResult],
+                              guard: InFlight) -> None:
+        """After a stream: wait (bounded by the request timeout) for the prefill to close."""
+        try:
+            self._check_prefill(prefill, await task)
+        except AttemptFailed as failure:
+            self._record_failure(failure)
+        finally:
+            guard.release()
+
+    async def _race_first_chunk(self, opened: Opened, prefill: Worker, merge: bool) -> bytes:
+        """First stream bytes, unless the prefill fails first (then raise its error).
+
+        The decode's headers arrive before it has anything to say; only the first body bytes
+        prove the KV transfer happened. Waiting for them here keeps "prefill failed" a clean
+        error response instead of a broken 200 stream.
+        """
+        task = opened.prefill_task
+        first = asyncio.ensure_future(self._read_first(opened, merge))
+        try:
+            if task is not None and not task.done():
+                await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done() and (not first.done() or task.exception() is not None
+                                    or not 200 <= task.result().status < 300):
+                    self._check_prefill(prefill, task.result())
+            return await first
+        finally:
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
+
+    async def _read_first(self, opened: Opened, merge: bool) -> bytes:
+        try:
+            if merge:
+                return await opened.response.content.readline()
+            return await opened.response.content.readany()
+        except TRANSPORT_ERRORS as exc:
+            raise AttemptFailed.from_exception(opened.worker, exc) from exc
+
+    # ------------------------------------------------------------------ relay
+    async def _relay(self, request: web.Request, ctx: RequestContext,
+                     opened: Opened) -> web.StreamResponse:
+        if ctx.stream:
+            return await self._relay_stream(request, ctx, opened)
+        resp = opened.response
+        try:
+            data = await resp.read()
+        except TRANSPORT_ERRORS as exc:
+            failure = AttemptFailed.from_exception(opened.worker, exc)
+            self._record_failure(failure)
+            return failure.response()
+        self._record_success(opened.worker)
+        parsed: Any = None
+        prefill = opened.prefill_result or _task_result(opened.prefill_task)
+        if ctx.return_logprob and prefill is not None:
+            parsed = _loads_or_none(data)
+            if parsed is not None and merge_logprobs(_loads_or_none(prefill.body), parsed):
+                data = orjson.dumps(parsed)
+        if self.resolver.wants_decode_results:
+            if parsed is None:
+                parsed = _loads_or_none(data)
+            if parsed is not None:
+                self._observe(ctx, opened, parsed)
+        return web.Response(body=data, status=resp.status,
+                            content_type=resp.content_type or "application/json")
+
+    def _observe(self, ctx: RequestContext, opened: Opened, parsed: Any) -> None:
+        try:
+            self.resolver.observe_decode(ctx, opened.worker.worker_id, opened.selection, parsed)
+        except Exception:  # learning must never fail a request that already succeeded
+            log.exception("resolver.observe_decode failed")
+
+    async def _relay_stream(self, request: web.Request, ctx: RequestContext,
+                            opened: Opened) -> web.StreamResponse:
+        resp = opened.response
+        out = web.StreamResponse(status=resp.status)
+        out.content_type = resp.content_type or "text/event-stream"
+        out.headers.update(SSE_HEADERS)
+        await out.prepare(request)
+        merge_source: Any = None
+        prefill = opened.prefill_result or _task_result(opened.prefill_task)
+        if ctx.return_logprob and prefill is not None:
+            merge_source = (prefill_logprobs_from_stream(prefill.body)
+                            if prefill.content_type == "text/event-stream"
+                            else _loads_or_none(prefill.body))
+        transform: Callable[[bytes], bytes] | None = None
+        if merge_source is not None:
+            def transform(line: bytes) -> bytes:
+                return merge_sse_line(merge_source, line)
+
+        endpoint = ctx.endpoint
+        last = ctx.started
+        first = True
+        chunk = opened.first_chunk or b""
+        try:
+            while chunk:
+                now = time.perf_counter()
+                if first:
+                    self.metrics.record_ttft(endpoint, now - ctx.started)
+                    first = False
+                else:
+                    self.metrics.record_itl(endpoint, now - last)
+                last = now
+                await out.write(transform(chunk) if transform else chunk)
+                chunk = await (resp.content.readline() if transform
+                               else resp.content.readany())
+        except TRANSPORT_ERRORS as exc:
+            failure = AttemptFailed.from_exception(opened.worker, exc)
+            self._record_failure(failure)
+            log.warning("stream from %s broke: %s", opened.worker.worker_id, exc)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write(b"data: " + failure.body + b"\n\n")
+                await out.write_eof()
+            return out
+        self._record_success(opened.worker)
+        await out.write_eof()
+        return out
+
+
+def _task_result(task: asyncio.Task[LegResult] | None) -> LegResult | None:
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _loads_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
+async def _discard_response_task(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return
+    if not task.cancelled() and task.exception() is None:
+        close_response(task.result())

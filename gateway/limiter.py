@@ -1,0 +1,88 @@
+"""Concurrency limit with a bounded wait queue (the Rust router's `--max-concurrent-requests`,
+`--queue-size`, `--queue-timeout-secs`).
+
+-1 disables the limit. When all slots are taken, up to `queue_size` requests wait (FIFO) for at
+most `queue_timeout_secs`; a full queue or an expired wait is answered 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+from gateway.errors import OverloadedError
+
+
+class ConcurrencyLimiter:
+    def __init__(self, max_concurrent: int, queue_size: int, queue_timeout: float) -> None:
+        self._max = max_concurrent
+        self._queue_size = queue_size
+        self._timeout = queue_timeout
+        self._active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def enabled(self) -> bool:
+        return self._max > 0
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if not self.enabled:
+            yield
+            return
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self._active < self._max and not self._waiters:
+            self._active += 1
+            return
+        if len(self._waiters) >= self._queue_size:
+            raise OverloadedError(
+                f"too many concurrent requests: {self._max} active and the queue "
+                f"(queue_size={self._queue_size}) is full"
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self._timeout)
+        except asyncio.TimeoutError:
+            if fut.done():  # the slot was handed over just as the wait expired: give it back
+                self._release()
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise OverloadedError(
+                f"request waited longer than queue_timeout_secs={self._timeout} for a slot"
+            ) from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        # Hand the slot straight to the oldest live waiter (active count unchanged), else free it.
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._active -= 1

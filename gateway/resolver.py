@@ -1,0 +1,58 @@
+"""The single hook where dispatch obtains the decode routing input for a request.
+
+Dispatch calls `routing = await resolver.resolve(ctx)` only when the decode policy has
+`needs_signature = True` (dual flow), or `resolver.from_prefill(ctx, prefill_result)` after the
+prefill answered (prefill-first flow). The real resolver (signature cache > predictor > none, and
+prefill-reported counts) lives in `gateway/signatures.py`; `NullResolver` is the default that
+always answers "no signature", which every policy accepts (eldr falls back to least-loaded).
+
+Results: when `wants_decode_results` is True, dispatch calls `observe_decode` with each parsed
+non-streaming decode answer (streams are passed through untouched and are not observed), so a
+resolver can learn signatures from `meta_info.routed_experts` and feed the calibration log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.policies.base import NO_ROUTING_INPUT, RoutingInput, Selection
+
+
+@dataclass(slots=True)
+class RequestContext:
+    endpoint: str  # the client path: "/generate", "/v1/chat/completions", "/v1/completions"
+    body: dict[str, Any]  # the client's parsed JSON object; treat as read-only
+    stream: bool
+    return_logprob: bool  # prefill input logprobs must be merged into the decode answer
+    batch: int | None  # batch size from bootstrap.batch_size (None: single request)
+    started: float  # time.perf_counter() at arrival
+    request_id: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # resolver scratch space per request
+
+
+class RoutingResolver(Protocol):
+    wants_decode_results: bool
+
+    async def resolve(self, ctx: RequestContext) -> RoutingInput: ...
+
+    def from_prefill(self, ctx: RequestContext, prefill_result: Any) -> RoutingInput: ...
+
+    def observe_decode(self, ctx: RequestContext, decode_worker_id: str,
+                       selection: Selection | None, result: Any) -> None: ...
+
+
+class NullResolver:
+    """No signature source: every request routes on load alone."""
+
+    wants_decode_results = False
+
+    async def resolve(self, ctx: RequestContext) -> RoutingInput:
+        return NO_ROUTING_INPUT
+
+    def from_prefill(self, ctx: RequestContext, prefill_result: Any) -> RoutingInput:
+        return NO_ROUTING_INPUT
+
+    def observe_decode(self, ctx: RequestContext, decode_worker_id: str,
+                       selection: Selection | None, result: Any) -> None:
+        return None

@@ -1,0 +1,79 @@
+"""Run the gateway: uvloop, aiohttp, optional multi-process via SO_REUSEPORT.
+
+With `--processes N > 1`, N independent processes bind the same port (the kernel spreads
+connections). Each process has its own registry, in-flight counts, health state and metrics, so
+load-aware policies see only their own process's in-flight requests; worker-reported load (from
+`/v1/loads`) is shared truth. The Prometheus site is bound by process 0 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import signal
+import sys
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import Settings
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "error": logging.ERROR}
+
+
+def _run_one(settings: Settings, index: int) -> None:
+    logging.basicConfig(level=LOG_LEVELS[settings.log_level],
+                        format=f"%(asctime)s [gw{index}] %(levelname)s %(name)s: %(message)s")
+    if index > 0:
+        settings = settings.replace(prometheus_port=0)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(_serve_async(settings))
+    else:
+        uvloop.run(_serve_async(settings))
+
+
+async def _serve_async(settings: Settings) -> None:
+    app = create_app(settings)
+    # handler_cancellation: a client disconnect cancels the handler, which cancels both upstream
+    # legs and releases the in-flight guards (aiohttp >= 3.9 defaults this off).
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=settings.shutdown_grace_period_secs)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=2048,
+                       reuse_port=settings.processes > 1)
+    await site.start()
+    logging.getLogger("gateway").info("listening on %s:%d", settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    if settings.processes == 1:
+        _run_one(settings, 0)
+        return
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_run_one, args=(settings, i), daemon=False)
+             for i in range(settings.processes)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _: object) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                import os
+
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    sys.exit(max((p.exitcode or 0) for p in procs))

@@ -1,0 +1,107 @@
+"""Calls to workers: the one place where transport failures become domain errors.
+
+Every leg raises `AttemptFailed` for anything other than a usable answer: an aiohttp transport
+error (502, retryable), a timeout (504, retryable) or an HTTP error status from the worker
+(returned to the client as is when it is final; retryable per `retry.is_retryable_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.retry import is_retryable_status
+from gateway.workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class LegResult:
+    """A fully read upstream answer (prefill legs, small admin calls)."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+class AttemptFailed(Exception):
+    """One attempt failed at `worker` (role given); `response()` is what the client would get."""
+
+    def __init__(self, worker: Worker | None, status: int, body: bytes, content_type: str,
+                 retryable: bool, kind: str) -> None:
+        super().__init__(f"{kind} from {worker.worker_id if worker else '-'}: {status}")
+        self.worker = worker
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.retryable = retryable
+        self.kind = kind  # "status" | "transport" | "timeout"
+
+    @classmethod
+    def from_status(cls, worker: Worker, status: int, body: bytes,
+                    content_type: str) -> AttemptFailed:
+        return cls(worker, status, body, content_type, is_retryable_status(status), "status")
+
+    @classmethod
+    def from_exception(cls, worker: Worker, exc: BaseException) -> AttemptFailed:
+        timeout = isinstance(exc, asyncio.TimeoutError)
+        status = 504 if timeout else 502
+        kind = "timeout" if timeout else "transport"
+        message = (f"{worker.role} worker {worker.worker_id} "
+                   f"{'timed out' if timeout else 'failed'}: {type(exc).__name__}: {exc}")
+        body = orjson.dumps({"error": {"message": message, "type": "upstream_error",
+                                       "code": status}})
+        return cls(worker, status, body, "application/json", True, kind)
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body,
+                            content_type=self.content_type or "application/json")
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+
+
+async def post_read(session: aiohttp.ClientSession, worker: Worker, path: str, body: bytes,
+                    headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> LegResult:
+    """POST and read the whole answer; any status is returned (the caller judges it)."""
+    try:
+        async with session.post(worker.url + path, data=body, headers=headers,
+                                timeout=timeout) as resp:
+            data = await resp.read()
+            return LegResult(resp.status, data, resp.content_type)
+    except TRANSPORT_ERRORS as exc:
+        raise AttemptFailed.from_exception(worker, exc) from exc
+
+
+async def post_open(session: aiohttp.ClientSession, worker: Worker, path: str, body: bytes,
+                    headers: dict[str, str], timeout: aiohttp.ClientTimeout,
+                    ) -> aiohttp.ClientResponse:
+    """POST and return once the status line and headers arrived (body still unread).
+
+    A non-2xx answer is read and raised as AttemptFailed, so callers only ever get a response
+    they can relay.
+    """
+    try:
+        resp = await session.post(worker.url + path, data=body, headers=headers, timeout=timeout)
+    except TRANSPORT_ERRORS as exc:
+        raise AttemptFailed.from_exception(worker, exc) from exc
+    if resp.status >= 300:
+        try:
+            data = await resp.read()
+        except TRANSPORT_ERRORS as exc:
+            raise AttemptFailed.from_exception(worker, exc) from exc
+        finally:
+            resp.release()
+        raise AttemptFailed.from_status(worker, resp.status, data, resp.content_type)
+    return resp
+
+
+def close_response(resp: aiohttp.ClientResponse) -> None:
+    """Return a fully read connection to the pool; drop one with unread body bytes."""
+    if resp.content.at_eof():
+        resp.release()
+    else:
+        resp.close()
