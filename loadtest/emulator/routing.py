@@ -118,7 +118,13 @@ class BigramWalk:
 class TokenHashRouting:
     """Seeded random-projection router over token embeddings (see module docstring)."""
 
-    def __init__(self, geometry: ModelGeometry, tokenizer: Tokenizer, *, seed: int = 0) -> None:
+    def __init__(self, geometry: ModelGeometry, tokenizer: Tokenizer, *, seed: int = 0,
+                 context_mix: float = CONTEXT_MIX, context_decay: float = CONTEXT_DECAY) -> None:
+        for name, value in (("context_mix", context_mix), ("context_decay", context_decay)):
+            if not 0.0 <= value < 1.0:
+                raise RoutingError(f"{name} must be in [0, 1), got {value!r}")
+        self.context_mix = context_mix
+        self.context_decay = context_decay
         self.geometry = geometry
         self.tokenizer = tokenizer
         self.seed = seed
@@ -144,8 +150,8 @@ class TokenHashRouting:
         ctx = context.copy()
         for i, tid in enumerate(token_ids):
             emb = self.embedding(int(tid))
-            hidden[i] = (1.0 - CONTEXT_MIX) * emb + CONTEXT_MIX * ctx
-            ctx = CONTEXT_DECAY * ctx + (1.0 - CONTEXT_DECAY) * emb
+            hidden[i] = (1.0 - self.context_mix) * emb + self.context_mix * ctx
+            ctx = self.context_decay * ctx + (1.0 - self.context_decay) * emb
         return hidden, ctx
 
     def _top_k(self, hidden: FloatArray) -> IntArray:
