@@ -30,7 +30,6 @@ $(PY):
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
