@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.calibration_capture import ROUTED_EXPERTS_BODY, write_calibration_log
 from loadtest.cluster_stats import counters, decode_run_stats, void_reasons
 from loadtest.driver import DriverConfig, run_load, write_run
 from loadtest.procs import (
@@ -54,7 +55,9 @@ from loadtest.workloads import (
     build_workload,
     load_corpus,
 )
+from zones.geometry import GeometryError, geometry_by_name
 
+DEFAULT_MODEL = "Qwen3-30B-A3B"
 GATEWAY_POLICIES = ("random", "round_robin", "least_load", "power_of_two", "eldr")
 SGLANG_POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
 ALL_ROUTERS = (
@@ -194,7 +197,7 @@ class CompareOptions:
     routers: list[str] = field(default_factory=lambda: list(ALL_ROUTERS))
     prefill: int = 8
     decode: int = 16
-    model: str = "Qwen3-30B-A3B"
+    model: str = DEFAULT_MODEL
     time_scale: float = 20.0
     num_requests: int = 300
     calibration_requests: int = 400
@@ -206,6 +209,7 @@ class CompareOptions:
     request_timeout: float = 300.0
     prefill_policy: str = "round_robin"
     zones: Path | None = None
+    calibration_via: str = "driver"  # "driver" | "gateway-log"
     endpoint: str = "generate"
     progress: bool = True
     corpus: Path = DEFAULT_CORPUS
@@ -317,7 +321,9 @@ class Experiment:
             raise
         return proc, url
 
-    def driver_config(self, url: str, rate: float | None, num: int) -> DriverConfig:
+    def driver_config(
+        self, url: str, rate: float | None, num: int, extra_body: dict[str, Any] | None = None
+    ) -> DriverConfig:
         o = self.opts
         return DriverConfig(
             url=url,
@@ -330,23 +336,37 @@ class Experiment:
             request_timeout=o.request_timeout,
             seed=o.seed,
             progress=o.progress,
+            extra_body=dict(extra_body or {}),
         )
 
     async def calibrate(self) -> Path:
-        """Calibration traffic through the gateway's calibration log, then `zones fit`."""
+        """Calibration-split traffic through a least_load gateway, then `zones fit`.
+
+        `calibration_via="driver"` (default): the driver requests `return_routed_experts` and
+        writes the calibration log itself from the decode results (works through any router).
+        `"gateway-log"`: the gateway's own `--calibration-log` writes it.
+        """
         o = self.opts
         log = o.out / "calibration" / "calibration.jsonl"
         table = o.out / "calibration" / "zones.json"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
+        via_gateway = o.calibration_via == "gateway-log"
         spec = RouterSpec("gateway:least_load", "gateway", "least_load")
-        proc, url = await self.start_router(spec, None, "calibration-gateway", log)
+        proc, url = await self.start_router(
+            spec, None, "calibration-gateway", log if via_gateway else None
+        )
         try:
             convs = self.workload("calibration", o.calibration_requests + o.warmup)
-            result = await run_load(self.driver_config(url, None, o.calibration_requests), convs)
+            body = None if via_gateway else ROUTED_EXPERTS_BODY
+            config = self.driver_config(url, None, o.calibration_requests, body)
+            result = await run_load(config, convs)
             write_run(result, o.out / "calibration" / "traffic")
         finally:
             await proc.stop()
+        if not via_gateway:
+            stats = write_calibration_log(result.records, geometry_by_name(o.model), log)
+            print(f"calibration capture: {stats}", file=sys.stderr)
         if not log.is_file() or not log.stat().st_size:
             raise CompareError(f"calibration produced no log at {log}; see {self.logs}")
         assert self.cluster is not None
@@ -496,7 +516,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill", type=int, default=None, help=f"default {d.prefill}")
     parser.add_argument("--decode", type=int, default=None, help=f"default {d.decode}")
-    parser.add_argument("--model", default=d.model)
+    parser.add_argument(
+        "--model", default=None, help=f"geometry (default {d.model}; DeepSeek-V2-Lite for trace)"
+    )
     parser.add_argument(
         "--time-scale",
         type=float,
@@ -515,6 +537,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-policy", default=d.prefill_policy)
     parser.add_argument(
         "--zones", type=Path, default=None, help="use this zone table instead of calibrating"
+    )
+    parser.add_argument(
+        "--calibration-via",
+        choices=("driver", "gateway-log"),
+        default=d.calibration_via,
+        help="who writes the calibration log: the driver from returned routed experts, "
+        "or the gateway's --calibration-log",
     )
     parser.add_argument(
         "--endpoint", choices=("generate", "chat", "completions"), default=d.endpoint
@@ -543,6 +572,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         "prefill_policy": args.prefill_policy,
         "zones": args.zones,
         "endpoint": args.endpoint,
+        "calibration_via": args.calibration_via,
     }
     for key, value in explicit.items():
         if value is not None:
@@ -558,6 +588,13 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         raise CompareError("--time-scale must be > 0")
     for name in opts.routers:
         RouterSpec.parse(name)
+    if args.model is None:
+        # The trace workload replays DeepSeek-V2-Lite routing (esft_routing_shared.npz).
+        opts.model = "DeepSeek-V2-Lite" if opts.workload == "trace" else DEFAULT_MODEL
+    try:
+        geometry_by_name(opts.model)
+    except GeometryError as exc:
+        raise CompareError(f"--model: {exc}") from exc
     return opts
 
 

@@ -105,11 +105,15 @@ class RequestRecord:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     itl: list[float] = field(default_factory=list)
+    # Kept in memory for multi-turn and calibration capture, not written to requests.jsonl.
     output_text: str = field(default="", repr=False)
+    prompt_text: str = field(default="", repr=False)
+    routed_experts: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("output_text")
+        for key in ("output_text", "prompt_text", "routed_experts"):
+            d.pop(key)
         return d
 
 
@@ -177,6 +181,7 @@ class ChunkInfo:
     tokens_total: int | None
     prompt_tokens: int | None
     error: str | None = None
+    routed_experts: str | None = None  # SGLang's base64 rows, when the request asked for them
 
 
 def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
@@ -198,6 +203,7 @@ def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
             cumulative_text=True,
             tokens_total=meta.get("completion_tokens"),
             prompt_tokens=meta.get("prompt_tokens"),
+            routed_experts=meta.get("routed_experts"),
         )
     choices = data.get("choices") or []
     text = ""
@@ -209,11 +215,14 @@ def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
             text = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
         else:
             text = c0.get("text") or ""
+    # OpenAI endpoints carry SGLang extras under `sglext` (sglang 0.5.23 serving_chat.py).
+    sglext = data.get("sglext") or (choices[0].get("sglext") if choices else None) or {}
     return ChunkInfo(
         text=text,
         cumulative_text=False,
         tokens_total=usage.get("completion_tokens"),
         prompt_tokens=usage.get("prompt_tokens"),
+        routed_experts=sglext.get("routed_experts") if isinstance(sglext, dict) else None,
     )
 
 
@@ -231,6 +240,7 @@ async def send_request(
     )
     events: list[StreamEvent] = []
     text = ""
+    record.prompt_text = "\n\n".join(history)
     start = time.perf_counter()
     record.sent_s = start - clock_zero
     try:
@@ -260,6 +270,8 @@ async def send_request(
                     return record
                 if info.prompt_tokens is not None:
                     record.prompt_tokens = info.prompt_tokens
+                if isinstance(info.routed_experts, str):
+                    record.routed_experts = info.routed_experts
                 new_text = info.text
                 if info.cumulative_text:
                     new_text = info.text[len(text) :] if info.text.startswith(text) else info.text

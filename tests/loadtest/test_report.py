@@ -188,3 +188,28 @@ def test_quiet_run_is_not_void() -> None:
     assert void_reasons(decode_run_stats(snap, after), 40.0) == []
     assert coefficient_of_variation([]) is None
     assert coefficient_of_variation([2.0, 2.0]) == 0.0
+
+
+def test_calibration_capture_skips_prompt_rows() -> None:
+    import numpy as np
+
+    from loadtest.calibration_capture import calibration_records
+    from loadtest.driver import RequestRecord
+    from zones.geometry import ModelGeometry
+    from zones.routed_experts import encode_routed_experts
+
+    g = ModelGeometry("tiny", num_layers=2, num_experts=4, top_k=1)
+    # 3 prompt rows (zeros: the decode never forwarded them) then 2 output rows.
+    rows = np.array([[[0], [0]]] * 3 + [[[1], [2]], [[3], [2]]], dtype=np.int32)
+    ok = RequestRecord("r0", "c0", 0, "code", "d", None, 0.0, 0.1, 10, 3, success=True,
+                       prompt_tokens=3, output_tokens=3, latency=1.0)
+    ok.routed_experts = encode_routed_experts(rows)
+    ok.prompt_text = "hello"
+    missing = RequestRecord("r1", "c1", 0, "code", "d", None, 0.0, 0.1, 10, 3, success=True)
+    failed = RequestRecord("r2", "c2", 0, "code", "d", None, 0.0, 0.1, 10, 3, success=False)
+    recs, stats = calibration_records([ok, missing, failed], g, now=1000.0)
+    assert (stats.records, stats.skipped_no_rows, stats.skipped_failed) == (1, 1, 1)
+    counts = recs[0].output_counts
+    assert counts is not None
+    assert counts.tolist() == [[0, 1, 0, 1], [0, 0, 2, 0]]
+    assert recs[0].text == "hello" and recs[0].received_at == pytest.approx(1000.1)
