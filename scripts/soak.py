@@ -469,6 +469,10 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
     bad_5xx = {k: v for k, v in tally.outcomes.items() if k.endswith("_for_bad_request")}
     clean_shutdown = code == 0 and shutdown_s < args.shutdown_grace
     rss = [s.rss_mb for s in samples]
+    # A leak grows with traffic; a connection pool plateaus. Quarter-by-quarter values tell the
+    # two apart where the single start/end difference cannot.
+    quarters = [samples[min(len(samples) - 1, (len(samples) * q) // 4)] for q in (1, 2, 3, 4)] \
+        if samples else []
     report.update({
         "duration_s": round(duration, 1),
         "requests": sum(tally.outcomes.values()),
@@ -483,6 +487,7 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
         "gateway_after_drain": asdict(after) if after else None,
         "rss_growth_mb": round(after.rss_mb - first.rss_mb, 1) if first and after else None,
         "fd_growth": after.fds - first.fds if first and after else None,
+        "by_quarter": [asdict(q) for q in quarters],
         "gateway_alive_at_end": gateway_alive_at_end,
         "gateway_exit_code": code,
         "gateway_shutdown_s": round(shutdown_s, 2),
@@ -514,6 +519,10 @@ def print_report(r: dict[str, Any], out: Path) -> None:
               f"after drain {a['rss_mb']}  growth {r['rss_growth_mb']}")
         print(f"gateway fds     start {f['fds']}  after drain {a['fds']}  growth {r['fd_growth']}")
         print(f"gateway tcp     start {f['connections']}  after drain {a['connections']}")
+    if r["by_quarter"]:
+        rows = "  ".join(f"{q['rss_mb']}MB/{q['fds']}fd/{q['connections']}tcp"
+                         for q in r["by_quarter"])
+        print(f"gateway by quarter of the run: {rows}")
     print(f"gateway shutdown: exit {r['gateway_exit_code']} in {r['gateway_shutdown_s']}s")
     print(f"admin token in logs: {'YES' if r['admin_token_in_logs'] else 'no'}")
     for e in r["events"]:
