@@ -144,9 +144,10 @@ class Worker:
             raise GenerationError(
                 400, f"Invalid request: Disaggregated request received without bootstrap "
                      f"room id. req.rid={item.rid!r}")
-        if item.prefill_first and self.role != "prefill":
-            raise GenerationError(400, "'prefill_first' is only valid on a prefill worker")
-        if item.prefill_first and not self.config.engine.prefill_first:
+        # prefill_first only changes the prefill's behaviour; a decode (or regular) worker
+        # ignores it, so a gateway may send the same body to both halves.
+        if item.prefill_first and self.role == "prefill" and \
+                not self.config.engine.prefill_first:
             raise GenerationError(400, "'prefill_first' is disabled on this worker "
                                        "(started with --no-prefill-first)")
         self.metrics.on_arrival(len(prompt.ids), item.stream)
