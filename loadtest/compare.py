@@ -372,7 +372,7 @@ class Experiment:
         assert self.cluster is not None
         fit = ManagedProcess(
             "zones fit",
-            python_argv("zones", zones_fit_args(log, self.cluster.decode, table, o.model)),
+            python_argv("zones", zones_fit_args(log, self.cluster.decode, table, o.model, o.seed)),
             self.logs / "zones-fit.log",
         )
         await fit.start()
@@ -468,18 +468,25 @@ class Experiment:
         return {"meta": meta, "runs": runs}
 
 
-def zones_fit_args(log: Path, decode_urls: Sequence[str], table: Path, model: str) -> list[str]:
-    """`python -m zones fit` arguments: one zone per decode worker, named by its URL."""
+def zones_fit_args(
+    log: Path, decode_urls: Sequence[str], table: Path, model: str, seed: int
+) -> list[str]:
+    """`python -m zones fit` arguments: one zone per decode worker, zone k -> k-th URL."""
     return [
         "fit",
-        "--calibration",
+        "--input",
         str(log),
-        "--out",
-        str(table),
+        "--format",
+        "calibration",
         "--model",
         model,
         "--workers",
-        *decode_urls,
+        ",".join(decode_urls),
+        "--seed",
+        str(seed),
+        "--out",
+        str(table),
+        "--no-progress",
     ]
 
 

@@ -22,7 +22,7 @@ import csv
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from loadtest.timings import Distribution, StreamEvent, timing_from_events
 from loadtest.workloads import (
@@ -46,6 +47,7 @@ ENDPOINTS = {
     "completions": "/v1/completions",
 }
 ERROR_TEXT_LIMIT = 300
+MAX_SSE_LINE_BYTES = 256 * 1024 * 1024
 
 
 class DriverError(ValueError):
@@ -226,6 +228,27 @@ def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
     )
 
 
+async def sse_lines(
+    stream: aiohttp.StreamReader, max_line: int = MAX_SSE_LINE_BYTES
+) -> AsyncIterator[bytes]:
+    """Lines of a response body without aiohttp's 512 KiB line cap.
+
+    A final chunk carrying `routed_experts` holds base64 of int32 `[tokens, layers, top_k]`
+    rows (Qwen3-30B-A3B: 1.5 KiB per token), which passes 512 KiB for prompts of a few hundred
+    tokens. Lines are still capped, at `max_line`, so a broken server cannot exhaust memory.
+    """
+    buf = bytearray()
+    async for chunk in stream.iter_any():
+        buf += chunk
+        while (nl := buf.find(b"\n")) >= 0:
+            yield bytes(buf[: nl + 1])
+            del buf[: nl + 1]
+        if len(buf) > max_line:
+            raise ValueError(f"stream line longer than {max_line} bytes")
+    if buf:
+        yield bytes(buf)
+
+
 async def send_request(
     session: aiohttp.ClientSession,
     config: DriverConfig,
@@ -256,7 +279,7 @@ async def send_request(
                 detail = (await resp.text())[:ERROR_TEXT_LIMIT]
                 record.error = f"HTTP {resp.status}: {detail}"
                 return record
-            async for raw_line in resp.content:
+            async for raw_line in sse_lines(resp.content):
                 line = raw_line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines
@@ -282,7 +305,7 @@ async def send_request(
     except asyncio.TimeoutError:
         record.error = f"timeout after {config.request_timeout}s"
         return record
-    except (aiohttp.ClientError, ValueError, OSError) as exc:
+    except (aiohttp.ClientError, HttpProcessingError, ValueError, OSError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_LIMIT]
         return record
     timing = timing_from_events(events)

@@ -47,7 +47,10 @@ class FakeSSE:
             if i:
                 await asyncio.sleep(TOKEN_GAP)
             text += f"w{i} "
-            chunk = {"text": text, "meta_info": {"completion_tokens": i + 1, "prompt_tokens": 9}}
+            meta: dict[str, Any] = {"completion_tokens": i + 1, "prompt_tokens": 9}
+            if body.get("return_routed_experts") and i == n - 1:
+                meta["routed_experts"] = "A" * 1_000_000  # longer than aiohttp's line cap
+            chunk = {"text": text, "meta_info": meta}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
@@ -123,6 +126,17 @@ async def test_generate_records_ttft_tpot_and_excludes_warmup(
     assert (tmp_path / "requests.jsonl").read_text().count("\n") == 6
     header, row = (tmp_path / "summary.csv").read_text().splitlines()
     assert "tpot_ms_p99" in header.split(",") and row
+
+
+async def test_long_final_line_with_routed_experts(server: tuple[str, FakeSSE]) -> None:
+    url, _ = server
+    config = DriverConfig(url=url, num_requests=1, warmup=0, progress=False,
+                          extra_body={"return_routed_experts": True})
+    result = await run_load(config, _convs(1, tokens=3))
+    rec = result.records[0]
+    assert rec.success, rec.error
+    assert rec.routed_experts is not None and len(rec.routed_experts) == 1_000_000
+    assert "routed_experts" not in rec.to_json()
 
 
 async def test_chat_multi_turn_carries_previous_output(server: tuple[str, FakeSSE]) -> None:
