@@ -18,6 +18,7 @@ from loadtest.emulator.config import (
     engine_options_from_args,
 )
 from loadtest.emulator.server import WorkerServer
+from loadtest.emulator.worker import SGLANG_DEFAULT_BOOTSTRAP_PORT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bootstrap = args.bootstrap_port
     if args.role == "prefill" and bootstrap is None:
-        bootstrap = 8998  # sglang ServerArgs.disaggregation_bootstrap_port default
+        bootstrap = SGLANG_DEFAULT_BOOTSTRAP_PORT
     try:
         config = WorkerConfig(role=args.role, host=args.host, port=args.port,
                               bootstrap_port=bootstrap, engine=engine_options_from_args(args))

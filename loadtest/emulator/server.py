@@ -346,10 +346,14 @@ async def release(request: web.Request) -> web.Response:
     except RequestError as exc:
         return error_response(400, str(exc))
     room = body.get("bootstrap_room") if isinstance(body, dict) else None
-    if not isinstance(room, int) or isinstance(room, bool):
-        return error_response(400, "'bootstrap_room' must be an integer")
+    rooms = room if isinstance(room, list) else [room]
+    if not rooms or not all(isinstance(r, int) and not isinstance(r, bool) for r in rooms):
+        return error_response(400, "'bootstrap_room' must be an integer or a list of integers")
     if worker.role != "prefill":
         return error_response(400, "/disaggregation/release is only served by prefill workers")
-    released = worker.registry.release(room)
-    return json_response({"bootstrap_room": room, "released": released},
-                         200 if released else 404)
+    released = [worker.registry.release(r) for r in rooms]
+    # A batched request's rooms come as a list (as in its `bootstrap_room`); 404 only when
+    # none of them was held.
+    return json_response({"bootstrap_room": room,
+                          "released": released if isinstance(room, list) else released[0]},
+                         200 if any(released) else 404)

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # constant: SGLang sizes the pool from free GPU memory. 4096 tokens per batch slot keeps
 # token_usage meaningful (0..1) for the prompt lengths our workloads use.
 KV_TOKENS_PER_SLOT = 4096
+# sglang ServerArgs.disaggregation_bootstrap_port default.
+SGLANG_DEFAULT_BOOTSTRAP_PORT = 8998
 
 
 class GenerationError(Exception):
@@ -249,15 +251,19 @@ class Worker:
             await self._run_prefill(len(prompt.ids))
             return stream, len(prompt.ids)
         assert room is not None and self._session is not None
-        if item.bootstrap_host is None or item.bootstrap_port is None:
+        if item.bootstrap_host is None:
             # A decode cannot reach a prefill without its bootstrap address.
             raise GenerationError(
-                400, f"Invalid request: bootstrap_host and bootstrap_port are required on a "
-                     f"decode worker. req.rid={item.rid!r}")
+                400, f"Invalid request: 'bootstrap_host' is required on a decode worker. "
+                     f"req.rid={item.rid!r}")
+        # scheduler.py handle_generate_request: a null bootstrap_port means the server's
+        # --disaggregation-bootstrap-port (default 8998).
+        port = item.bootstrap_port if item.bootstrap_port is not None else \
+            SGLANG_DEFAULT_BOOTSTRAP_PORT
         self.transfer_queue += 1
         try:
             opts = self.config.engine
-            kv = await fetch_kv(self._session, item.bootstrap_host, item.bootstrap_port, room,
+            kv = await fetch_kv(self._session, item.bootstrap_host, port, room,
                                 opts.bootstrap_timeout_secs + opts.waiting_timeout_secs)
         except HandshakeError as exc:
             self.metrics.bootstrap_failed()

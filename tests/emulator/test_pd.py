@@ -196,6 +196,9 @@ async def test_prefill_first_release(session: aiohttp.ClientSession) -> None:
             200, {"bootstrap_room": 23, "released": True})
         status, _ = await post(session, url, {"bootstrap_room": 23})
         assert status == 404
+        await post(session, c.prefill_urls[0] + "/generate", pd_body(c, 25, prefill_first=True))
+        assert await post(session, url, {"bootstrap_room": [25, 26]}) == (
+            200, {"bootstrap_room": [25, 26], "released": [True, False]})
         status, out = await post(session, url, {"bootstrap_room": "x"})
         assert status == 400 and "bootstrap_room" in out["error"]["message"]
         ds, dout = await post(session, c.decode_urls[0] + "/generate", body)
