@@ -346,8 +346,9 @@ async def release(request: web.Request) -> web.Response:
     except RequestError as exc:
         return error_response(400, str(exc))
     room = body.get("bootstrap_room") if isinstance(body, dict) else None
-    rooms = room if isinstance(room, list) else [room]
-    if not rooms or not all(isinstance(r, int) and not isinstance(r, bool) for r in rooms):
+    raw = room if isinstance(room, list) else [room]
+    rooms: list[int] = [r for r in raw if isinstance(r, int) and not isinstance(r, bool)]
+    if not rooms or len(rooms) != len(raw):
         return error_response(400, "'bootstrap_room' must be an integer or a list of integers")
     if worker.role != "prefill":
         return error_response(400, "/disaggregation/release is only served by prefill workers")
