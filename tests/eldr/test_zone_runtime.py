@@ -1,0 +1,232 @@
+"""Zone table runtime: load/validate/swap, corrupt files, file watching (mtime touch, ConfigMap
+symlink swap), SIGHUP, admin endpoints, metrics, and re-mapping zones when workers come and go."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from prometheus_client import CollectorRegistry
+
+from gateway.eldr_metrics import EldrMetrics
+from gateway.errors import ConflictError
+from gateway.zone_runtime import ZoneRuntime, map_zones, zone_admin_routes
+from tests.eldr.helpers import table
+from zones.table import ZoneTable, save_table
+
+CENTROIDS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def table_v(version: str, workers: list[str] | None = None) -> ZoneTable:
+    return table(CENTROIDS, workers or ["a", "b", "c"], provenance={"version": version})
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def reload_count(registry: CollectorRegistry, result: str) -> float:
+    return registry.get_sample_value("eldr_zone_reloads_total", {"result": result}) or 0.0
+
+
+def test_load_swap_and_keep_old_on_corrupt_file(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path, metrics=EldrMetrics(registry))
+    assert rt.active is None and registry.get_sample_value("eldr_zone_table_zones") == 0
+    first = rt.reload_sync()
+    assert first.status == "loaded" and rt.active is not None and rt.active.version == "v1"
+    v1 = rt.active
+    assert registry.get_sample_value(
+        "eldr_zone_table_info", {"version": "v1", "checksum": v1.checksum}
+    ) == 1
+
+    path.write_bytes(path.read_bytes()[:100])  # truncated mid-write
+    bad = rt.reload_sync()
+    assert bad.status == "failed" and rt.active is v1  # old table keeps serving
+    assert bad.error is not None and "document: not valid JSON" in bad.error
+    assert rt.info()["last_error"] == bad.error and rt.info()["version"] == "v1"
+
+    save_table(table_v("v2"), path)  # then edited by hand: the checksum no longer matches
+    path.write_text(path.read_text().replace('"v2"', '"v3"'))
+    tampered = rt.reload_sync()
+    assert tampered.status == "failed" and "checksum: mismatch" in (tampered.error or "")
+    assert rt.active is v1
+
+    save_table(table_v("v2"), path)
+    ok = rt.reload_sync()
+    assert ok.status == "loaded" and rt.active.version == "v2" and rt.active.generation == 2
+    assert rt.last_error is None
+    assert registry.get_sample_value(
+        "eldr_zone_table_info", {"version": "v1", "checksum": v1.checksum}
+    ) is None
+    assert (reload_count(registry, "loaded"), reload_count(registry, "failed")) == (2, 2)
+
+
+def test_same_content_is_unchanged_not_swapped(tmp_path: Path) -> None:
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path)
+    rt.reload_sync()
+    before = rt.active
+    assert rt.reload_sync().status == "unchanged" and rt.active is before
+
+
+def test_missing_path_and_unexpected_loader_errors_are_contained(tmp_path: Path) -> None:
+    rt = ZoneRuntime(tmp_path / "absent.json")
+    res = rt.reload_sync()
+    assert res.status == "failed" and "file: cannot read" in (res.error or "")
+    assert ZoneRuntime(None).reload_sync().error == "zones: no zone table path configured (--zones)"
+
+    def boom(_: str) -> ZoneTable:
+        raise RuntimeError("disk on fire")
+
+    res = ZoneRuntime(tmp_path / "x", loader=boom).reload_sync()
+    assert res.status == "failed" and "disk on fire" in (res.error or "")
+
+
+async def test_watcher_reloads_on_change_touch_and_configmap_swap(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    # Kubernetes ConfigMap volume layout: zones.json -> ..data/zones.json, ..data -> ..<ts>/
+    (tmp_path / "..2026_01").mkdir()
+    save_table(table_v("v1"), tmp_path / "..2026_01" / "zones.json")
+    os.symlink("..2026_01", tmp_path / "..data")
+    os.symlink("..data/zones.json", tmp_path / "zones.json")
+    rt = ZoneRuntime(tmp_path / "zones.json", metrics=EldrMetrics(registry))
+    rt.reload_sync()
+    watcher = asyncio.create_task(rt.watch(interval=0.02))
+    try:
+        # mtime-only touch: re-read, same checksum -> "unchanged", table object kept.
+        v1 = rt.active
+        st = os.stat(tmp_path / "zones.json")
+        os.utime(tmp_path / "zones.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        await until(lambda: reload_count(registry, "unchanged") == 1)
+        assert rt.active is v1
+
+        # ConfigMap update: new timestamped dir, atomic swap of the ..data symlink.
+        (tmp_path / "..2026_02").mkdir()
+        save_table(table_v("v2"), tmp_path / "..2026_02" / "zones.json")
+        os.symlink("..2026_02", tmp_path / "..data_tmp")
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+        await until(lambda: rt.active is not None and rt.active.version == "v2")
+
+        # A corrupt update is rejected once (not on every poll) and v2 keeps serving.
+        (tmp_path / "..2026_03").mkdir()
+        (tmp_path / "..2026_03" / "zones.json").write_text('{"schema_version": 1}')
+        os.symlink("..2026_03", tmp_path / "..data_tmp")
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+        await until(lambda: reload_count(registry, "failed") == 1)
+        assert "missing" in (rt.last_error or "")
+        v2 = rt.active
+        failed_at = rt.last_attempt_at
+        await until(lambda: not rt.changed())
+        for _ in range(5):  # several poll intervals pass without another attempt
+            await asyncio.sleep(0.03)
+        assert reload_count(registry, "failed") == 1 and rt.last_attempt_at == failed_at
+        assert rt.active is v2 and v2 is not None and v2.version == "v2"
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+
+
+async def test_watch_rejects_bad_interval() -> None:
+    with pytest.raises(ValueError, match="interval"):
+        await ZoneRuntime(None).watch(0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGHUP is Unix-only")
+async def test_sighup_triggers_reload(tmp_path: Path) -> None:
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path)
+    rt.reload_sync()
+    save_table(table_v("v2"), path)
+    uninstall = rt.install_sighup(asyncio.get_running_loop())
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: rt.active is not None and rt.active.version == "v2")
+    finally:
+        uninstall()
+
+
+async def test_admin_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path)
+    app = web.Application()
+    app.add_routes(zone_admin_routes(rt))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/zones")
+        assert resp.status == 200 and (await resp.json())["active"] is False
+        resp = await client.post("/admin/zones/reload")
+        body = await resp.json()
+        assert resp.status == 200 and body["result"] == "loaded"
+        assert body["zones"]["version"] == "v1" and body["zones"]["num_zones"] == 3
+        assert body["zones"]["checksum"].startswith("sha256:")
+        assert [w["worker"] for w in body["zones"]["workers"]] == ["a", "b", "c"]
+        path.write_text("not json")
+        resp = await client.post("/admin/zones/reload")
+        body = await resp.json()
+        assert resp.status == 422 and body["result"] == "failed"
+        assert "not valid JSON" in body["error"]["message"] and body["zones"]["version"] == "v1"
+        resp = await client.get("/zones")
+        assert (await resp.json())["last_error"] == body["error"]["message"]
+
+
+async def test_admin_reload_without_path_is_a_conflict() -> None:
+    route = zone_admin_routes(ZoneRuntime(None))[0]
+    assert route.path == "/admin/zones/reload"
+    with pytest.raises(ConflictError, match="--zones"):
+        await route.handler(make_mocked_request("POST", "/admin/zones/reload"))
+
+
+async def test_concurrent_reloads_are_serialised(tmp_path: Path) -> None:
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path)
+    results = await asyncio.gather(*(rt.reload() for _ in range(5)))
+    assert sorted(r.status for r in results) == ["loaded"] + ["unchanged"] * 4
+    assert rt.active is not None and rt.active.generation == 1
+
+
+def test_map_zones_by_id_or_url_and_orphan_handover() -> None:
+    table_workers = ["http://d0:1", "d1", "http://d2:1/"]
+    regs = [("d0", "http://d0:1/"), ("d1", "http://d1:1"), ("d2", "http://d2:1")]
+    assert map_zones(table_workers, regs) == ("d0", "d1", "d2")
+    assert map_zones(table_workers, None) == tuple(table_workers)
+    # d1 leaves, two newcomers join: zone 1 goes to the first newcomer in id order.
+    regs2 = [("d0", "http://d0:1"), ("d2", "http://d2:1"), ("zz", "u1"), ("n1", "u2")]
+    assert map_zones(table_workers, regs2) == ("d0", "n1", "d2")
+    # Nobody free: the zone stays unmapped.
+    assert map_zones(table_workers, regs2[:2]) == ("d0", None, "d2")
+
+
+def test_set_workers_remaps_and_original_reclaims(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    path = tmp_path / "zones.json"
+    save_table(table_v("v1"), path)
+    rt = ZoneRuntime(path, metrics=EldrMetrics(registry))
+    rt.set_workers([("a", "ua"), ("b", "ub"), ("c", "uc")])  # before the table: remembered
+    rt.reload_sync()
+    assert rt.active is not None and rt.active.zone_workers == ("a", "b", "c")
+    rt.set_workers([("a", "ua"), ("c", "uc")])  # b left
+    assert rt.active.zone_workers == ("a", None, "c")
+    assert registry.get_sample_value("eldr_zones_unmapped") == 1
+    rt.set_workers([("a", "ua"), ("c", "uc"), ("new", "un")])
+    assert rt.active.zone_workers == ("a", "new", "c") and rt.active.generation == 1
+    rt.set_workers([("a", "ua"), ("b", "ub"), ("c", "uc"), ("new", "un")])  # b is back
+    assert rt.active.zone_workers == ("a", "b", "c")
+    assert registry.get_sample_value("eldr_zones_unmapped") == 0
