@@ -19,6 +19,14 @@ ESFT routing data (4 task domains).
 
 from __future__ import annotations
 
+import os
+
+# Before numpy loads: the routing matmuls are small ([32, 64] x [64, L*E]); multi-threaded
+# OpenBLAS spends ~9x more CPU on them than one thread on this 2-core machine (0.5 ms vs 4.6 ms
+# CPU per [32,64]x[64,6144] product, measured), and an emulator runs many workers anyway.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import itertools
 import struct
