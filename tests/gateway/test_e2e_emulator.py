@@ -69,7 +69,7 @@ async def cluster_and_gateway(**kw) -> AsyncIterator[tuple]:  # type: ignore[no-
 
 
 async def test_every_endpoint_against_emulator():
-    async with cluster_and_gateway(admin_token="tok") as (cluster, url, state, s), \
+    async with cluster_and_gateway(admin_token="tok") as (_cluster, url, state, s), \
             run_cluster(ClusterConfig(prefill=1, decode=1, engine=ENGINE)) as extra:
         auth = {"Authorization": "Bearer tok"}
         gen = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}
