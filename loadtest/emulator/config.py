@@ -31,7 +31,7 @@ class EngineOptions:
 
     model: str = "Qwen3-30B-A3B"
     routing: str = "token-hash"
-    trace_path: str | None = None
+    trace_path: str | None = None  # "trace" routing: None = routing.default_trace_path()
     seed: int = 0
     time_scale: float = 1.0
     instant: bool = False
@@ -44,8 +44,6 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.routing not in ("token-hash", "trace"):
             raise ConfigError(f"routing must be 'token-hash' or 'trace', got {self.routing!r}")
-        if self.routing == "trace" and not self.trace_path:
-            raise ConfigError("trace_path is required when routing is 'trace'")
         if not self.time_scale > 0:
             raise ConfigError(f"time_scale must be > 0, got {self.time_scale!r}")
         if self.max_batch_size < 1:
