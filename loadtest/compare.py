@@ -290,8 +290,12 @@ class Experiment:
             str(o.time_scale),
             "--json",
         ]
-        if any(s.pd_flow == "prefill-first" for s in self.specs):
-            args.append("--prefill-first")
+        if o.workload == "trace":
+            args += ["--trace-path", str(o.traces)]
+        # Without a prefill-first router under test the workers reject the extension, exactly
+        # like stock SGLang, so no dual-flow result can depend on it by accident.
+        pf = any(s.pd_flow == "prefill-first" for s in self.specs)
+        args.append("--prefill-first" if pf else "--no-prefill-first")
         proc = ManagedProcess(
             "emulated cluster", python_argv("loadtest", args), self.logs / "cluster.log"
         )
