@@ -66,6 +66,35 @@ class _Prompt:
     text: str | None
 
 
+class _TextStream:
+    """Incremental detokenisation: O(1) per token instead of re-decoding the whole output.
+
+    Relies on the emulator tokenizer's rule that the separator before a word depends only on
+    that word and the previous non-special word, so decode([prev, t]) = decode([prev]) + piece.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._parts: list[str] = []
+        self._prev: int | None = None
+        self._value: str | None = ""
+
+    def append(self, token_id: int) -> None:
+        decode = self._tokenizer.decode
+        piece = decode([token_id]) if self._prev is None else \
+            decode([self._prev, token_id])[len(decode([self._prev])):]
+        if piece:
+            self._parts.append(piece)
+            self._prev = token_id
+            self._value = None
+
+    @property
+    def value(self) -> str:
+        if self._value is None:
+            self._value = "".join(self._parts)
+        return self._value
+
+
 class Worker:
     """Engines, routing source and bootstrap registry of one worker; start() before use."""
 
@@ -284,6 +313,7 @@ class Worker:
                       ) -> AsyncGenerator[dict[str, Any], None]:
         tokens, prompt_len = await self._first_token(item, prompt)
         output_ids: list[int] = []
+        text = _TextStream(self.tokenizer)
         rows: list[np.ndarray] = []
         finish: dict[str, Any] | None = None
         first_at: float | None = None
@@ -305,6 +335,7 @@ class Worker:
                         self.metrics.on_inter_token(now - last_at)
                     last_at = now
                     output_ids.append(int(event.token_id))
+                    text.append(int(event.token_id))
                     rows.append(np.asarray(event.expert_ids, dtype=np.int32))
                     # The chunk carrying the last token also carries finish_reason (SGLang
                     # streams no separate closing chunk), so decide finality here.
@@ -314,8 +345,8 @@ class Worker:
                         break
                     if item.stream:
                         meta = self._meta(item, prompt, output_ids, None, arrival)
-                        yield {"text": self.tokenizer.decode(output_ids),
-                               "output_ids": list(output_ids), "meta_info": meta}
+                        yield {"text": text.value, "output_ids": list(output_ids),
+                               "meta_info": meta}
             finally:
                 if handle.finish_reason is None:
                     handle.cancel()
@@ -341,8 +372,7 @@ class Worker:
             meta["routed_experts"] = encode_routed_experts(
                 self._routed_rows(item, prompt, prompt_len, rows))
         self.metrics.on_finish(item.stream, arrival, len(output_ids), first_at, last_at)
-        yield {"text": self.tokenizer.decode(output_ids), "output_ids": output_ids,
-               "meta_info": meta}
+        yield {"text": text.value, "output_ids": output_ids, "meta_info": meta}
 
     def _routed_rows(self, item: GenerateItem, prompt: _Prompt, prompt_len: int,
                      output_rows: list[np.ndarray]) -> np.ndarray:
