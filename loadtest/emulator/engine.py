@@ -151,6 +151,7 @@ class DecodeEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._failure: str | None = None
         self._layer_offsets = (np.arange(geometry.num_layers, dtype=np.int64)
                                * geometry.num_experts)[:, None]
         # Cumulative statistics.
@@ -191,8 +192,8 @@ class DecodeEngine:
     # -- requests ----------------------------------------------------------------------------
     def submit(self, rid: str, prompt_len: int, max_new_tokens: int, tokens: TokenSource, *,
                eos_token_id: int | None = None) -> DecodeHandle:
-        if self._stopped:
-            raise EngineStoppedError("decode engine is stopped")
+        if self._stopped or self._failure is not None:
+            raise EngineStoppedError(f"decode engine is stopped{self._failure or ''}")
         if not isinstance(prompt_len, int) or prompt_len < 0:
             raise ValueError(f"prompt_len must be a non-negative integer, got {prompt_len!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -242,6 +243,21 @@ class DecodeEngine:
         return used.reshape(g.num_layers, g.num_experts).sum(axis=1).astype(np.int32)
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug in the step must not leave clients waiting forever: fail every request and
+            # refuse new ones, loudly.
+            log.exception("decode engine failed")
+            self._failure = f" (failed: {exc!r})"
+            for handle in (*self._running, *self._waiting):
+                self._close(handle, FINISH_ABORT, f"decode engine failed: {exc!r}")
+            self._running.clear()
+            self._waiting.clear()
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._admit()

@@ -275,3 +275,22 @@ async def test_prefill_cancelled_while_waiting_releases_its_place():
     assert engine.load() == engine.load().__class__(0, 0, 0)
     with pytest.raises(ValueError, match="num_tokens"):
         await engine.run(-1)
+
+
+class _BrokenCostModel:
+    def decode_step_seconds(self, batch_size, distinct, kv_tokens):
+        raise RuntimeError("boom")
+
+
+async def test_a_failing_step_aborts_every_request_instead_of_hanging():
+    eng = DecodeEngine(_BrokenCostModel(), G)  # type: ignore[arg-type]
+    await eng.start()
+    try:
+        handles = [eng.submit(str(i), 0, 5, fixed_experts(0)) for i in range(3)]
+        for h in handles:
+            assert await collect(h) == []
+            assert h.finish_reason == "abort" and "boom" in (h.error or "")
+        with pytest.raises(EngineStoppedError, match="failed"):
+            eng.submit("late", 0, 1, fixed_experts(0))
+    finally:
+        await eng.stop()
