@@ -13,6 +13,7 @@ import pytest
 from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.engine import (
     DecodeEngine,
+    EngineLoad,
     EngineStoppedError,
     PrefillEngine,
     TokenEvent,
@@ -88,7 +89,7 @@ async def test_max_batch_size_holds_the_rest_waiting(engine_factory):
     handles = [eng.submit(f"r{i}", 5, 3, fixed_experts(2 * i)) for i in range(3)]
     load = eng.load()
     assert (load.num_running_reqs + load.num_waiting_reqs) == 3
-    first_events = [[], [], []]
+    first_events: list[list[tuple[int, float, EngineLoad]]] = [[], [], []]
 
     async def watch(i):
         async for ev in handles[i]:
