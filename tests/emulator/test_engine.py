@@ -56,10 +56,11 @@ async def test_tokens_arrive_spaced_by_the_step_time(engine_factory):
     events = await collect(eng.submit("r", 10, 6, fixed_experts(0)))
     assert [ev.index for ev, _ in events] == list(range(6))
     assert [ev.token_id for ev, _ in events] == list(range(100, 106))
-    times = [start] + [t for _, t in events]
-    gaps = np.diff(times)
-    assert gaps.min() >= STEP * 0.95          # never faster than the modelled GPU
-    assert np.median(gaps) < STEP * 3         # generous: the CI host is shared
+    # Token k can never arrive before k+1 modelled steps (a busy host only delays tokens), and
+    # on an idle-enough host all six arrive in about six steps (generous bound: shared CI).
+    arrivals = np.array([t - start for _, t in events])
+    assert np.all(arrivals >= STEP * 0.95 * np.arange(1, 7))
+    assert arrivals[-1] < 6 * STEP + 0.5
     stats = eng.stats()
     assert stats.steps == 6 and stats.tokens == 6
     assert stats.step_seconds_sum == pytest.approx(6 * STEP)
@@ -67,7 +68,7 @@ async def test_tokens_arrive_spaced_by_the_step_time(engine_factory):
 
 async def test_requests_join_at_step_boundaries_and_share_steps(engine_factory):
     eng = await engine_factory()
-    first = eng.submit("a", 0, 8, fixed_experts(0))
+    first = eng.submit("a", 0, 20, fixed_experts(0))
     events_a: list[TokenEvent] = []
     async for ev in first:
         events_a.append(ev)
@@ -75,18 +76,18 @@ async def test_requests_join_at_step_boundaries_and_share_steps(engine_factory):
             break
     second = eng.submit("b", 0, 3, fixed_experts(4))
     rest_a, events_b = await asyncio.gather(collect(first), collect(second))
-    # b joined mid-stream and its 3 tokens shared steps with a: a's 8 tokens took 8 steps
+    # b joined mid-stream and its 3 tokens shared steps with a: a's 20 tokens took 20 steps
     assert first.finish_reason == second.finish_reason == "length"
-    assert len(rest_a) == 6 and len(events_b) == 3
+    assert len(rest_a) == 18 and len(events_b) == 3
     stats = eng.stats()
-    assert stats.steps == 8
-    assert stats.batch_size_sum == 11
+    assert stats.steps == 20
+    assert stats.batch_size_sum == 23
     assert stats.batch_size.counts[1] == 3   # three steps of batch 2 (bucket le=2)
 
 
 async def test_max_batch_size_holds_the_rest_waiting(engine_factory):
     eng = await engine_factory(max_batch_size=2)
-    handles = [eng.submit(f"r{i}", 5, 3, fixed_experts(2 * i)) for i in range(3)]
+    handles = [eng.submit(f"r{i}", 5, n, fixed_experts(2 * i)) for i, n in enumerate((10, 10, 3))]
     load = eng.load()
     assert (load.num_running_reqs + load.num_waiting_reqs) == 3
     first_events: list[list[tuple[int, float, EngineLoad]]] = [[], [], []]
@@ -100,7 +101,7 @@ async def test_max_batch_size_holds_the_rest_waiting(engine_factory):
     assert first_events[0][0][2].num_waiting_reqs == 1
     assert first_events[2][0][1] >= first_events[0][-1][1]
     stats = eng.stats()
-    assert stats.steps == 6 and stats.batch_size_sum == 9
+    assert stats.steps == 13 and stats.batch_size_sum == 23
     assert stats.batch_size.counts[0] + stats.batch_size.counts[1] == stats.steps   # all <= 2
 
 
