@@ -76,6 +76,24 @@ async def measure(args: argparse.Namespace) -> None:
         print(f"  {workers:2d} decode workers on {args.cores} core(s): time_scale >= {need:6.1f} "
               "(engine work only; HTTP, gateway and load generator need more)")
 
+    # Prefill side: routing a prompt (route_prompt) is host work too; compare per token.
+    long_prompt = PROMPT * 40
+    prompt_ids = tok.encode(long_prompt)
+    source.route_prompt(prompt_ids, long_prompt)          # warm the embedding cache
+    reps = 5
+    cpu0 = time.process_time()
+    for _ in range(reps):
+        source.route_prompt(prompt_ids, long_prompt)
+    route_per_token = (time.process_time() - cpu0) / reps / len(prompt_ids)
+    prefill_per_token = model.prefill_seconds(len(prompt_ids)) / len(prompt_ids)
+    print(f"route_prompt host CPU  {route_per_token * 1e6:8.1f} us per prompt token "
+          f"({len(prompt_ids)}-token prompt); modelled prefill {prefill_per_token * 1e6:.1f} us "
+          f"per token")
+    for workers in (2, 8):
+        need = workers * route_per_token / (args.cores * prefill_per_token)
+        print(f"  {workers:2d} busy prefill workers on {args.cores} core(s): time_scale >= "
+              f"{need:6.1f} (prompt routing only)")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
