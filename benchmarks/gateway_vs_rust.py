@@ -1,0 +1,348 @@
+"""Gateway vs the Rust SGLang router (PyPI sglang-router), side by side in one run.
+
+Setup: one PD upstream in its own process. `--upstream fake` (default): a minimal aiohttp prefill
+and decode pair speaking SGLang's /generate shape that answer at once (no KV handshake), so the
+routers, not the upstream, are the bottleneck. `--upstream emulator`: the SGLang PD emulator
+(`python -m loadtest cluster --instant`), which implements the real bootstrap handshake but
+answers one request in ~0.1 s even with --instant, so it caps every router at a few dozen
+requests/s and cannot show router overhead. Against it, in turn and never at the same time (the
+machine may have only 2 cores):
+  direct   no router: one POST straight to the decode (fake upstream), or the load generator
+           doing the dual dispatch itself (emulator); the reference for "added latency"
+  gateway  python -m gateway (`--processes N`, SO_REUSEPORT when N > 1)
+  rust     python -m sglang_router.launch_router --pd-disaggregation
+Both routers use round_robin for prefill and decode, retries and health checks at defaults.
+
+Load: `--concurrency` closed-loop clients for `--duration` seconds after `--warmup`, in a separate
+process; non-streaming `/generate` (requests/s, p50/p99 latency) and streaming `/generate`
+(requests/s, SSE chunks/s). Added latency = router p50/p99 minus direct p50/p99.
+
+Run:  python benchmarks/gateway_vs_rust.py [--duration 8] [--concurrency 64] [--processes 1]
+Every phase and every subprocess is bounded; the script prints a table and, with --json, one JSON
+line per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+MAX_NEW_TOKENS = 8
+STREAM_TOKENS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s")
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log_path: str) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _serve_fake_pd(ports: list[int], seconds: float) -> None:
+    """Instant prefill (ports[0]) and decode (ports[1:]) workers in one uvloop process."""
+    import uvloop
+    from aiohttp import web
+
+    meta = {"id": "x", "prompt_tokens": 9, "completion_tokens": MAX_NEW_TOKENS,
+            "finish_reason": {"type": "length", "length": MAX_NEW_TOKENS}}
+    nonstream = orjson.dumps({"text": " jumps over", "meta_info": meta})
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        if not body.get("stream"):
+            return web.Response(body=nonstream, content_type="application/json")
+        resp = web.StreamResponse()
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        tokens = body.get("sampling_params", {}).get("max_new_tokens", 1)
+        for i in range(tokens):
+            await resp.write(b"data: " + orjson.dumps({"text": "t" * (i + 1), "meta_info": meta})
+                             + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def loads(_: web.Request) -> web.Response:
+        return web.json_response({"loads": [{"dp_rank": 0, "num_total_tokens": 0,
+                                             "num_running_reqs": 0, "num_waiting_reqs": 0}]})
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response({"model_path": "fake", "is_generation": True})
+
+    async def main() -> None:
+        runners = []
+        for port in ports:
+            app = web.Application()
+            app.router.add_post("/generate", generate)
+            for path in ("/health", "/health_generate"):
+                app.router.add_get(path, ok)
+            app.router.add_get("/v1/loads", loads)
+            app.router.add_get("/get_load", loads)
+            for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):
+                app.router.add_get(path, info)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port, backlog=2048).start()
+            runners.append(runner)
+        await asyncio.sleep(seconds)
+        for runner in runners:
+            await runner.cleanup()
+
+    uvloop.run(main())
+
+
+def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
+          duration: float, out: Any) -> None:
+    import aiohttp
+    import uvloop
+
+    body: dict[str, Any] = {"text": "The quick brown fox jumps over the lazy dog",
+                            "sampling_params": {"max_new_tokens":
+                                                STREAM_TOKENS if stream else MAX_NEW_TOKENS,
+                                                "ignore_eos": True},
+                            "stream": stream}
+
+    async def main() -> dict[str, Any]:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        rng = random.Random(0)
+        latencies: list[float] = []
+        chunks = 0
+        errors = 0
+        t_measure = time.perf_counter() + warmup
+        t_end = t_measure + duration
+
+        async def one() -> tuple[bool, int]:
+            if target["mode"] == "direct":
+                room = rng.randint(0, 2**63 - 1)
+                sent = orjson.dumps(dict(body, bootstrap_host="127.0.0.1",
+                                         bootstrap_port=target["bootstrap_port"],
+                                         bootstrap_room=room))
+                hdrs = {"Content-Type": "application/json"}
+
+                async def prefill() -> None:
+                    async with session.post(target["prefill"] + "/generate", data=sent,
+                                            headers=hdrs) as r:
+                        await r.read()
+
+                async def decode() -> tuple[bool, int]:
+                    async with session.post(target["decode"] + "/generate", data=sent,
+                                            headers=hdrs) as r:
+                        data = await r.read()
+                        return r.status == 200, data.count(b"data:")
+
+                if target.get("decode_only"):
+                    return await decode()
+                _, result = await asyncio.gather(prefill(), decode())
+                return result
+            async with session.post(target["url"] + "/generate", data=orjson.dumps(body),
+                                    headers={"Content-Type": "application/json"}) as r:
+                data = await r.read()
+                return r.status == 200, data.count(b"data:")
+
+        async def client() -> None:
+            nonlocal chunks, errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    return
+                try:
+                    ok, n = await asyncio.wait_for(one(), 30)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok, n = False, 0
+                t1 = time.perf_counter()
+                if t0 >= t_measure and t1 <= t_end:
+                    if ok:
+                        latencies.append(t1 - t0)
+                        chunks += n
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await session.close()
+        latencies.sort()
+        return {
+            "rps": len(latencies) / duration,
+            "chunks_per_s": chunks / duration,
+            "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"),
+            "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3 if latencies
+            else float("nan"),
+            "errors": errors, "ok": len(latencies),
+        }
+
+    out.put(uvloop.run(main()))
+
+
+def run_load(target: dict[str, Any], stream: bool, args: argparse.Namespace) -> dict[str, Any]:
+    queue: Any = mp.Queue()
+    proc = mp.Process(target=_load, args=(target, stream, args.concurrency, args.warmup,
+                                          args.duration, queue))
+    proc.start()
+    result: dict[str, Any] = queue.get(timeout=args.warmup + args.duration + 90)
+    proc.join(10)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--processes", type=int, default=1, help="gateway server processes")
+    p.add_argument("--decode", type=int, default=1, help="emulated decode workers")
+    p.add_argument("--only", nargs="*", choices=("direct", "gateway", "rust"),
+                   default=["direct", "gateway", "rust"])
+    p.add_argument("--upstream", choices=("fake", "emulator"), default="fake")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--log-dir", default="/tmp")
+    args = p.parse_args(argv)
+    py = sys.executable
+    base = _free_port()
+    with contextlib.suppress(Exception):  # pick a base with room for 2 + 2*decode ports
+        while any(not _port_free(base + i) for i in range(2 + 2 * args.decode)):
+            base = _free_port()
+    cluster_cmd = [py, "-m", "loadtest", "cluster", "--prefill", "1", "--decode",
+                   str(args.decode), "--instant", "--base-port", str(base), "--json",
+                   "--duration-secs", "900"]
+    prefill_url = f"http://127.0.0.1:{base}"
+    decode_urls = [f"http://127.0.0.1:{base + 1 + j}" for j in range(args.decode)]
+    bootstrap_port = base + 1 + args.decode
+    pd_args = ["--pd-disaggregation", "--prefill", prefill_url, str(bootstrap_port)]
+    for url in decode_urls:
+        pd_args += ["--decode", url]
+    results: list[dict[str, Any]] = []
+    print(f"# cpus={os.cpu_count()} concurrency={args.concurrency} duration={args.duration}s "
+          f"gateway processes={args.processes} decode workers={args.decode} "
+          f"upstream={args.upstream}", flush=True)
+    if args.upstream == "fake":
+        upstream: Any = mp.Process(target=_serve_fake_pd,
+                                   args=([base + i for i in range(1 + args.decode)], 900.0),
+                                   daemon=True)
+        upstream.start()
+        cm: Any = _terminating(upstream)
+    else:
+        cm = _process(cluster_cmd, os.path.join(args.log_dir, "bench_cluster.log"))
+    with cm:
+        _wait_http(prefill_url + "/health", 60)
+        for url in decode_urls:
+            _wait_http(url + "/health", 60)
+        for name in args.only:
+            port = _free_port()
+            if name == "direct":
+                # With the fake upstream the decode needs no prefill, so "direct" is one POST
+                # to the decode: the client + upstream cost without any router in between.
+                target = {"mode": "direct", "prefill": prefill_url, "decode": decode_urls[0],
+                          "bootstrap_port": bootstrap_port,
+                          "decode_only": args.upstream == "fake"}
+                ctx: Any = contextlib.nullcontext()
+            elif name == "gateway":
+                target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
+                ctx = _process([py, "-m", "gateway", *pd_args, "--host", "127.0.0.1", "--port",
+                                str(port), "--policy", "round_robin", "--prometheus-port",
+                                str(_free_port()), "--processes", str(args.processes),
+                                "--log-level", "warn"],
+                               os.path.join(args.log_dir, "bench_gateway.log"))
+            else:
+                target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
+                ctx = _process([py, "-m", "sglang_router.launch_router", *pd_args, "--host",
+                                "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+                                "--prometheus-port", str(_free_port()), "--log-level", "warn"],
+                               os.path.join(args.log_dir, "bench_rust.log"))
+            with ctx:
+                if target["mode"] == "router":
+                    _wait_http(target["url"] + "/health", 60)
+                for stream in (False, True):
+                    r = run_load(target, stream, args)
+                    r.update(name=name, stream=stream)
+                    results.append(r)
+                    if args.json:
+                        print(orjson.dumps(r).decode(), flush=True)
+    _print_table(results)
+    return 0
+
+
+@contextlib.contextmanager
+def _terminating(proc: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'phase':8s} {'mode':10s} {'req/s':>8s} {'chunks/s':>9s} {'p50 ms':>8s} "
+          f"{'p99 ms':>8s} {'+p50 ms':>8s} {'+p99 ms':>8s} {'errors':>6s}")
+    direct = {r["stream"]: r for r in results if r["name"] == "direct"}
+    for r in results:
+        d = direct.get(r["stream"])
+        add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else float("nan")
+        add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else float("nan")
+        print(f"{r['name']:8s} {'stream' if r['stream'] else 'non-strm':10s} {r['rps']:8.0f} "
+              f"{r['chunks_per_s']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {add50:8.2f} "
+              f"{add99:8.2f} {r['errors']:6d}")
+    for stream in (False, True):
+        g = next((r for r in results if r["name"] == "gateway" and r["stream"] == stream), None)
+        rust = next((r for r in results if r["name"] == "rust" and r["stream"] == stream), None)
+        if g and rust and rust["rps"] > 0:
+            kind = "stream" if stream else "non-stream"
+            print(f"gateway/rust throughput ratio ({kind}): {g['rps'] / rust['rps']:.2f}"
+                  + (f"  chunks/s ratio: {g['chunks_per_s'] / rust['chunks_per_s']:.2f}"
+                     if stream and rust["chunks_per_s"] else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
