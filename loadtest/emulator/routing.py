@@ -19,6 +19,10 @@ teacher-forced with their answers), so its leading `prefill_fraction` (default 0
 plays the prompt and the rest the decode. Prompt rows are that prefill part cycled to the real
 prompt length; decode rows cycle through the decode part. Token ids still come from the prompt
 bigram walk, so decode text is plausible; only the experts come from the trace.
+
+Threads: `route_prompt` may run in a worker thread while the event loop pulls continuations.
+The only shared mutable state is the token-hash embedding cache, which holds deterministic
+values: a race at worst computes an embedding twice.
 """
 
 from __future__ import annotations
