@@ -226,8 +226,7 @@ class Worker:
                 finally:
                     self.bootstrap_queue -= 1
             await self._run_prefill(len(prompt.ids))
-            first_token, _ = next(iter(self.routing.continuation(
-                prompt.ids, prompt.text, self._seed(item))))
+            (first_token, _), _ = await self._open_stream(prompt, self._seed(item))
             if not fake:
                 hold = None
                 if item.prefill_first:
@@ -257,7 +256,7 @@ class Worker:
             meta["output_token_logprobs"] = self._logprobs([first_token])
         prompt_rows = None
         if item.prefill_first or item.return_routed_experts:
-            prompt_rows = self.routing.route_prompt(prompt.ids, prompt.text)
+            prompt_rows = await self._route_prompt(prompt)
         if item.return_routed_experts and prompt_rows is not None:
             # The prefill forwarded the prompt only: rows [start_len, prompt_len)
             # (sglang 0.5.23 prefill.py collects routed experts once the transfer is done).
@@ -274,11 +273,11 @@ class Worker:
     async def _first_token(self, item: GenerateItem, prompt: _Prompt
                            ) -> tuple[Iterator[tuple[int, np.ndarray]], int]:
         """The token stream for the engine and the prompt length, after prefill or KV fetch."""
-        stream = iter(self.routing.continuation(prompt.ids, prompt.text, self._seed(item)))
         room = item.bootstrap_room
         if self.role == "regular" or item.bootstrap_host == FAKE_BOOTSTRAP_HOST:
             await self._run_prefill(len(prompt.ids))
-            return stream, len(prompt.ids)
+            first, stream = await self._open_stream(prompt, self._seed(item))
+            return itertools.chain([first], stream), len(prompt.ids)
         assert room is not None and self._session is not None
         if item.bootstrap_host is None:
             # A decode cannot reach a prefill without its bootstrap address.
@@ -289,12 +288,17 @@ class Worker:
         # --disaggregation-bootstrap-port (default 8998).
         port = item.bootstrap_port if item.bootstrap_port is not None else \
             SGLANG_DEFAULT_BOOTSTRAP_PORT
+        # Routing the prompt overlaps the wait for the KV.
+        opening = asyncio.ensure_future(self._open_stream(prompt, self._seed(item)))
         self.transfer_queue += 1
         try:
             opts = self.config.engine
             kv = await fetch_kv(self._session, item.bootstrap_host, port, room,
                                 opts.bootstrap_timeout_secs + opts.waiting_timeout_secs)
-        except HandshakeError as exc:
+        except BaseException as exc:
+            opening.cancel()
+            if not isinstance(exc, HandshakeError):
+                raise
             self.metrics.bootstrap_failed()
             # sglang 0.5.23 decode.py DecodePreallocQueue._update_handshake_waiters.
             raise GenerationError(
@@ -302,12 +306,27 @@ class Worker:
                      f"req.bootstrap_room={room} with exception {exc}") from None
         finally:
             self.transfer_queue -= 1
-        own_token, experts = next(stream)
+        (own_token, experts), stream = await opening
         if own_token != kv.first_token_id:
             log.warning("room %s: prefill sampled %s, decode continuation has %s",
                         room, kv.first_token_id, own_token)
         # SGLang transfers the prefill's sampled token with the KV; it is output token 0.
         return itertools.chain([(kv.first_token_id, experts)], stream), kv.prompt_len
+
+    async def _open_stream(self, prompt: _Prompt, seed: int
+                           ) -> tuple[tuple[int, np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+        """Start the continuation and compute its first element off the event loop.
+
+        Routing a prompt costs tens of ms of CPU (token-hash over 48 x 128 experts); on the loop
+        it would stall every other worker's decode steps in this process for that long.
+        """
+        def work() -> tuple[tuple[int, np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+            stream = iter(self.routing.continuation(prompt.ids, prompt.text, seed))
+            return next(stream), stream
+        return await asyncio.to_thread(work)
+
+    async def _route_prompt(self, prompt: _Prompt) -> np.ndarray:
+        return await asyncio.to_thread(self.routing.route_prompt, prompt.ids, prompt.text)
 
     async def _decode(self, item: GenerateItem, prompt: _Prompt, arrival: float
                       ) -> AsyncGenerator[dict[str, Any], None]:
@@ -369,24 +388,25 @@ class Worker:
                 [] if self.role == "decode" else self._logprobs(prompt.ids, first_is_none=True))
             meta["output_token_logprobs"] = self._logprobs(output_ids)
         if item.return_routed_experts:
+            prompt_rows = None if self.role == "decode" else await self._route_prompt(prompt)
             meta["routed_experts"] = encode_routed_experts(
-                self._routed_rows(item, prompt, prompt_len, rows))
+                self._routed_rows(item, prompt_rows, prompt_len, rows))
         self.metrics.on_finish(item.stream, arrival, len(output_ids), first_at, last_at)
         yield {"text": text.value, "output_ids": output_ids, "meta_info": meta}
 
-    def _routed_rows(self, item: GenerateItem, prompt: _Prompt, prompt_len: int,
+    def _routed_rows(self, item: GenerateItem, prompt_rows: np.ndarray | None, prompt_len: int,
                      output_rows: list[np.ndarray]) -> np.ndarray:
         """Rows for positions [start_len, seqlen - 1), as SGLang's capturer returns them."""
         g = self.geometry
         out = (np.stack(output_rows[:-1]) if len(output_rows) > 1
                else np.zeros((0, g.num_layers, g.top_k), dtype=np.int32))
-        if self.role == "decode":
+        if prompt_rows is None:
             # PD decode: prompt positions were never forwarded here (their KV arrived by
             # transfer), so their rows carry no routing; SGLang leaves them unset. We fill
             # zeros; clients must skip the first (prompt_tokens - start_len) rows.
             prompt_part = np.zeros((prompt_len, g.num_layers, g.top_k), dtype=np.int32)
         else:
-            prompt_part = self.routing.route_prompt(prompt.ids, prompt.text).astype(np.int32)
+            prompt_part = prompt_rows.astype(np.int32)
         return np.concatenate([prompt_part, out])[item.routed_experts_start_len:]
 
     def _meta(self, item: GenerateItem, prompt: _Prompt, output_ids: list[int],
