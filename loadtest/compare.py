@@ -397,16 +397,22 @@ class Experiment:
         run_dir = o.out / "runs" / spec.name.replace(":", "_") / f"rate_{rate:g}"
         proc, url = await self.start_router(spec, zones, f"{spec.name.replace(':', '_')}-{rate:g}")
         try:
+            pids = {"router": proc.pid, "emulator": self.cluster_proc.pid, "driver": os.getpid()}
+            sampler = CpuSampler(pids)
+            before: list[dict[str, float]] = []
             async with aiohttp.ClientSession() as session:
-                before = await fetch_stats(session, self.cluster.decode)
-                pids = {
-                    "router": proc.pid,
-                    "emulator": self.cluster_proc.pid,
-                    "driver": os.getpid(),
-                }
-                async with CpuSampler(pids) as sampler:
-                    result = await run_load(self.driver_config(url, rate, o.num_requests), convs)
-                after = await fetch_stats(session, self.cluster.decode)
+                decode_urls = self.cluster.decode
+
+                async def measurement_starts() -> None:
+                    before.extend(await fetch_stats(session, decode_urls))
+                    sampler.start()
+
+                try:
+                    config = self.driver_config(url, rate, o.num_requests)
+                    result = await run_load(config, convs, measurement_starts)
+                finally:
+                    await sampler.stop()
+                after = await fetch_stats(session, decode_urls)
         finally:
             await proc.stop()
         summary = write_run(result, run_dir)

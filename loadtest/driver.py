@@ -22,7 +22,7 @@ import csv
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,8 +369,16 @@ async def _run_conversation(
         scheduled = time.perf_counter() - clock_zero
 
 
-async def run_load(config: DriverConfig, conversations: Sequence[Conversation]) -> RunResult:
-    """Warm up, then drive the measured conversations; returns every measured request."""
+async def run_load(
+    config: DriverConfig,
+    conversations: Sequence[Conversation],
+    on_measure_start: Callable[[], Awaitable[None]] | None = None,
+) -> RunResult:
+    """Warm up, then drive the measured conversations; returns every measured request.
+
+    `on_measure_start` runs between warm-up and measurement (experiments snapshot server
+    counters there, so warm-up traffic is excluded from them too).
+    """
     from tqdm import tqdm
 
     if len(conversations) < config.warmup + 1:
@@ -408,6 +416,8 @@ async def run_load(config: DriverConfig, conversations: Sequence[Conversation]) 
             )
         )
         warmup_errors = sum(1 for r in warm_records if not r.success)
+        if on_measure_start is not None:
+            await on_measure_start()
 
         records: list[RequestRecord] = []
         total_requests = sum(len(c.turns) for c in measured)

@@ -208,6 +208,8 @@ class CpuSampler:
         self._samples: list[float] = []
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
+        self._wall = 0.0
+        self._end_times: dict[str, float] = {}
 
     def _cpu_seconds(self, proc: psutil.Process) -> float:
         try:
@@ -220,6 +222,14 @@ class CpuSampler:
             return 0.0
 
     async def __aenter__(self) -> CpuSampler:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Begin the interval (call from a running event loop)."""
         self._t0 = time.monotonic()
         self._start_times = {n: self._cpu_seconds(p) for n, p in self._procs.items()}
         psutil.cpu_percent(interval=None)  # primes the system counter
@@ -230,18 +240,20 @@ class CpuSampler:
                 self._samples.append(psutil.cpu_percent(interval=None))
 
         self._task = asyncio.get_running_loop().create_task(sample())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self) -> None:
+        """End the interval; harmless when never started."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
         self._wall = time.monotonic() - self._t0
         self._end_times = {n: self._cpu_seconds(p) for n, p in self._procs.items()}
 
     def usage(self) -> CpuUsage:
-        wall = max(getattr(self, "_wall", 0.0), 1e-9)
+        wall = max(self._wall, 1e-9)
         cores = {
             n: (self._end_times.get(n, 0.0) - self._start_times.get(n, 0.0)) / wall
             for n in self._procs
