@@ -10,9 +10,13 @@ Simulation (seeded Monte Carlo, all numpy):
   (uniformly: balanced zones see equal traffic), draws B of its held-out requests (with
   replacement: a zone usually has fewer held-out requests than B, and in production a worker's
   batch is many concurrent requests *like* its zone's), and one random decode token of each.
-- `random` batching: the same, but B requests drawn from all held-out requests. Round-robin
-  and random dispatch form the same batch distribution when arrivals are exchangeable, so this
-  one baseline stands for both.
+- `random` batching: random dispatch gives each worker a random subset of requests; a step
+  draws a random subset of the same size as the zone drawn for it, then B requests from that
+  subset the same way. Matching the population size matters: sampling with replacement from
+  a small population repeats requests, and a repeated request shares experts with itself, so
+  comparing zones against batches from the whole pool would credit zones with that effect.
+  Round-robin and random dispatch form the same batch distribution when arrivals are
+  exchangeable, so this one baseline stands for both.
 
 Each held-out request's zone is the most similar centroid to its signature (the pure locality
 limit of the band rule; load-driven band choices only move requests toward `random`). Sources
@@ -23,8 +27,9 @@ count-only inputs, each step draws top_k distinct experts per layer with probabi
 proportional to the request's decode counts (Gumbel top-k), an approximation that ignores
 within-token correlation across layers; the summary says which was used.
 
-Uncertainty: a bootstrap over held-out requests (resample requests, redo the simulation) gives
-a percentile interval for the reduction `1 - zone / random`.
+Uncertainty: `reduction +- 1.96 sd` of half-sampling replicates (random halves of the held-out
+requests, simulation redone); it covers which requests were held out, not which were used to
+fit (tests/zones/test_esft.py repeats whole train/test splits for that).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class BatchResult:
     random: float  # mean distinct experts per layer per step, random batching
     zone: dict[str, float]  # source -> same, zone batching
     reduction: dict[str, float]  # source -> 1 - zone/random
-    ci: dict[str, tuple[float, float]]  # source -> bootstrap percentile interval of reduction
+    ci: dict[str, tuple[float, float]]  # source -> ~95% interval of reduction (half-sampling)
 
 
 @dataclass
@@ -141,12 +146,17 @@ def _simulate(
     """(random, zone) mean distinct experts per layer per step over `pool` request indices."""
     members = [pool[zones[pool] == z] for z in range(num_zones)]
     nonempty = [m for m in members if len(m)]
-    rand_req = pool[rng.integers(0, len(pool), size=(steps, batch_size))]
     which = rng.integers(0, len(nonempty), size=steps)
     zone_req = np.empty((steps, batch_size), dtype=np.int64)
     for z, m in enumerate(nonempty):
         sel = which == z
         zone_req[sel] = m[rng.integers(0, len(m), size=(int(sel.sum()), batch_size))]
+    # Random dispatch: the worker's population is a random subset of the same size as the zone
+    # drawn for that step, sampled the same way, so both arms repeat requests equally often.
+    rand_req = np.empty((steps, batch_size), dtype=np.int64)
+    for s in range(steps):
+        population = rng.choice(pool, size=len(nonempty[which[s]]), replace=False)
+        rand_req[s] = population[rng.integers(0, len(population), size=batch_size)]
     n_exp = sampler.num_experts
     rand = distinct_per_step(sampler.draw(rand_req, rng), n_exp).mean()
     zone = distinct_per_step(sampler.draw(zone_req, rng), n_exp).mean()
@@ -222,14 +232,19 @@ def evaluate(
             rand_ref = r if name == "exact" else rand_ref
             zone_mean[name] = z
             red[name] = 1.0 - z / r
-            boots = []
-            for _ in range(bootstrap):
-                sample = pool[rng.integers(0, len(pool), size=len(pool))]
+            # Half-sampling replicates (half the requests, without replacement): their spread
+            # approximates the full-sample estimator's (var of a half-sample mean with the
+            # finite-population correction is var/n), and unlike a with-replacement bootstrap
+            # they never duplicate a request, which would fake locality.
+            reps = []
+            half = max(k, len(pool) // 2)
+            for _ in range(bootstrap if half < len(pool) else 0):
+                sample = np.sort(rng.choice(pool, size=half, replace=False))
                 rb, zb = _simulate(zones, sample, sampler, k, b, bootstrap_steps, rng)
-                boots.append(1.0 - zb / rb)
-            if boots:
-                lo, hi = np.percentile(boots, [2.5, 97.5])
-                ci[name] = (float(lo), float(hi))
+                reps.append(1.0 - zb / rb)
+            if len(reps) >= 2:
+                spread = 1.96 * float(np.std(reps, ddof=1))
+                ci[name] = (red[name] - spread, red[name] + spread)
         assert rand_ref is not None
         ev.batches.append(BatchResult(b, rand_ref, zone_mean, red, ci))
     return ev
