@@ -203,6 +203,7 @@ class CompareOptions:
     calibration_requests: int = 400
     warmup: int = 4
     seed: int = 0
+    turns: int = 1
     max_output_tokens: int = 256
     min_output_tokens: int = 64
     max_duration: float = 300.0
@@ -265,6 +266,8 @@ class Experiment:
             split=split,
             num_conversations=num,
             seed=o.seed,
+            # Calibration stays single-turn: the zones are fitted per request.
+            turns=o.turns if split == "evaluation" else 1,
             min_output_tokens=o.min_output_tokens,
             max_output_tokens=o.max_output_tokens,
         )
@@ -550,6 +553,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calibration-requests", type=int, default=None)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--turns", type=int, default=None, help="user turns per evaluation conversation (default 1)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help=f"default {d.warmup}")
     parser.add_argument("--max-output-tokens", type=int, default=None)
     parser.add_argument("--prefill-policy", default=d.prefill_policy)
     parser.add_argument(
@@ -585,6 +592,8 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         "num_requests": args.num_requests,
         "calibration_requests": args.calibration_requests,
         "seed": args.seed,
+        "turns": args.turns,
+        "warmup": args.warmup,
         "max_output_tokens": args.max_output_tokens,
         "prefill_policy": args.prefill_policy,
         "zones": args.zones,
@@ -601,6 +610,8 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         raise CompareError("--prefill and --decode must be >= 1")
     if any(r <= 0 for r in opts.rates):
         raise CompareError("--rates must all be > 0")
+    if opts.turns < 1 or opts.warmup < 0 or opts.num_requests < 1:
+        raise CompareError("--turns and --num-requests must be >= 1, --warmup >= 0")
     if opts.time_scale <= 0:
         raise CompareError("--time-scale must be > 0")
     for name in opts.routers:

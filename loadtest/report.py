@@ -153,7 +153,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             f"workers, model geometry {opts.get('model')}, time scale {opts.get('time_scale')} "
             f"(measured times are the emulator's modelled times x time scale; ratios are "
             f"unaffected). Workload: `{opts.get('workload')}`, {opts.get('num_requests')} "
-            f"measured requests per run, outputs {opts.get('min_output_tokens')}–"
+            f"measured conversations per run ({opts.get('turns', 1)} turn(s) each), outputs "
+            f"{opts.get('min_output_tokens')}–"
             f"{opts.get('max_output_tokens')} tokens, seed {opts.get('seed')}: every router "
             f"sees the identical prompts and Poisson arrival times."
         )
