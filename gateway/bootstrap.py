@@ -18,6 +18,10 @@ from urllib.parse import urlsplit
 from gateway.errors import BadRequestError
 
 MAX_ROOM = 2**63 - 1
+# Upper bound on sequences per request. Bootstrap arrays are built per sequence, so an unbounded
+# `n` (e.g. 10**9 from a fuzzer) would make the gateway allocate gigabytes before any worker saw
+# the request. 1024 is far above any practical n or batch.
+MAX_BATCH = 1024
 
 
 def bootstrap_host(url: str) -> str:
@@ -29,6 +33,8 @@ def batch_size(body: dict[str, Any]) -> int | None:
     """Number of sequences in a batched request, None for a single request."""
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        if n > MAX_BATCH:
+            raise BadRequestError(f"n: must be <= {MAX_BATCH}, got {n}")
         return n
     for key in ("prompt", "text"):
         value = body.get(key)
@@ -39,9 +45,13 @@ def batch_size(body: dict[str, Any]) -> int | None:
                 return None
             if not value:
                 raise BadRequestError(f"{key}: batch array is empty")
+            if len(value) > MAX_BATCH:
+                raise BadRequestError(f"{key}: batch of {len(value)} exceeds {MAX_BATCH}")
             return len(value)
     ids = body.get("input_ids")
     if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        if len(ids) > MAX_BATCH:
+            raise BadRequestError(f"input_ids: batch of {len(ids)} exceeds {MAX_BATCH}")
         return len(ids)
     if isinstance(ids, list) and not ids:
         raise BadRequestError("input_ids: batch array is empty")

@@ -160,8 +160,9 @@ class Dispatcher:
                                                ("text", "input_ids", "input_embeds")):
             raise BadRequestError("text or input_ids: one is required")
         n = body.get("n")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise BadRequestError("n: must be a positive integer")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1
+                              or n > bootstrap.MAX_BATCH):
+            raise BadRequestError(f"n: must be an integer in 1..{bootstrap.MAX_BATCH}")
         batch = bootstrap.batch_size(body) if self.settings.pd_disaggregation else None
         request_id = None
         for name in (*self._id_headers, "x-request-id"):

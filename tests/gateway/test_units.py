@@ -60,7 +60,8 @@ def test_batch_rooms_are_arrays_of_distinct_valid_rooms():
 
 
 @pytest.mark.parametrize("body,field", [({"text": []}, "text"), ({"prompt": []}, "prompt"),
-                                        ({"input_ids": []}, "input_ids")])
+                                        ({"input_ids": []}, "input_ids"),
+                                        ({"n": 10**9}, "n"), ({"text": ["a"] * 5000}, "text")])
 def test_empty_batch_names_field(body, field):
     with pytest.raises(BadRequestError, match=field):
         bootstrap.batch_size(body)
