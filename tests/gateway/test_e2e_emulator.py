@@ -250,3 +250,19 @@ async def test_real_prometheus_scrapes_metrics_port():
             prom.wait(10)
             await server.close()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_prefill_first_flow_against_emulator():
+    async with cluster_and_gateway(pd_flow="prefill-first") as (cluster, url, state, s):
+        for stream in (False, True):
+            async with s.post(url + "/generate", json={
+                    "text": "Route me after prefill", "stream": stream,
+                    "sampling_params": {"max_new_tokens": 3}}) as r:
+                assert r.status == 200, await r.text()
+                data = await r.read()
+            if stream:
+                assert b"data: [DONE]" in data
+            else:
+                assert orjson.loads(data)["meta_info"]["completion_tokens"] == 3
+        assert all(w.in_flight == 0 for w in state.workers)
+        assert len(cluster.decode) == 2
