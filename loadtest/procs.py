@@ -71,6 +71,7 @@ class ManagedProcess:
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _pump: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(
         self, *, capture_stdout: bool = False, env: dict[str, str] | None = None
@@ -135,7 +136,7 @@ class ManagedProcess:
                     log.write(line)
                     log.flush()
 
-        asyncio.get_running_loop().create_task(pump())
+        self._pump = asyncio.get_running_loop().create_task(pump())
 
     async def wait_http_ok(self, url: str, timeout: float, interval: float = 0.2) -> None:
         """Poll `url` until it answers 200; fail early when the child exits."""
@@ -169,6 +170,11 @@ class ManagedProcess:
                     await asyncio.wait_for(proc.wait(), grace)
             return proc.returncode
         finally:
+            if self._pump is not None:
+                self._pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._pump
+                self._pump = None
             if self._log is not None:
                 self._log.close()
 
