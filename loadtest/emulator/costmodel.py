@@ -30,10 +30,13 @@ from zones.geometry import ModelGeometry
 # figure assumes 2:4 sparsity). https://www.nvidia.com/en-us/data-center/h100/
 H100_SXM_HBM_BYTES_PER_S = 3.35e12
 H100_SXM_BF16_DENSE_FLOPS = 989.4e12
-# We use the datasheet bandwidth as is (fraction 1.0): we found no primary measurement of the
-# achievable fraction we could cite. Every bandwidth term, and the fixed overhead derived from
-# them, scales together, so this choice moves absolute times, never ratios between batches.
-HBM_EFFICIENCY = 1.0
+# Achievable fraction of that bandwidth when streaming expert weights, measured in this repo on an
+# H100 80GB HBM3 (benchmarks/gpu/moe_layer_curve.py, results/moe_layer_curve_h100_cudagraph.json):
+# one Qwen3-30B-A3B MoE layer's expert GEMMs under CUDA graphs at batch 64 took 89.5 us with 16
+# active experts and 479.1 us with 128, i.e. (479.1 - 89.5) / 112 = 3.48 us per extra 9.44 MB
+# expert = 2.71 TB/s = 0.81 of 3.35 TB/s. It scales every bandwidth term and `f` together, so it
+# moves absolute times, not which batch is faster.
+HBM_EFFICIENCY = 0.81
 # Achievable fraction of peak BF16 FLOPS for large dense GEMMs: Llama 3 pre-training on H100
 # reached 38-43% BF16 MFU (Llama Team, "The Llama 3 Herd of Models", arXiv 2407.21783, Table 4).
 # Used for prefill (compute bound) and the small per-token decode compute term.
