@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from loadtest.emulator import blas  # noqa: F401  (before numpy: single-threaded BLAS)
 from loadtest.emulator.cluster import run_event_loop
 from loadtest.emulator.config import (
     ROLES,

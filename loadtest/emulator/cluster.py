@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from loadtest.emulator import blas  # noqa: F401  (before numpy: single-threaded BLAS)
 from loadtest.emulator.config import (
     ConfigError,
     EngineOptions,
