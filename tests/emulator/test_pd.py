@@ -248,3 +248,20 @@ async def test_decode_disconnect_during_handshake_aborts_the_prefill(
         status, out = await post(session, c.prefill_urls[0] + "/generate", body)
     assert status == 500 and "disconnected" in out["message"]
     assert time.monotonic() - start < 5  # no wait for the bootstrap timeout
+
+
+async def test_prefill_first_on_openai_endpoints_uses_sglext(
+        session: aiohttp.ClientSession) -> None:
+    async with cluster() as c:
+        base = {"bootstrap_host": "127.0.0.1", "bootstrap_port": c.prefill[0].bootstrap_port,
+                "bootstrap_room": 41, "prefill_first": True, "max_tokens": 3,
+                "ignore_eos": True}
+        chat = {**base, "model": "m", "messages": [{"role": "user", "content": PROMPT}]}
+        status, pout = await post(session, c.prefill_urls[0] + "/v1/chat/completions", chat)
+        assert status == 200
+        counts = decode_counts(pout["sglext"]["prompt_expert_counts"], GEOMETRY)
+        assert (counts.sum(axis=1) == pout["usage"]["prompt_tokens"] * GEOMETRY.top_k).all()
+        assert pout["sglext"]["expert_geometry"]["num_layers"] == 48
+        ds, dout = await post(session, c.decode_urls[0] + "/v1/chat/completions", chat)
+        assert ds == 200 and dout["usage"]["completion_tokens"] == 3
+        assert "sglext" not in dout  # nothing requested from the decode
