@@ -9,6 +9,7 @@ on a fresh in-flight vector; the candidate list is rebuilt every call, as dispat
 
     python benchmarks/eldr_decision.py                 # defaults below
     python benchmarks/eldr_decision.py --decisions 200000 --json out.json
+    python benchmarks/eldr_decision.py --blas-threads default   # BLAS picks its thread count
 
 Numbers depend on the machine and on how busy it is; report the machine with them.
 """
@@ -23,6 +24,21 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
+
+# BLAS threads must be fixed before numpy loads its BLAS. A decision is one small matrix-vector
+# product on the event loop's thread; letting OpenBLAS fan it out to every core adds thread
+# wake-up jitter to the tail (measured: see docs/eldr.md), so the gateway should run with one.
+if __name__ == "__main__":
+    _threads = "1"
+    for _i, _a in enumerate(sys.argv):
+        if _a == "--blas-threads" and _i + 1 < len(sys.argv):
+            _threads = sys.argv[_i + 1]
+        elif _a.startswith("--blas-threads="):
+            _threads = _a.split("=", 1)[1]
+    if _threads != "default":
+        for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[_var] = _threads
 
 import numpy as np
 
@@ -40,7 +56,7 @@ class _Source:
     active: ActiveZones | None
 
 
-def _percentiles(ns: np.ndarray) -> dict[str, float]:
+def _percentiles(ns: Any) -> dict[str, float]:
     us = ns / 1000.0
     return {
         "p50_us": float(np.percentile(us, 50)),
@@ -62,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--blas-threads", default="1",
+        help="OPENBLAS/OMP/MKL_NUM_THREADS for this run ('default' leaves them alone)",
+    )
     args = ap.parse_args(argv)
     if args.workers < 1 or args.decisions < 1 or args.signatures < 1:
         ap.error("--workers, --decisions and --signatures must be >= 1")
@@ -111,18 +131,32 @@ def main(argv: list[str] | None = None) -> int:
             out[i] = time.perf_counter_ns() - t0
         return out
 
+    def run_product(n: int) -> np.ndarray:
+        # The floor: the similarity product alone (one BLAS sgemv into the plan's buffer).
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            sig = sigs[i % len(sigs)]
+            t0 = time.perf_counter_ns()
+            plan.negated_similarities(sig)
+            out[i] = time.perf_counter_ns() - t0
+        return out
+
     run_policy(args.warmup, 0)
     run_band(args.warmup, 0)
+    run_product(args.warmup)
     gc.collect()
     policy_ns = run_policy(args.decisions, args.warmup)
     band_ns = run_band(args.decisions, args.warmup)
+    product_ns = run_product(args.decisions)
     result = {
         "workers": args.workers,
         "dim": int(spec.dim),
         "decisions": args.decisions,
         "tau": args.tau,
+        "blas_threads": args.blas_threads,
         "select": _percentiles(policy_ns),
         "band_core": _percentiles(band_ns),
+        "similarity_product": _percentiles(product_ns),
         "target_p99_us": 50.0,
         "machine": {
             "python": sys.version.split()[0],
@@ -133,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
     }
-    for name in ("select", "band_core"):
+    for name in ("select", "band_core", "similarity_product"):
         r = result[name]
         assert isinstance(r, dict)
         print(
-            f"{name:>9}: p50 {r['p50_us']:.1f} us  p90 {r['p90_us']:.1f}  p99 {r['p99_us']:.1f}  "
+            f"{name:>18}: p50 {r['p50_us']:.1f} us  p90 {r['p90_us']:.1f}  p99 {r['p99_us']:.1f}  "
             f"p99.9 {r['p999_us']:.1f}  max {r['max_us']:.0f}  "
             f"({args.decisions} decisions, {args.workers} workers, D={spec.dim})"
         )

@@ -30,13 +30,15 @@ fewer in-flight requests than the best band member. Excluding it would leave a n
 until the next fit; admitting it on equal terms would dilute locality. Such a choice reports
 `zone=None`, `rank=None`, `similarity=None`.
 
-The work per decision is one matrix-vector product into a preallocated buffer plus a scan over
-the available zones; everything else (row gather, worker matching) is done once per
-(table, available-set) in `build_plan`. See benchmarks/eldr_decision.py for measured cost.
+The work per decision is one matrix-vector product into a preallocated buffer, one argsort of
+the available zones' similarities and a walk over the band; everything else (row gather,
+worker matching) is done once per (table, available-set) in `build_plan`. Measured cost:
+benchmarks/eldr_decision.py and docs/eldr.md.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -65,10 +67,12 @@ def normalize_worker_key(key: str) -> str:
 
 class BandPlan:
     """Everything about one (zone table, available candidate list) pair that does not change
-    per request: the centroid rows of available zones (contiguous, zone order), which candidate
-    serves each of them, the zone-less candidates, and the similarity output buffer."""
+    per request: the centroid rows of available zones (contiguous, zone order, NEGATED so that
+    one stable ascending argsort orders zones by descending similarity with ties in zone
+    order), which candidate serves each of them, the zone-less candidates, and the output
+    buffer of the product."""
 
-    __slots__ = ("_sims", "centroids", "dim", "positions", "zoneless", "zones")
+    __slots__ = ("_buffer", "dim", "neg_centroids", "positions", "zoneless", "zones")
 
     def __init__(
         self,
@@ -77,26 +81,30 @@ class BandPlan:
         positions: Sequence[int],
         zoneless: Sequence[int],
     ) -> None:
-        self.centroids = centroids
+        self.neg_centroids: FloatArray = np.ascontiguousarray(-centroids, dtype=np.float32)
         self.zones: tuple[int, ...] = tuple(zones)
         self.positions: tuple[int, ...] = tuple(positions)
         self.zoneless: tuple[int, ...] = tuple(zoneless)
         self.dim = int(centroids.shape[1])
-        self._sims: FloatArray = np.empty(len(self.zones), dtype=np.float32)
+        self._buffer: FloatArray = np.empty(len(self.zones), dtype=np.float32)
 
     @property
     def size(self) -> int:
         """Number of available zones."""
         return len(self.zones)
 
-    def similarities(self, signature: FloatArray) -> FloatArray:
-        """`c_k . s` for the available zones, written into the plan's buffer (no allocation).
+    def negated_similarities(self, signature: FloatArray) -> FloatArray:
+        """`-(c_k . s)` for the available zones, written into the plan's buffer (no allocation).
 
-        The buffer is reused by the next call: copy it if you keep it. Callers run on one
-        event loop thread, so a plan is never used concurrently.
+        The buffer is reused by the next call. Callers run on one event loop thread, so a plan
+        is never used concurrently.
         """
-        np.dot(self.centroids, signature, out=self._sims)
-        return self._sims
+        np.dot(self.neg_centroids, signature, out=self._buffer)
+        return self._buffer
+
+    def similarities(self, signature: FloatArray) -> FloatArray:
+        """`c_k . s` for the available zones (a new array; for inspection, not the hot path)."""
+        return -self.negated_similarities(signature)
 
 
 def build_plan(
@@ -131,8 +139,7 @@ def build_plan(
             positions.append(match)
     served = set(positions)
     zoneless = [p for p in range(len(candidate_keys)) if p not in served]
-    rows = np.ascontiguousarray(matrix[zones], dtype=np.float32)
-    return BandPlan(rows, zones, positions, zoneless)
+    return BandPlan(matrix[zones], zones, positions, zoneless)
 
 
 def choose(
@@ -149,25 +156,40 @@ def choose(
     """
     if plan.size == 0:
         return None
-    sims: list[float] = plan.similarities(signature).tolist()
-    best = max(sims)
-    if not math.isfinite(best):
+    # Four numpy calls (product, argsort, gather, two tolist) and then plain Python over the
+    # band only: the band is usually 1-3 zones, and each extra numpy call on a 64-vector costs
+    # about a microsecond of overhead, more than the work it does.
+    neg = plan.negated_similarities(signature)
+    order = np.argsort(neg, kind="stable")  # most similar first; ties in zone order
+    ranked: list[float] = neg[order].tolist()  # ascending -s_k
+    rows: list[int] = order.tolist()
+    best_neg = ranked[0]
+    if not math.isfinite(best_neg):  # NaN sorts last, so a NaN here means all are NaN
         return None
-    floor = best - tau
-    band = [i for i, s in enumerate(sims) if s >= floor]
+    limit = tau + best_neg  # s_k >= s* - tau  <=>  -s_k <= tau - s*
     positions = plan.positions
-    workers = {positions[i] for i in band}
-    if len(workers) < min_candidates:
-        # sorted() is stable under reverse=True, so equal similarities keep zone order.
-        for i in sorted(range(len(sims)), key=sims.__getitem__, reverse=True):
-            if positions[i] not in workers:
-                band.append(i)
-                workers.add(positions[i])
-                if len(workers) >= min_candidates:
-                    break
+    count = len(rows)
+    band: list[int] = []  # indices into `rows`, most similar first
+    workers: set[int] = set()
+    j = 0
+    while j < count and ranked[j] <= limit:
+        band.append(j)
+        workers.add(positions[rows[j]])
+        j += 1
+    while len(workers) < min_candidates and j < count and math.isfinite(ranked[j]):
+        if positions[rows[j]] not in workers:
+            band.append(j)
+            workers.add(positions[rows[j]])
+        j += 1
     zones = plan.zones
-    chosen = min(band, key=lambda i: (in_flight[positions[i]], -sims[i], zones[i]))
-    chosen_load = in_flight[positions[chosen]]
+    best_j = band[0]
+    best_key = (in_flight[positions[rows[best_j]]], ranked[best_j], zones[rows[best_j]])
+    for j in band[1:]:
+        key = (in_flight[positions[rows[j]]], ranked[j], zones[rows[j]])
+        if key < best_key:
+            best_j, best_key = j, key
+    chosen = rows[best_j]
+    chosen_load = best_key[0]
     overflow: int | None = None
     for position in plan.zoneless:
         load = in_flight[position]
@@ -177,6 +199,6 @@ def choose(
     band_size = len(workers) + len(plan.zoneless)
     if overflow is not None:
         return BandChoice(overflow, None, band_size, None, None)
-    similarity = sims[chosen]
-    rank = 1 + sum(1 for s in sims if s > similarity)
+    similarity = -ranked[best_j]
+    rank = 1 + bisect.bisect_left(ranked, ranked[best_j])  # zones strictly more similar
     return BandChoice(positions[chosen], zones[chosen], band_size, rank, similarity)

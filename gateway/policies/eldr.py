@@ -28,9 +28,10 @@ from gateway.policies.base import Policy, RoutingInput, Selection, WorkerView
 from gateway.policies.least_load import LeastLoadPolicy
 from gateway.zone_runtime import ActiveZones
 
-# Available-set changes are rare (health flips, joins); 64 plans cover any realistic churn
-# between table swaps, and the cache is dropped whole when full rather than tracked per entry.
-MAX_PLANS = 64
+# Available-set changes are rare (health flips, joins), so a few plans cover the churn between
+# table swaps; each holds a copy of the available centroid rows (1.5 MiB at 64 x 6,144 float32),
+# so the bound is also a memory bound. Dropped whole when full rather than tracked per entry.
+MAX_PLANS = 8
 
 
 class ZoneSource(Protocol):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.band import BandChoice, BandPlan, build_plan, choose
 
@@ -129,7 +131,58 @@ def test_mismatched_zone_workers_rejected() -> None:
 
 def test_similarities_reuse_one_buffer() -> None:
     plan = plan_for(list(WORKERS))
-    first = plan.similarities(S)
-    second = plan.similarities(np.array([0, 1, 0], dtype=np.float32))
+    first = plan.negated_similarities(S)
+    second = plan.negated_similarities(np.array([0, 1, 0], dtype=np.float32))
     assert first is second
-    np.testing.assert_allclose(second, [0, 0.6, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(second, [0, -0.6, -1, 0], atol=1e-6)
+    np.testing.assert_allclose(plan.similarities(S), [1, 0.8, 0, 0], atol=1e-6)
+
+
+def reference_choice(
+    sims: dict[int, float], zone_workers: list[str], available: list[str], loads: list[int],
+    tau: float, min_candidates: int,
+) -> tuple[int, int]:
+    """The band rule written out literally (slow, obvious) over given zone similarities."""
+    avail = sorted(sims)
+    best = max(sims.values())
+    band = [k for k in avail if sims[k] >= best - tau]
+    for k in sorted(avail, key=lambda k: (-sims[k], k)):
+        if len(band) >= min_candidates:
+            break
+        if k not in band:
+            band.append(k)
+    pos = {w: i for i, w in enumerate(available)}
+    chosen = min(band, key=lambda k: (loads[pos[zone_workers[k]]], -sims[k], k))
+    rank = 1 + sum(1 for k in avail if sims[k] > sims[chosen])
+    return chosen, rank
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 12), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.05, 0.1, 0.3, 1.0]),
+    st.integers(1, 3), st.data(),
+)
+def test_matches_literal_reference(
+    k: int, seed: int, tau: float, min_candidates: int, data: st.DataObject
+) -> None:
+    rng = np.random.default_rng(seed)
+    dim = 8
+    # Coarse values make exact similarity ties common, exercising the tie-breaks.
+    centroids = rng.integers(0, 3, size=(k, dim)).astype(np.float32)
+    centroids[centroids.sum(axis=1) == 0, 0] = 1
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    sig = rng.integers(0, 3, size=dim).astype(np.float32)
+    sig[0] += 1
+    sig /= np.linalg.norm(sig)
+    workers = [f"w{i}" for i in range(k)]
+    available = data.draw(st.lists(st.sampled_from(workers), min_size=1, unique=True))
+    loads = data.draw(st.lists(st.integers(0, 3), min_size=len(available), max_size=len(available)))
+    plan = build_plan(centroids, tuple(workers), [(w,) for w in available])
+    # The reference uses the very float32 similarities the plan computes, so every comparison
+    # (band edge, ties) must come out identically.
+    sims = dict(zip(plan.zones, plan.similarities(sig).tolist(), strict=True))
+    got = choose(plan, sig, loads, tau, min_candidates)
+    zone, rank = reference_choice(sims, workers, available, loads, tau, min_candidates)
+    assert got is not None and (got.zone, got.rank) == (zone, rank)
+    assert available[got.position] == workers[zone]
+    assert got.similarity == sims[zone]
