@@ -265,3 +265,19 @@ async def test_prefill_first_on_openai_endpoints_uses_sglext(
         ds, dout = await post(session, c.decode_urls[0] + "/v1/chat/completions", chat)
         assert ds == 200 and dout["usage"]["completion_tokens"] == 3
         assert "sglext" not in dout  # nothing requested from the decode
+
+
+async def test_non_stream_client_timeout_aborts_the_decode() -> None:
+    async with cluster(instant=False, time_scale=20.0) as c:
+        decode = c.decode[0].worker
+        body = pd_body(c, 42, prefill_first=True)
+        body["sampling_params"] = {"max_new_tokens": 10_000, "ignore_eos": True}
+        async with aiohttp.ClientSession() as s:
+            status, _ = await post(s, c.prefill_urls[0] + "/generate", body)
+            assert status == 200
+            with pytest.raises(asyncio.TimeoutError):
+                async with s.post(c.decode_urls[0] + "/generate", json=body,
+                                  timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                    await resp.read()
+        await wait_until(lambda: decode.decode_engine.stats().requests_aborted == 1)
+        assert decode.decode_engine.load().num_running_reqs == 0
