@@ -44,6 +44,7 @@ def wait_ok(url: str, timeout_s: float, procs: list[subprocess.Popen[bytes]]) ->
 class Stack:
     log_dir: Path
     gateway_args: list[str] = field(default_factory=list)
+    emulator_args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gateway_port: int = 0
@@ -64,9 +65,10 @@ class Stack:
         py = sys.executable
         pport, bport, dport = free_port(), free_port(), free_port()
         self._spawn("prefill", [py, "-m", "loadtest.emulator", "--role", "prefill", "--host",
-                                HOST, "--port", str(pport), "--bootstrap-port", str(bport)])
+                                HOST, "--port", str(pport), "--bootstrap-port", str(bport),
+                                *self.emulator_args])
         self._spawn("decode", [py, "-m", "loadtest.emulator", "--role", "decode", "--host", HOST,
-                               "--port", str(dport)])
+                               "--port", str(dport), *self.emulator_args])
         self.gateway_port, self.metrics_port = free_port(), free_port()
         self._spawn("gateway", [
             py, "-m", "gateway", "--pd-disaggregation",
