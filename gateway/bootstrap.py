@@ -11,6 +11,7 @@ address (an unbracketed `::1:8998` is ambiguous).
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ MAX_ROOM = 2**63 - 1
 MAX_BATCH = 1024
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of prefill URLs, parsed on every request
 def bootstrap_host(url: str) -> str:
     host = urlsplit(url).hostname or ""
     return f"[{host}]" if ":" in host else host

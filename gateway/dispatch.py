@@ -43,7 +43,12 @@ from aiohttp import web
 
 from gateway import bootstrap
 from gateway.config import Settings
-from gateway.errors import BadRequestError, NoWorkersError, PayloadTooLargeError
+from gateway.errors import (
+    BadRequestError,
+    NoWorkersError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
 from gateway.limiter import ConcurrencyLimiter
 from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
@@ -114,7 +119,10 @@ class Dispatcher:
         status = 500
         try:
             ctx = await self._parse(request, endpoint, started)
-            async with self.limiter.slot():
+            if self.limiter.enabled:
+                async with self.limiter.slot():
+                    response = await self._attempts(request, ctx)
+            else:  # skip building a context manager per request when there is no limit
                 response = await self._attempts(request, ctx)
             status = response.status
             return response
@@ -123,6 +131,8 @@ class Dispatcher:
             raise
         except Exception as exc:
             status = getattr(exc, "status", 500)
+            if isinstance(exc, OverloadedError):
+                self.metrics.record_rejection(exc.reason)
             raise
         except asyncio.CancelledError:
             status = 499  # client closed the connection (nginx's convention)

@@ -56,6 +56,10 @@ class OverloadedError(GatewayError):
     status = 429
     code = "overloaded"
 
+    def __init__(self, message: str, reason: str = "overloaded") -> None:
+        super().__init__(message)
+        self.reason = reason  # metrics label: "queue_full" | "queue_timeout"
+
 
 class NoWorkersError(GatewayError):
     status = 503

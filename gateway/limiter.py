@@ -53,7 +53,7 @@ class ConcurrencyLimiter:
         if len(self._waiters) >= self._queue_size:
             raise OverloadedError(
                 f"too many concurrent requests: {self._max} active and the queue "
-                f"(queue_size={self._queue_size}) is full"
+                f"(queue_size={self._queue_size}) is full", reason="queue_full"
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -67,7 +67,8 @@ class ConcurrencyLimiter:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
             raise OverloadedError(
-                f"request waited longer than queue_timeout_secs={self._timeout} for a slot"
+                f"request waited longer than queue_timeout_secs={self._timeout} for a slot",
+                reason="queue_timeout",
             ) from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():

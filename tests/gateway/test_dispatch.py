@@ -258,11 +258,13 @@ async def test_rate_limit_queue_full_gives_429(session):
     decode = (await start_workers("decode", hang=True))[0]
     try:
         settings = pd_settings([prefill], [decode], max_concurrent_requests=1, queue_size=0)
-        async with running_gateway(settings) as (url, _):
+        async with running_gateway(settings) as (url, state):
             first = asyncio.ensure_future(session.post(url + "/generate", json={"text": "a"}))
             await asyncio.wait_for(decode.connected.wait(), 5)
             async with session.post(url + "/generate", json={"text": "b"}) as r:
                 assert r.status == 429
+            assert state.registry.get_sample_value("eldr_rate_limit_rejections_total",
+                                                   {"reason": "queue_full"}) == 1
             decode.released.set()
             resp = await asyncio.wait_for(first, 5)
             assert resp.status == 200
