@@ -287,11 +287,10 @@ async def test_non_stream_client_timeout_aborts_the_decode() -> None:
 async def test_streaming_failure_is_an_abort_chunk_then_done(
         session: aiohttp.ClientSession) -> None:
     """tokenizer_manager._handle_abort_finish_reason: a stream yields the abort output."""
-    async with cluster() as c:
-        async with session.post(c.decode_urls[0] + "/generate",
-                                json={"text": PROMPT, "stream": True}) as resp:
-            assert resp.status == 200
-            raw = (await resp.read()).decode()
+    async with cluster() as c, session.post(c.decode_urls[0] + "/generate",
+                            json={"text": PROMPT, "stream": True}) as resp:
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
     events = [e[len("data: "):] for e in raw.split("\n\n") if e]
     assert events[-1] == "[DONE]" and len(events) == 2
     reason = orjson.loads(events[0])["meta_info"]["finish_reason"]
