@@ -12,13 +12,14 @@ RUNS ?= runs
 
 .DEFAULT_GOAL := help
 .PHONY: help venv install test test-fast lint demo soak bench-proxy bench-gateway \
-	bench-decision bench-zones bench-emulator bench-compare bench-all clean
+	bench-decision bench-zones bench-emulator bench-compare bench-all readme clean
 
 help:
 	@echo "make demo    emulated PD cluster + fitted zone table + gateway (prints where to send requests)"
 	@echo "make test    create .venv, install, run the whole test suite"
 	@echo "make lint    ruff + mypy"
 	@echo "make soak    bounded loopback soak run (SOAK_ARGS='--minutes 10')"
+	@echo "make readme  regenerate README's configuration and metrics reference"
 	@echo "make bench-proxy|bench-gateway|bench-decision|bench-zones|bench-emulator|bench-compare"
 
 venv: $(PY)
@@ -71,6 +72,11 @@ bench-compare: install
 	$(PY) -m loadtest compare --quick --out $(RUNS)/compare-quick
 
 bench-all: bench-proxy bench-gateway bench-decision bench-zones bench-emulator bench-compare
+
+# Regenerates README.md's configuration and metrics tables from gateway/config.py and the
+# metric modules (tests/deploy/test_readme_reference.py fails when they are stale).
+readme: install
+	$(PY) -m tests.deploy.readme_reference
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
