@@ -148,26 +148,40 @@ def _improve(sim: np.ndarray, labels: IntArray, floor: int, passes: int) -> IntA
     for _ in range(passes):
         changed = 0
         current = sim[np.arange(n), labels]
-        members = [np.flatnonzero(labels == z) for z in range(k)]
-        for a in range(k):
-            for b in range(a + 1, k):
-                ma, mb = members[a], members[b]
-                if not len(ma) or not len(mb):
-                    continue
-                gain_a = sim[ma, b] - current[ma]  # moving a-members to b
-                gain_b = sim[mb, a] - current[mb]
-                oa = np.argsort(-gain_a)
-                ob = np.argsort(-gain_b)
-                m = min(len(oa), len(ob))
-                pair_gain = gain_a[oa[:m]] + gain_b[ob[:m]]
-                good = int(np.count_nonzero(pair_gain > 1e-9))  # sorted, so a prefix
-                if good:
-                    ia, ib = ma[oa[:good]], mb[ob[:good]]
-                    labels[ia], labels[ib] = b, a
-                    current[ia], current[ib] = sim[ia, b], sim[ib, a]
-                    members[a] = np.concatenate([np.setdiff1d(ma, ia), ib])
-                    members[b] = np.concatenate([np.setdiff1d(mb, ib), ia])
-                    changed += good
+        order = np.argsort(labels, kind="stable")
+        sizes = np.bincount(labels, minlength=k)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        members = [order[s : s + c] for s, c in zip(starts.tolist(), sizes.tolist(), strict=True)]
+        # best_move[a, b]: the most any member of zone a gains by moving to zone b. A swap
+        # between a and b can only pay if best_move[a, b] + best_move[b, a] > 0, which after
+        # the greedy holds for few pairs: only those are searched (values from the pass start;
+        # pairs that become profitable mid-pass are caught by the next pass).
+        gain = sim - current[:, None]
+        best_move = np.maximum.reduceat(gain[order], starts, axis=0)
+        worth = best_move + best_move.T > 1e-9
+        for a, b in zip(*np.nonzero(np.triu(worth, k=1)), strict=True):
+            a, b = int(a), int(b)
+            ma, mb = members[a], members[b]
+            if not len(ma) or not len(mb):
+                continue
+            gain_a = sim[ma, b] - current[ma]  # moving a-members to b
+            gain_b = sim[mb, a] - current[mb]
+            oa = np.argsort(-gain_a)
+            ob = np.argsort(-gain_b)
+            m = min(len(oa), len(ob))
+            pair_gain = gain_a[oa[:m]] + gain_b[ob[:m]]
+            good = int(np.count_nonzero(pair_gain > 1e-9))  # sorted, so a prefix
+            if good:
+                ia, ib = ma[oa[:good]], mb[ob[:good]]
+                labels[ia], labels[ib] = b, a
+                current[ia], current[ib] = sim[ia, b], sim[ib, a]
+                keep_a = np.ones(len(ma), dtype=bool)
+                keep_a[oa[:good]] = False
+                keep_b = np.ones(len(mb), dtype=bool)
+                keep_b[ob[:good]] = False
+                members[a] = np.concatenate([ma[keep_a], ib])
+                members[b] = np.concatenate([mb[keep_b], ia])
+                changed += good
         # Moves from a zone of size floor+1 to one of size floor keep the size multiset.
         sizes = np.array([len(m) for m in members])
         big = np.flatnonzero(sizes > floor)
@@ -193,7 +207,7 @@ def _improve(sim: np.ndarray, labels: IntArray, floor: int, passes: int) -> IntA
     return labels
 
 
-def scalable_assign(sim: npt.ArrayLike, *, price_rounds: int = 30, passes: int = 3) -> IntArray:
+def scalable_assign(sim: npt.ArrayLike, *, price_rounds: int = 30, passes: int = 6) -> IntArray:
     """Near-optimal balanced assignment in roughly O(N K log K + passes x N K)."""
     s = np.asarray(sim, dtype=np.float32)
     n, k = _check(s)

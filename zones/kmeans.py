@@ -130,10 +130,10 @@ def balanced_spherical_kmeans(
     *,
     seed: int,
     max_iter: int = 50,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     exact_max_points: int = 2000,
     warm_sample: int = 20_000,
-    init_sample: int = 8192,
+    init_sample: int = 4096,
     full_max_iter: int | None = None,
     progress: Progress | None = None,
 ) -> KMeansResult:
