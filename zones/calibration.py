@@ -92,9 +92,11 @@ class CalibrationRecord:
             raise CalibrationError("text: must be a string or null")
         if self.input_ids is not None:
             ids = self.input_ids
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            if not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
                 raise CalibrationError("input_ids: must be a list of non-negative integers or null")
-            object.__setattr__(self, "input_ids", tuple(ids))
+            object.__setattr__(self, "input_ids", tuple(int(i) for i in ids))
         for name in ("prompt_counts", "output_counts"):
             value = getattr(self, name)
             if value is None:

@@ -38,6 +38,7 @@ class SignatureSpec:
     layer_mask: BoolArray  # bool [L], at least one True
     # Derived once so that `build` is a gather + multiply + norm (it runs per request).
     _weights: FloatArray = field(init=False, repr=False)
+    _dim: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -64,11 +65,12 @@ class SignatureSpec:
         weights = np.ascontiguousarray(idf[mask].ravel())
         weights.setflags(write=False)
         object.__setattr__(self, "_weights", weights)
+        object.__setattr__(self, "_dim", int(weights.size))
 
     @property
     def dim(self) -> int:
         """Signature length D = masked layers x experts."""
-        return int(self.layer_mask.sum()) * self.geometry.num_experts
+        return self._dim
 
     def _check_counts(self, counts: np.ndarray, batched: bool) -> None:
         g = self.geometry
