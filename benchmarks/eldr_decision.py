@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2_000)
     ap.add_argument("--signatures", type=int, default=512, help="distinct request signatures")
     ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument(
+        "--data", choices=("clustered", "uniform"), default="clustered",
+        help="signature structure (see the code); uniform is the band-size worst case",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument(
@@ -94,15 +98,29 @@ def main(argv: list[str] | None = None) -> int:
         np.ones(g.num_layers, dtype=bool),
     )
 
-    def random_counts(n: int) -> np.ndarray:
-        # ~top_k x 200 tokens of routing per layer spread over a random subset of experts.
-        return rng.poisson(rng.gamma(0.5, 4.0, size=(n, g.num_layers, g.num_experts)))
+    if args.data == "uniform":
+        # No structure: every signature is about equally similar to every centroid, so the band
+        # (within tau of the best) holds most zones. The worst case for the band walk.
+        def draw(n: int) -> np.ndarray:
+            return rng.poisson(rng.gamma(0.5, 4.0, size=(n, g.num_layers, g.num_experts)))
 
-    centroids, valid = spec.build_many(random_counts(args.workers))
+        centroids, valid = spec.build_many(draw(args.workers))
+        sig_counts = draw(args.signatures)
+    else:
+        # Clustered like real traffic: each zone's requests favour their own 16 experts per
+        # layer (rate 3.0 vs 0.3 elsewhere); centroids are the zones' expected signatures.
+        pref = np.zeros((args.workers, g.num_layers, g.num_experts), dtype=bool)
+        for k in range(args.workers):
+            for layer in range(g.num_layers):
+                pref[k, layer, rng.choice(g.num_experts, size=16, replace=False)] = True
+        rates = np.where(pref, 3.0, 0.3)
+        centroids, valid = spec.build_many((rates * 100).astype(np.int64))
+        zone_of = rng.integers(0, args.workers, size=args.signatures)
+        sig_counts = rng.poisson(rates[zone_of])
     assert valid.all()
     workers = [f"http://10.0.0.{i}:30001" for i in range(args.workers)]
     table = make_table(spec, centroids, workers, tau=args.tau)
-    sigs, ok = spec.build_many(random_counts(args.signatures))
+    sigs, ok = spec.build_many(sig_counts)
     sigs = sigs[ok]
     active = ActiveZones(table, tuple(workers), 1, time.time(), "bench")
     policy = EldrPolicy(_Source(active))
@@ -141,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             out[i] = time.perf_counter_ns() - t0
         return out
 
+    band_sizes = np.array([
+        c.band_size for i in range(min(len(sigs), 2000))
+        if (c := choose(plan, sigs[i], loads[i], args.tau, 2)) is not None
+    ])
     run_policy(args.warmup, 0)
     run_band(args.warmup, 0)
     run_product(args.warmup)
@@ -153,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         "dim": int(spec.dim),
         "decisions": args.decisions,
         "tau": args.tau,
+        "data": args.data,
+        "band_size_mean": float(band_sizes.mean()),
+        "band_size_p99": float(np.percentile(band_sizes, 99)),
         "blas_threads": args.blas_threads,
         "select": _percentiles(policy_ns),
         "band_core": _percentiles(band_ns),
@@ -175,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             f"p99.9 {r['p999_us']:.1f}  max {r['max_us']:.0f}  "
             f"({args.decisions} decisions, {args.workers} workers, D={spec.dim})"
         )
+    print(f"band size: mean {band_sizes.mean():.1f}, p99 {np.percentile(band_sizes, 99):.0f} "
+          f"({args.data} signatures, tau {args.tau})")
     select = result["select"]
     assert isinstance(select, dict)
     p99 = select["p99_us"]

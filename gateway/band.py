@@ -181,15 +181,12 @@ def choose(
             band.append(j)
             workers.add(positions[rows[j]])
         j += 1
-    zones = plan.zones
-    best_j = band[0]
-    best_key = (in_flight[positions[rows[best_j]]], ranked[best_j], zones[rows[best_j]])
-    for j in band[1:]:
-        key = (in_flight[positions[rows[j]]], ranked[j], zones[rows[j]])
-        if key < best_key:
-            best_j, best_key = j, key
+    # `band` is in (descending similarity, ascending zone) order, so the first member with the
+    # fewest in-flight requests is exactly the (load, -similarity, zone) minimum.
+    loads = [in_flight[positions[rows[j]]] for j in band]
+    chosen_load = min(loads)
+    best_j = band[loads.index(chosen_load)]
     chosen = rows[best_j]
-    chosen_load = best_key[0]
     overflow: int | None = None
     for position in plan.zoneless:
         load = in_flight[position]
@@ -201,4 +198,4 @@ def choose(
         return BandChoice(overflow, None, band_size, None, None)
     similarity = -ranked[best_j]
     rank = 1 + bisect.bisect_left(ranked, ranked[best_j])  # zones strictly more similar
-    return BandChoice(positions[chosen], zones[chosen], band_size, rank, similarity)
+    return BandChoice(positions[chosen], plan.zones[chosen], band_size, rank, similarity)

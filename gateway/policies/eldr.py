@@ -74,9 +74,10 @@ class EldrPolicy:
         if signature is None:
             return self._fall_back("no_signature", candidates, routing)
         table = active.table
-        if signature.shape != (table.spec.dim,):
-            return self._fall_back("dim_mismatch", candidates, routing)
         plan = self._plan(active, candidates)
+        # plan.dim, not table.spec.dim: the spec computes it from the layer mask on every call.
+        if signature.shape != (plan.dim,):
+            return self._fall_back("dim_mismatch", candidates, routing)
         choice = choose(
             plan,
             # A no-op for the float32 contiguous vectors SignatureSpec builds.
