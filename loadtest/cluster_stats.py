@@ -30,12 +30,16 @@ COUNTERS = (
     "requests_finished",
     "requests_aborted",
 )
-# VOID thresholds. Lag: more than 5% of decode steps overran their modelled time by the
-# emulator's tolerance, or the total overrun exceeds 5% of modelled decode time. CPU: the
-# machine averaged above 90% of all cores during the run (the driver, router and emulator then
-# compete for the same cores and queueing on the host shows up as TPOT).
-MAX_LAGGED_STEP_FRACTION = 0.05
-MAX_HOST_LAG_FRACTION = 0.05
+# VOID thresholds.
+# Host lag: the emulator's decode loop overran its modelled step times by more than 2% of the
+# modelled decode time in total. The overrun adds directly to every client-visible inter-token
+# gap, so it bounds how much the host inflated TPOT; 2% is well below the 10-15% effects the
+# comparison looks for. (Counting steps that overran by more than the emulator's fixed 2 ms
+# tolerance proved too strict with time-scaled ~100 ms steps: asyncio wake-ups on a busy host
+# are routinely a few ms late. That fraction is still reported, just not used for the verdict.)
+# CPU: the machine averaged above 90% of all cores (driver, router and emulator then compete
+# for the same cores, and host queueing shows up as TPOT).
+MAX_HOST_LAG_FRACTION = 0.02
 MAX_SYSTEM_CPU_PERCENT = 90.0
 
 
@@ -125,13 +129,6 @@ def decode_run_stats(
 def void_reasons(stats: ClusterRunStats, system_cpu_percent_mean: float | None) -> list[str]:
     """Why the host, not the modelled cluster, limited this run; empty when it did not."""
     reasons = []
-    if stats.lagged_step_fraction is not None and (
-        stats.lagged_step_fraction > MAX_LAGGED_STEP_FRACTION
-    ):
-        reasons.append(
-            f"emulator host lag: {stats.lagged_step_fraction:.1%} of decode steps overran "
-            f"(limit {MAX_LAGGED_STEP_FRACTION:.0%})"
-        )
     if stats.host_lag_fraction is not None and stats.host_lag_fraction > MAX_HOST_LAG_FRACTION:
         reasons.append(
             f"emulator host lag: overrun {stats.host_lag_fraction:.1%} of modelled decode time "

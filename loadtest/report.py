@@ -43,6 +43,7 @@ class RunRow:
     failed: int
     distinct_experts: float | None
     load_cv: float | None
+    host_lag: float | None
     router_cores: float | None
     emulator_cores: float | None
     system_cpu: float | None
@@ -82,6 +83,7 @@ def rows_from_results(results: dict[str, Any]) -> list[RunRow]:
                 failed=int(s.get("failed") or 0),
                 distinct_experts=_get(run, "cluster", "distinct_experts_per_step"),
                 load_cv=_get(run, "cluster", "load_cv"),
+                host_lag=_get(run, "cluster", "host_lag_fraction"),
                 router_cores=_get(run, "cpu", "process_cores", "router"),
                 emulator_cores=_get(run, "cpu", "process_cores", "emulator"),
                 system_cpu=_get(run, "cpu", "system_percent_mean"),
@@ -182,8 +184,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             "",
             "| router | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | TTFT p99 ms | out tok/s "
             "| req/s | ok/failed | distinct experts/step | load CV | router cores "
-            "| emulator cores | machine CPU % | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| emulator cores | machine CPU % | host lag % | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in rows if r.rate == rate), key=lambda r: r.router):
             verdict = "error" if r.error else ("VOID" if r.void else "ok")
@@ -193,7 +195,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
                 f"{_f(r.request_throughput, '{:.2f}')} | {r.completed}/{r.failed} | "
                 f"{_f(r.distinct_experts)} | {_f(r.load_cv, '{:.3f}')} | "
                 f"{_f(r.router_cores, '{:.2f}')} | {_f(r.emulator_cores, '{:.2f}')} | "
-                f"{_f(r.system_cpu, '{:.0f}')} | {verdict} |"
+                f"{_f(r.system_cpu, '{:.0f}')} | "
+                f"{_f(None if r.host_lag is None else 100 * r.host_lag, '{:.1f}')} | {verdict} |"
             )
         lines.append("")
     void = [r for r in rows if r.void or r.error]
