@@ -10,6 +10,8 @@ Printed: fit wall time, peak RSS of the process (ru_maxrss, which includes the 2
 matrix itself) and the fit's own extra peak, zone sizes, iterations, and purity against the
 ground truth.
 
+Part 3: `Predictor.predict` latency per request at D = 6,144 (text and token-id prompts).
+
 Part 2: the scalable assignment (`zones.assign.scalable_assign`) against the exact optimum
 (`exact_assign`) on problems where the exact one runs, reporting the objective gap.
 
@@ -30,6 +32,7 @@ import numpy as np
 
 from zones.assign import exact_assign, is_balanced, scalable_assign, total_similarity
 from zones.kmeans import balanced_spherical_kmeans
+from zones.predictor import train_predictor
 
 
 def peak_rss_mib() -> float:
@@ -91,6 +94,33 @@ def assignment_gap(seed: int) -> None:
         )
 
 
+def predictor_latency(dim: int, seed: int) -> None:
+    """Per-request predict() cost for a table-sized predictor (default F=2048, R=32)."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"word{i}" for i in range(5000)]
+    texts = [" ".join(rng.choice(vocab, size=int(rng.integers(50, 400)))) + "." for _ in range(300)]
+    sigs = np.abs(rng.standard_normal((300, dim))).astype(np.float32)
+    sigs /= np.linalg.norm(sigs, axis=1, keepdims=True)
+    pred = train_predictor(texts, None, sigs)
+    ids = [list(rng.integers(2, 65536, size=int(rng.integers(50, 400)))) for _ in range(300)]
+    print(
+        f"\npredictor.predict latency, D={dim}, {pred.num_buckets} buckets, rank "
+        f"{pred.weights.shape[1]}, first {pred.max_words} words/tokens of 50-400"
+    )
+    for name, calls in (
+        ("text", [(t, None) for t in texts]),
+        ("input_ids", [(None, i) for i in ids]),
+    ):
+        times = []
+        for text, tok in calls:
+            for _ in range(5):
+                t0 = time.perf_counter_ns()
+                pred.predict(text, tok)
+                times.append(time.perf_counter_ns() - t0)
+        us = np.asarray(times) / 1000.0
+        print(f"  {name:<9}: median {np.median(us):6.1f} us, p99 {np.percentile(us, 99):6.1f} us")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -99,6 +129,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-gap", action="store_true")
+    ap.add_argument("--skip-predictor", action="store_true")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -135,6 +166,8 @@ def main() -> int:
     if not args.skip_gap:
         del x
         assignment_gap(args.seed)
+    if not args.skip_predictor:
+        predictor_latency(args.layers * args.experts, args.seed)
     return 0 if fit_s < 60 else 1
 
 

@@ -34,6 +34,9 @@ from zones.arrays import ArrayCodecError, decode_array, encode_array
 FloatArray = npt.NDArray[np.float32]
 
 PREDICTOR_KIND = "hashed-ngram-ridge"
+# Characters scanned per wanted word: English averages ~6 per word with its space, so 12
+# leaves room for long tokens (code identifiers) without scanning a huge prompt to its end.
+_CHARS_PER_WORD = 12
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
 # Odd 32-bit multipliers (Knuth's multiplicative hashing) to spread token ids over buckets.
 _MUL_A = np.uint64(2654435761)
@@ -102,13 +105,12 @@ class Predictor:
         elif text:
             # str.translate + split is ~5x faster than a regex over the same prefix, and the
             # prefix bound keeps per-request cost flat for huge prompts.
-            words = text[: self.max_words * 32].translate(_PUNCT_TO_SPACE).lower().split()
+            head = text[: self.max_words * _CHARS_PER_WORD].translate(_PUNCT_TO_SPACE)
+            words = head.lower().split()[: self.max_words]
             if not words:
                 return None
-            words = words[: self.max_words]
-            uni = np.fromiter(
-                (zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words)
-            )
+            # map() over C functions: ~2x faster than a generator expression here.
+            uni = np.array(list(map(zlib.crc32, map(str.encode, words))), dtype=np.uint64)
         else:
             return None
         # Bigrams combine neighbouring unigram hashes (no second string hash per pair).
@@ -127,7 +129,8 @@ class Predictor:
         norm = float(np.sqrt(np.dot(vec, vec)))
         if not np.isfinite(norm) or norm == 0.0:
             return None
-        return (vec / norm).astype(np.float32)
+        vec /= np.float32(norm)
+        return vec
 
     def to_dict(self) -> dict[str, Any]:
         return {
