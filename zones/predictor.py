@@ -13,9 +13,11 @@ bigrams (or token-id unigrams and bigrams) to a point in signature space:
 prediction lands in the table's signature space, so the gateway's band logic applies unchanged.
 The weights are a ridge regression fitted in closed form (`train_predictor`).
 
-Cost per request is a regex split of at most `max_words` words, one crc32 per n-gram, a gather
-of a few hundred weight rows and one R x D product: tens of microseconds (measured by
-`python -m zones predictor-eval`).
+Cost per request: a split of a bounded text prefix, one crc32 per word (bigram hashes combine
+neighbouring word hashes), a bincount, an F x R and an R x D product. Measured median
+60-100 us at D = 6,144 on the shared 2-core dev machine (`python benchmarks/zones_fit.py`,
+part 3; `python -m zones predictor-eval` times it on real prompts), dominated by the R x D
+product and the Python-level word hashing.
 """
 
 from __future__ import annotations
