@@ -62,6 +62,23 @@ def test_required_variable_is_enforced() -> None:
         interpolate(raw, {})
 
 
+def test_calibration_mode_runs_without_a_zone_table() -> None:
+    raw = load_yaml_docs(COMPOSE)[0]
+    env = interpolate(raw, {"GATEWAY_ADMIN_TOKEN": "t", "ELDR_DECODE_POLICY": "least_load",
+                            "ELDR_ZONES": ""})["services"]["gateway"]["environment"]
+    assert env["GATEWAY_ZONES"] == ""
+    assert env["GATEWAY_DECODE_POLICY"] == "least_load"
+    # ... and the gateway's own environment parser reads an empty GATEWAY_ZONES as "no table".
+    cli = pytest.importorskip("gateway.cli", reason="pending: gateway.cli not written yet")
+    settings = cli.settings_from_args(
+        ["--pd-disaggregation", "--prefill", "http://prefill:30000", "8998",
+         "--decode", "http://decode:30000"],
+        env={k: str(v) for k, v in env.items()},
+    )
+    assert settings.zones is None
+    assert settings.effective_decode_policy == "least_load"
+
+
 def test_services_present(compose: dict[str, Any]) -> None:
     assert {"prefill", "decode", "gateway", "prometheus", "grafana"} <= set(compose["services"])
 
@@ -112,7 +129,8 @@ def test_gateway_ports_and_zone_mount(compose: dict[str, Any]) -> None:
     cmd = gw["command"]
     published = {p.split(":")[-1] for p in gw["ports"]}
     assert {_flag(cmd, "--port"), _flag(cmd, "--prometheus-port")} <= published
-    zones = Path(_flag(cmd, "--zones"))
+    zones = Path(gw["environment"]["GATEWAY_ZONES"])
+    assert gw["environment"]["GATEWAY_DECODE_POLICY"] == "eldr"
     mounts = {m.split(":")[1]: m.split(":")[0] for m in gw["volumes"]}
     assert str(zones.parent) in mounts, "zone table directory must be mounted (hot reload)"
     assert (COMPOSE_DIR / mounts[str(zones.parent)]).is_dir()
