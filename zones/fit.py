@@ -41,7 +41,9 @@ class FitOptions:
     predictor_ridge: float = 1.0
 
 
-def fit_spec(calib: CalibrationSet, opts: FitOptions) -> tuple[SignatureSpec, MaskSearch | None]:
+def fit_spec(
+    calib: CalibrationSet, opts: FitOptions, progress: Progress | None = None
+) -> tuple[SignatureSpec, MaskSearch | None]:
     """IDF from all calibration requests, then the greedy mask when decode usage is known."""
     if len(calib) < 2:
         raise FitError(f"need at least 2 calibration requests, got {len(calib)}")
@@ -55,6 +57,7 @@ def fit_spec(calib: CalibrationSet, opts: FitOptions) -> tuple[SignatureSpec, Ma
             idf,
             seed=opts.seed,
             max_pairs=opts.max_pairs,
+            progress=progress,
         )
         mask = search.layer_mask
     return SignatureSpec(calib.geometry, idf, mask), search
@@ -74,7 +77,7 @@ def fit_zones(
         raise FitError("need at least one decode worker")
     if len(set(workers)) != k:
         raise FitError("workers must be unique")
-    spec, search = fit_spec(calib, opts)
+    spec, search = fit_spec(calib, opts, progress)
     sigs, valid = spec.build_many(calib.signature_counts)
     if int(valid.sum()) < k:
         raise FitError(

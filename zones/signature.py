@@ -14,6 +14,7 @@ drift apart. The pipeline (DESIGN.md, "The algorithm"; ELDR arXiv 2607.00466):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,6 +177,7 @@ def greedy_layer_mask(
     *,
     seed: int,
     max_pairs: int = 20_000,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> MaskSearch:
     """Greedy forward selection of layers maximising rho.
 
@@ -235,6 +237,8 @@ def greedy_layer_mask(
         mask[-neg_layer] = True
         best = score
         trace.append((-neg_layer, float(score)))
+        if progress:
+            progress("layer-mask", int(mask.sum()), num_layers)
     rho_all = rho_of(np.ones(num_layers, dtype=bool))
     return MaskSearch(mask, float(best), float(rho_all), tuple(trace), len(pairs))
 
