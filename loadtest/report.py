@@ -44,6 +44,7 @@ class RunRow:
     distinct_experts: float | None
     load_cv: float | None
     host_lag: float | None
+    mean_batch: float | None
     router_cores: float | None
     emulator_cores: float | None
     system_cpu: float | None
@@ -84,6 +85,7 @@ def rows_from_results(results: dict[str, Any]) -> list[RunRow]:
                 distinct_experts=_get(run, "cluster", "distinct_experts_per_step"),
                 load_cv=_get(run, "cluster", "load_cv"),
                 host_lag=_get(run, "cluster", "host_lag_fraction"),
+                mean_batch=_get(run, "cluster", "mean_batch_size"),
                 router_cores=_get(run, "cpu", "process_cores", "router"),
                 emulator_cores=_get(run, "cpu", "process_cores", "emulator"),
                 system_cpu=_get(run, "cpu", "system_percent_mean"),
@@ -183,9 +185,9 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             f"## Rate {rate:g} req/s",
             "",
             "| router | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | TTFT p99 ms | out tok/s "
-            "| req/s | ok/failed | distinct experts/step | load CV | router cores "
+            "| req/s | ok/failed | distinct experts/step | mean batch | load CV | router cores "
             "| emulator cores | machine CPU % | host lag % | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted((r for r in rows if r.rate == rate), key=lambda r: r.router):
             verdict = "error" if r.error else ("VOID" if r.void else "ok")
@@ -193,7 +195,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
                 f"| {r.router} | {_f(r.tpot_p50)} | {_f(r.tpot_p99)} | {_f(r.ttft_p50)} | "
                 f"{_f(r.ttft_p99)} | {_f(r.output_throughput)} | "
                 f"{_f(r.request_throughput, '{:.2f}')} | {r.completed}/{r.failed} | "
-                f"{_f(r.distinct_experts)} | {_f(r.load_cv, '{:.3f}')} | "
+                f"{_f(r.distinct_experts)} | {_f(r.mean_batch, '{:.1f}')} | "
+                f"{_f(r.load_cv, '{:.3f}')} | "
                 f"{_f(r.router_cores, '{:.2f}')} | {_f(r.emulator_cores, '{:.2f}')} | "
                 f"{_f(r.system_cpu, '{:.0f}')} | "
                 f"{_f(None if r.host_lag is None else 100 * r.host_lag, '{:.1f}')} | {verdict} |"
@@ -221,8 +224,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
         "Definitions: TTFT, TPOT and ITL as `sglang.bench_serving` computes them "
         "(TPOT = (latency - TTFT) / (output tokens - 1)); distinct experts/step = mean "
         "over decode steps of the per-layer number of distinct experts the batch "
-        "activated (emulator counters); load CV = coefficient of variation of finished "
-        "requests per decode worker.",
+        "activated (emulator counters); mean batch = mean decode batch size per step; "
+        "load CV = coefficient of variation of finished requests per decode worker.",
         "",
     ]
     return "\n".join(lines)
