@@ -266,3 +266,42 @@ async def test_prefill_first_flow_against_emulator():
                 assert orjson.loads(data)["meta_info"]["completion_tokens"] == 3
         assert all(w.in_flight == 0 for w in state.workers)
         assert len(cluster.decode) == 2
+
+
+def _random_table(path: str, decode_urls: list[str]) -> None:
+    import numpy as np
+
+    from zones.geometry import geometry_by_name
+    from zones.signature import SignatureSpec
+    from zones.table import make_table, save_table
+
+    geometry = geometry_by_name(ENGINE.model)
+    spec = SignatureSpec(geometry,
+                         np.ones((geometry.num_layers, geometry.num_experts), np.float32),
+                         np.ones(geometry.num_layers, bool))
+    rows = np.random.default_rng(0).random((len(decode_urls), geometry.signature_dim))
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    save_table(make_table(spec, rows, list(decode_urls)), path)
+
+
+@pytest.mark.parametrize("flow,source", [("prefill-first", "prefill"), ("dual", None)])
+async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source):
+    """--zones + eldr: the prefill-first flow routes on the prefill's exact expert counts."""
+    async with run_cluster(ClusterConfig(prefill=1, decode=2, engine=ENGINE)) as cluster:
+        table_path = str(tmp_path / "zones.json")
+        _random_table(table_path, cluster.decode_urls)
+        settings = _settings(cluster, zones=table_path, decode_policy="eldr", pd_flow=flow)
+        async with running_gateway(settings) as (url, state), aiohttp.ClientSession() as s:
+            for i in range(4):
+                async with s.post(url + "/generate", json={
+                        "text": f"request {i} about contracts and law",
+                        "sampling_params": {"max_new_tokens": 2}}) as r:
+                    assert r.status == 200, await r.text()
+            async with s.get(url + "/zones") as r:
+                assert r.status == 200
+            resolved = {src: state.registry.get_sample_value(
+                "eldr_signature_resolutions_total", {"source": src}) or 0
+                for src in ("prefill", "cache", "predictor", "none")}
+            assert sum(resolved.values()) == 4
+            if source is not None:
+                assert resolved[source] == 4
