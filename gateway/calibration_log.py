@@ -31,11 +31,16 @@ from typing import IO, Any
 import numpy.typing as npt
 
 from gateway.eldr_metrics import EldrMetrics
-from gateway.signatures import Prompt
+from gateway.signatures import Prompt, routed_experts_of
 from zones.calibration import CalibrationError, CalibrationRecord
 from zones.geometry import ModelGeometry
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationSampler", "CalibrationWriter", "client_asked_for_routed_experts", "make_record",
+    "request_routed_experts", "routed_experts_of", "strip_routed_experts",
+]
 
 DEFAULT_QUEUE_SIZE = 4096
 # Records written per flush: amortises the syscall without holding many records in memory.
@@ -73,19 +78,6 @@ def request_routed_experts(body: dict[str, Any]) -> dict[str, Any]:
     asked = dict(body)
     asked["return_routed_experts"] = True
     return asked
-
-
-def routed_experts_of(doc: Any) -> str | None:
-    """The base64 routed experts a response (or stream chunk) carries, if any."""
-    if not isinstance(doc, dict):
-        return None
-    for holder in ("meta_info", "sglext"):
-        inner = doc.get(holder)
-        if isinstance(inner, dict):
-            value = inner.get("routed_experts")
-            if isinstance(value, str):
-                return value
-    return None
 
 
 def strip_routed_experts(doc: Any) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.eldr_metrics import EldrMetrics
-from gateway.policies.base import NO_ROUTING_INPUT, RoutingInput
+from gateway.policies.base import NO_ROUTING_INPUT, RoutingInput, Selection
 from gateway.signature_cache import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_BLOCK_TOKENS,
@@ -49,7 +49,12 @@ from gateway.signature_cache import (
 )
 from gateway.zone_runtime import ActiveZones
 from zones.geometry import ModelGeometry
-from zones.routed_experts import RoutedExpertsError, counts_from_expert_ids, decode_routed_experts
+from zones.routed_experts import (
+    RoutedExpertsError,
+    counts_from_expert_ids,
+    decode_counts,
+    decode_routed_experts,
+)
 from zones.signature import SignatureError
 
 FloatArray = npt.NDArray[np.float32]
@@ -168,6 +173,10 @@ class SignatureResolver:
         self._cache: SignatureCache | None = None
         self.counts: dict[str, int] = dict.fromkeys(SOURCES, 0)
 
+    @property
+    def active(self) -> ActiveZones | None:
+        return self._zones.active
+
     # --- resolution ----------------------------------------------------------------------------
     def resolve(
         self, prompt: Prompt | None, prefill_counts: npt.ArrayLike | None = None
@@ -262,18 +271,24 @@ class SignatureResolver:
         prompt: Prompt | None,
         routed_experts: str,
         *,
+        skip_rows: int = 0,
         text: str | None = None,
         output_ids: Sequence[int] | None = None,
     ) -> npt.NDArray[np.int32] | None:
-        """Learn a decode result's `routed_experts` (base64 rows of the output tokens) as the
-        prefix of the conversation's next turn. Returns the output counts (for the calibration
-        log), or None when the payload does not decode for the active geometry."""
+        """Learn a decode result's `routed_experts` as the prefix of the conversation's next turn.
+
+        A PD decode returns rows for positions `[routed_experts_start_len, seqlen - 1)` but only
+        those at positions >= prompt_tokens are valid (it never forwarded the prompt;
+        docs/wire-format.md, "Routed experts"), so the caller passes
+        `skip_rows = prompt_tokens - routed_experts_start_len`. Returns the output counts (for
+        the calibration log), or None when the payload does not decode for the active geometry.
+        """
         active = self._zones.active
-        if active is None:
+        if active is None or skip_rows < 0:
             return None
         geometry = active.table.geometry
         try:
-            ids = decode_routed_experts(routed_experts, geometry)
+            ids = decode_routed_experts(routed_experts, geometry)[skip_rows:]
             counts = counts_from_expert_ids(ids, geometry)
         except RoutedExpertsError:
             return None
@@ -312,3 +327,132 @@ def _tail(prompt: Prompt, covered: int) -> tuple[str | None, tuple[int, ...] | N
         return None, None
     raw = prompt.text.encode("utf-8", "surrogatepass")[covered:]
     return raw.decode("utf-8", "ignore"), None
+
+
+# --- the dispatch hook (gateway/resolver.py `RoutingResolver`) ---------------------------------
+
+
+class GatewayResolver:
+    """Adapts `SignatureResolver` to dispatch's `RoutingResolver` protocol.
+
+    Per request it keeps the extracted prompt in `ctx.extras` so the prefill answer and the
+    decode answer are matched to the prompt they belong to.
+    """
+
+    wants_decode_results = True
+
+    def __init__(self, core: SignatureResolver) -> None:
+        self.core = core
+
+    def _prompt(self, ctx: Any) -> Prompt | None:
+        if "eldr_prompt" not in ctx.extras:
+            prompt = None if ctx.batch is not None else prompt_from_request(ctx.endpoint, ctx.body)
+            ctx.extras["eldr_prompt"] = prompt
+        cached: Prompt | None = ctx.extras["eldr_prompt"]
+        return cached
+
+    async def resolve(self, ctx: Any) -> RoutingInput:
+        return self.core.resolve(self._prompt(ctx))
+
+    def from_prefill(self, ctx: Any, prefill_result: Any) -> RoutingInput:
+        """Prefill-first: read `prompt_expert_counts` (meta_info, or sglext on OpenAI answers),
+        learn it, and route on it; anything unusable falls through to cache/predictor."""
+        prompt = self._prompt(ctx)
+        counts = self._prefill_counts(prefill_result)
+        if counts is not None:
+            self.core.observe_prefill(prompt, counts)
+        return self.core.resolve(prompt, counts)
+
+    def _prefill_counts(self, result: Any) -> npt.NDArray[np.int32] | None:
+        active = self.core.active
+        if active is None or not isinstance(result, dict):
+            return None
+        for holder in ("meta_info", "sglext"):
+            meta = result.get(holder)
+            if not isinstance(meta, dict) or "prompt_expert_counts" not in meta:
+                continue
+            geometry = active.table.geometry
+            reported = meta.get("expert_geometry")
+            if isinstance(reported, dict):
+                shape = (reported.get("num_layers"), reported.get("num_experts"))
+                if shape != (geometry.num_layers, geometry.num_experts):
+                    return None  # another model's routing: meaningless for this table
+            try:
+                return decode_counts(meta["prompt_expert_counts"], geometry)
+            except RoutedExpertsError:
+                return None
+        return None
+
+    def observe_decode(
+        self, ctx: Any, decode_worker_id: str, selection: Selection | None, result: Any
+    ) -> None:
+        if not isinstance(result, dict):
+            return
+        routed = routed_experts_of(result)
+        prompt_tokens = _prompt_tokens(result)
+        if routed is None or prompt_tokens is None:
+            return
+        start = ctx.body.get("routed_experts_start_len", 0)
+        start = start if isinstance(start, int) and not isinstance(start, bool) else 0
+        text, output_ids = _output_of(result)
+        self.core.observe_output(
+            self._prompt(ctx), routed, skip_rows=prompt_tokens - start, text=text,
+            output_ids=output_ids,
+        )
+
+
+def routed_experts_of(doc: Any) -> str | None:
+    """The base64 routed experts a response carries (`meta_info` or OpenAI `sglext`)."""
+    if not isinstance(doc, dict):
+        return None
+    for holder in ("meta_info", "sglext"):
+        inner = doc.get(holder)
+        if isinstance(inner, dict) and isinstance(inner.get("routed_experts"), str):
+            value: str = inner["routed_experts"]
+            return value
+    return None
+
+
+def _prompt_tokens(result: dict[str, Any]) -> int | None:
+    for holder in ("meta_info", "usage"):
+        inner = result.get(holder)
+        if isinstance(inner, dict):
+            value = inner.get("prompt_tokens")
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+    return None
+
+
+def _output_of(result: dict[str, Any]) -> tuple[str | None, list[int] | None]:
+    """Generated text and token ids of a /generate or OpenAI (first choice) answer."""
+    ids = result.get("output_ids")
+    output_ids = ids if isinstance(ids, list) else None
+    if isinstance(result.get("text"), str):
+        return result["text"], output_ids
+    choices = result.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        message = choice.get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return message["content"], output_ids
+        if isinstance(choice.get("text"), str):
+            return choice["text"], output_ids
+    return None, output_ids
+
+
+def make_resolver(settings: Any, *, zone_runtime: Any, eldr_metrics: EldrMetrics | None = None,
+                  **_: Any) -> GatewayResolver:
+    """App hook (`gateway/app.py`). Optional settings, read when the config defines them:
+    `signature_cache_max_bytes`, `signature_cache_max_entries`, `signature_cache_block_tokens`,
+    `signature_cache_block_bytes`, `signature_cache` (False disables it)."""
+    defaults = CacheSettings()
+    cache = CacheSettings(
+        block_tokens=getattr(settings, "signature_cache_block_tokens", None)
+        or defaults.block_tokens,
+        block_bytes=getattr(settings, "signature_cache_block_bytes", None) or defaults.block_bytes,
+        max_entries=getattr(settings, "signature_cache_max_entries", None)
+        or defaults.max_entries,
+        max_bytes=getattr(settings, "signature_cache_max_bytes", None) or defaults.max_bytes,
+        enabled=getattr(settings, "signature_cache", True) is not False,
+    )
+    return GatewayResolver(SignatureResolver(zone_runtime, cache=cache, metrics=eldr_metrics))

@@ -10,10 +10,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.eldr_metrics import EldrMetrics
+from gateway.resolver import RequestContext
 from gateway.signatures import (
     CacheSettings,
     Prompt,
     SignatureResolver,
+    make_resolver,
     output_units,
     prompt_from_request,
     render_message,
@@ -22,7 +24,7 @@ from gateway.zone_runtime import ActiveZones
 from tests.eldr.helpers import TINY, table
 from zones.geometry import ModelGeometry
 from zones.predictor import train_predictor
-from zones.routed_experts import encode_routed_experts
+from zones.routed_experts import encode_counts, encode_routed_experts
 from zones.table import ZoneTable, make_table
 
 CENTROIDS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
@@ -210,3 +212,69 @@ def test_chat_rendering_has_the_prefix_property() -> None:
     assert p2 is not None and out is not None
     units1 = p1.units()
     assert units1 is not None and (units1 + out).data == p2.text.encode()  # type: ignore[union-attr]
+
+
+# --- the dispatch adapter ----------------------------------------------------------------------
+
+
+def ctx(endpoint: str, body: dict[str, object], batch: int | None = None) -> RequestContext:
+    return RequestContext(endpoint, body, False, False, batch, 0.0)
+
+
+async def test_gateway_resolver_dual_flow_learns_from_decode_and_hits_next_turn() -> None:
+    t = table(CENTROIDS, ["a", "b", "c"])
+    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    assert resolver.wants_decode_results
+    first = ctx("/generate", {"text": "What is the capital of France?"})
+    assert (await resolver.resolve(first)).signature_source == "none"
+    # PD decode answer: rows for the 4 prompt positions are invalid (zeros), then 3 output rows.
+    rows_b64 = encode_routed_experts(
+        np.array([0, 0, 0, 0, 2, 2, 1], dtype=np.int32).reshape(7, 1, 1)
+    )
+    answer = {"text": " Paris.", "meta_info": {"prompt_tokens": 4, "routed_experts": rows_b64}}
+    resolver.observe_decode(first, "c", None, answer)
+    nxt = ctx("/generate", {"text": "What is the capital of France? Paris. And Spain?"})
+    routing = await resolver.resolve(nxt)
+    assert routing.signature_source == "cache"
+    want = np.array([0, 1, 2], np.float32) / np.sqrt(np.float32(5))  # output rows only
+    np.testing.assert_allclose(routing.signature, want, atol=1e-6)  # type: ignore[arg-type]
+
+
+async def test_gateway_resolver_prefill_first_uses_and_learns_prompt_counts() -> None:
+    t = table(CENTROIDS, ["a", "b", "c"])
+    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    c = ctx("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    prefill = {"sglext": {"prompt_expert_counts": encode_counts(np.array([[0, 0, 7]], np.int32)),
+                          "expert_geometry": TINY.to_dict()}}
+    routing = resolver.from_prefill(c, prefill)
+    assert routing.signature_source == "prefill"
+    np.testing.assert_allclose(routing.signature, [0, 0, 1], atol=1e-6)  # type: ignore[arg-type]
+    again = ctx("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert (await resolver.resolve(again)).signature_source == "cache"
+
+
+def test_gateway_resolver_ignores_unusable_prefill_answers() -> None:
+    t = table(CENTROIDS, ["a", "b", "c"])
+    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    other = {"num_layers": 2, "num_experts": 3, "top_k": 1, "name": "x"}
+    answers: list[object] = [
+        None, "text", {"meta_info": {}},
+        {"meta_info": {"prompt_expert_counts": "!!"}},
+        {"meta_info": {"prompt_expert_counts": encode_counts(np.ones((1, 3), np.int32)),
+                       "expert_geometry": other}},
+    ]
+    for answer in answers:
+        routing = resolver.from_prefill(ctx("/generate", {"text": "x"}), answer)
+        assert routing.signature_source == "none"
+
+
+async def test_gateway_resolver_skips_batches_and_answers_without_prompt_tokens() -> None:
+    t = table(CENTROIDS, ["a", "b", "c"])
+    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    batch = ctx("/generate", {"text": ["a", "b"]}, batch=2)
+    assert (await resolver.resolve(batch)).signature_source == "none"
+    single = ctx("/generate", {"text": "q"})
+    no_count = {"text": "r", "meta_info": {"routed_experts": rows(1, 2)}}  # no prompt_tokens
+    resolver.observe_decode(single, "a", None, no_count)
+    resolver.observe_decode(single, "a", None, [{"text": "r"}])
+    assert (await resolver.resolve(ctx("/generate", {"text": "qr"}))).signature_source == "none"
