@@ -90,6 +90,12 @@ async def error_middleware(request: web.Request,
             reason = f"request body exceeds max_payload_size ({limit} bytes)"
         return error_response(exc.status, f"{reason}: {request.method} {request.path}"
                               if exc.status in (404, 405) else reason, "http_error")
+    except Exception as exc:
+        # A bug of ours: log it with its traceback and answer in our JSON error shape, so a plain
+        # aiohttp "Server got itself in trouble" 500 can only have come from a worker.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal gateway error: {type(exc).__name__}",
+                              "internal_error")
 
 
 def _build_state(settings: Settings) -> GatewayState:

@@ -264,7 +264,7 @@ class Dispatcher:
                             stack: AsyncExitStack) -> Opened:
         worker, selection = self._select("regular", NO_ROUTING_INPUT)
         stack.enter_context(InFlight(worker, self.metrics))
-        body = orjson.dumps(ctx.body)
+        body = _encode(ctx.body)
         resp = await post_open(self.session, worker, ctx.endpoint, body, headers, self.timeout)
         stack.callback(close_response, resp)
         opened = Opened(resp, worker, selection)
@@ -280,8 +280,7 @@ class Dispatcher:
                    else NO_ROUTING_INPUT)
         decode, selection = self._select("decode", routing)
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
-        body = orjson.dumps(bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port,
-                                             rooms))
+        body = _encode(bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port, rooms))
         prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
         stack.enter_context(InFlight(decode, self.metrics))
         prefill_task = asyncio.ensure_future(
@@ -319,7 +318,7 @@ class Dispatcher:
         prefill_body = dict(injected, prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
             result = await post_read(self.session, prefill, ctx.endpoint,
-                                     orjson.dumps(prefill_body), headers, self.timeout)
+                                     _encode(prefill_body), headers, self.timeout)
         self._check_prefill(prefill, result)
         released = False
 
@@ -338,7 +337,7 @@ class Dispatcher:
             routing = self.resolver.from_prefill(ctx, parsed)
         decode, selection = self._select("decode", routing)
         stack.enter_context(InFlight(decode, self.metrics))
-        resp = await post_open(self.session, decode, ctx.endpoint, orjson.dumps(injected),
+        resp = await post_open(self.session, decode, ctx.endpoint, _encode(injected),
                                headers, self.timeout)
         released = True  # the decode connected: the room is consumed by it
         stack.callback(close_response, resp)
@@ -478,6 +477,14 @@ class Dispatcher:
         self._record_success(opened.worker)
         await out.write_eof()
         return out
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        # orjson reads 1024 levels of nesting but writes only 254: reject rather than fail late.
+        raise BadRequestError(f"request body cannot be forwarded: {exc}") from None
 
 
 def _task_result(task: asyncio.Task[LegResult] | None) -> LegResult | None:

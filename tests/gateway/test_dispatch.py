@@ -277,3 +277,12 @@ async def test_rate_limit_queue_full_gives_429(session):
 async def test_aiohttp_client_error_type_is_transport():
     assert issubclass(aiohttp.ServerDisconnectedError, aiohttp.ClientError)
     assert FakeWorker("decode").role == "decode"
+
+
+async def test_deeply_nested_body_is_a_clear_400(pd_cluster, session):
+    prefills, decodes = pd_cluster
+    deep = b'{"text": "x", "extra": ' + b"[" * 500 + b"]" * 500 + b"}"
+    async with (running_gateway(pd_settings(prefills, decodes)) as (url, _),
+                session.post(url + "/generate", data=deep) as r):
+        assert r.status == 400
+        assert "cannot be forwarded" in (await r.json())["error"]["message"]
