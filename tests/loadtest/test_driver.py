@@ -130,8 +130,13 @@ async def test_generate_records_ttft_tpot_and_excludes_warmup(
 
 async def test_long_final_line_with_routed_experts(server: tuple[str, FakeSSE]) -> None:
     url, _ = server
-    config = DriverConfig(url=url, num_requests=1, warmup=0, progress=False,
-                          extra_body={"return_routed_experts": True})
+    config = DriverConfig(
+        url=url,
+        num_requests=1,
+        warmup=0,
+        progress=False,
+        extra_body={"return_routed_experts": True},
+    )
     result = await run_load(config, _convs(1, tokens=3))
     rec = result.records[0]
     assert rec.success, rec.error
@@ -202,3 +207,48 @@ def test_parse_sse_data_shapes() -> None:
     assert err is not None and err.error == "bad request"
     with pytest.raises(ValueError):
         parse_sse_data("chat", b"{not json")
+
+
+def test_cli_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from loadtest.cli import main
+
+    assert main(["run", "--url", "localhost:1", "--no-progress"]) == 2
+    assert "--url must start with http://" in capsys.readouterr().err
+    missing = tmp_path / "none.jsonl"
+    assert main(["run", "--url", "http://127.0.0.1:9", "--workload", str(missing)]) == 2
+    assert "workload file not found" in capsys.readouterr().err
+    assert main(["workloads", "build", "--kind", "task", "--num", "2", "--mix", "nope=1"]) == 2
+    assert "unknown domain" in capsys.readouterr().err
+
+
+async def test_cli_run_writes_results(server: tuple[str, FakeSSE], tmp_path: Path) -> None:
+    from loadtest.cli import main
+
+    url, _ = server
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--url",
+        url,
+        "--workload",
+        "language",
+        "--rate",
+        "50",
+        "--num-requests",
+        "3",
+        "--warmup",
+        "1",
+        "--max-output-tokens",
+        "4",
+        "--min-output-tokens",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    # The server runs on this test's event loop, so the CLI (which owns its own loop) runs in a
+    # worker thread.
+    assert await asyncio.to_thread(main, args) == 0
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert all(orjson.loads(line)["success"] for line in lines)
