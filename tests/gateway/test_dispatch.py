@@ -286,3 +286,24 @@ async def test_deeply_nested_body_is_a_clear_400(pd_cluster, session):
                 session.post(url + "/generate", data=deep) as r):
         assert r.status == 400
         assert "cannot be forwarded" in (await r.json())["error"]["message"]
+
+
+async def test_circuit_opens_after_failures_and_takes_worker_out(session):
+    prefill = (await start_workers("prefill"))[0]
+    decode = (await start_workers("decode", status=503))[0]
+    try:
+        settings = pd_settings([prefill], [decode], retry_max_retries=1, cb_failure_threshold=2,
+                               disable_health_check=True)
+        async with running_gateway(settings) as (url, state):
+            for _ in range(2):
+                async with session.post(url + "/generate", json={"text": "x"}) as r:
+                    assert r.status == 503
+            assert state.registry.get_sample_value("eldr_worker_circuit_state",
+                                                   {"worker": decode.url}) == 1
+            async with session.post(url + "/generate", json={"text": "x"}) as r:
+                assert r.status == 503
+                assert "no available decode" in (await r.json())["error"]["message"]
+            assert len(decode.received) == 2  # the open circuit kept the third away
+    finally:
+        await prefill.close()
+        await decode.close()
