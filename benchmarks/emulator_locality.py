@@ -42,6 +42,7 @@ from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.routing import (
     CONTEXT_DECAY,
     CONTEXT_MIX,
+    TOPIC_MIX,
     RoutingSource,
     RoutingTrace,
     TokenHashRouting,
@@ -200,7 +201,7 @@ def run_token_hash(args: argparse.Namespace, rng: np.random.Generator):
     geometry = geometry_by_name(args.model)
     tok = Tokenizer()
     source = TokenHashRouting(geometry, tok, seed=args.seed, context_mix=args.context_mix,
-                              context_decay=args.context_decay)
+                              context_decay=args.context_decay, topic_mix=args.topic_mix)
     texts = domain_texts()
     if len(texts) < 2:
         raise SystemExit("token-hash needs text from at least 2 domains on this machine")
@@ -244,7 +245,7 @@ def run_trace(args: argparse.Namespace, rng: np.random.Generator):
     return loc, corr, {d: len(v) for d, v in decodes.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="Qwen3-30B-A3B", help="geometry for token-hash")
     ap.add_argument("--batch", type=int, default=64, help="token-hash decode batch size")
@@ -261,8 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--context-mix", type=float, default=CONTEXT_MIX,
                     help="token-hash context weight (sensitivity only; the emulator default)")
     ap.add_argument("--context-decay", type=float, default=CONTEXT_DECAY)
+    ap.add_argument("--topic-mix", type=float, default=TOPIC_MIX,
+                    help="token-hash topic weight (the emulator default is calibrated by "
+                         "benchmarks/calibrate_token_hash.py)")
     ap.add_argument("--source", choices=("token-hash", "trace", "both"), default="both")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rng = np.random.default_rng(args.seed)
     loc_rows, corr_rows = [], []
     if args.source in ("token-hash", "both"):

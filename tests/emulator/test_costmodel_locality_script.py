@@ -38,3 +38,50 @@ def test_locality_script_sees_disjoint_domains_as_local(tmp_path):
     assert match, out
     assert float(match.group(1)) > 1.2 and float(match.group(2)) > 1.0
     assert "decode finds own prefill" in out
+
+
+# The calibration target: trace/DeepSeek-V2-Lite, decode batch 16, mixed / same-domain distinct
+# experts per layer, measured by benchmarks/calibrate_token_hash.py (1.228x over seeds 0-2; the
+# single-seed benchmark run prints 1.228x too). docs/emulator-cost-model.md section 2.
+TRACE_RATIO_BATCH16 = 1.228
+# Seed-to-seed spread of the token-hash ratio near the chosen topic weight is ~0.02 (the
+# calibration grid prints it); two seeds averaged must land within 3 such spreads.
+RATIO_TOLERANCE = 0.06
+
+
+def _text_domains_available() -> bool:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from emulator_locality import domain_texts
+    finally:
+        sys.path.pop(0)
+    return len(domain_texts()) == 4
+
+
+def _token_hash_ratio(model: str, batch: int, seed: int, steps: int, trials: int) -> float:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "emulator_locality.py"), "--source",
+         "token-hash", "--model", model, "--batch", str(batch), "--steps", str(steps),
+         "--trials", str(trials), "--seed", str(seed), "--corr-decode-tokens", str(steps)],
+        capture_output=True, text=True, timeout=300, check=True, cwd=REPO,
+    ).stdout
+    match = re.search(r"RATIO mixed / same\s+([\d.]+)x", out)
+    assert match, out
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_calibrated_token_hash_matches_the_trace_ratio_on_its_geometry():
+    if not _text_domains_available():
+        pytest.skip("the 4 offline text domains are not on this machine")
+    ratios = [_token_hash_ratio("DeepSeek-V2-Lite", 16, seed, steps=32, trials=5)
+              for seed in (0, 1)]
+    assert abs(float(np.mean(ratios)) - TRACE_RATIO_BATCH16) < RATIO_TOLERANCE, ratios
+
+
+@pytest.mark.slow
+def test_token_hash_same_domain_batches_are_local_on_qwen3():
+    # Not tuned on this geometry: the calibrated topic weight is applied as is.
+    if not _text_domains_available():
+        pytest.skip("the 4 offline text domains are not on this machine")
+    assert _token_hash_ratio("Qwen3-30B-A3B", 64, 0, steps=8, trials=2) > 1.05

@@ -9,12 +9,14 @@ import pytest
 
 from loadtest.emulator.routing import (
     MIN_TOKENS_BEFORE_EOS,
+    TOPIC_MIX,
     TRACE_PATH_ENV,
     BigramWalk,
     RoutingError,
     RoutingTrace,
     TokenHashRouting,
     TraceRouting,
+    _ContextState,
     default_trace_path,
     make_routing_source,
 )
@@ -24,6 +26,8 @@ from zones.geometry import KNOWN_GEOMETRIES, ModelGeometry
 QWEN = KNOWN_GEOMETRIES["Qwen3-30B-A3B"]
 TEXT = ("The server reads the request, parses the header and writes the response. "
         "If the header is missing, the server writes an error and closes the connection.")
+OTHER_TEXT = ("Der Benutzer öffnet die Datei und speichert die Änderungen, bevor er das Fenster "
+              "schließt. Wenn die Datei fehlt, zeigt das Programm eine Meldung an.")
 
 
 def _check_rows(rows: np.ndarray, geometry: ModelGeometry) -> None:
@@ -56,23 +60,77 @@ def test_token_hash_is_deterministic_and_seeded():
     assert not np.array_equal(a, c)
 
 
-def test_token_identity_dominates_routing():
-    # The same token in two different contexts shares most of its experts; two different
-    # tokens share about what chance gives (top_k / num_experts).
+def _overlap(a: np.ndarray, b: np.ndarray, geometry: ModelGeometry) -> float:
+    """Mean over layers of the fraction of top-k experts two tokens share."""
+    return float(np.mean([len(set(a[layer]) & set(b[layer])) / geometry.top_k
+                          for layer in range(geometry.num_layers)]))
+
+
+def test_without_topic_token_identity_dominates_routing():
+    # topic_mix=0 leaves token embedding + short context: the same token in two different
+    # contexts shares most of its experts; two different tokens share about what chance gives
+    # (top_k / num_experts).
     tok = Tokenizer()
-    source = TokenHashRouting(QWEN, tok, seed=0)
+    source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=0.0)
     ids = tok.encode("alpha beta gamma server delta epsilon zeta server")
     rows = source.route_prompt(ids, None)
-
-    def overlap(i: int, j: int) -> float:
-        return float(np.mean([len(set(rows[i, layer]) & set(rows[j, layer])) / QWEN.top_k
-                              for layer in range(QWEN.num_layers)]))
-
-    same_token = overlap(3, 7)
-    different = np.mean([overlap(i, j) for i, j in itertools.combinations(range(6), 2)
-                         if ids[i] != ids[j]])
+    same_token = _overlap(rows[3], rows[7], QWEN)
+    different = np.mean([_overlap(rows[i], rows[j], QWEN)
+                         for i, j in itertools.combinations(range(6), 2) if ids[i] != ids[j]])
     assert same_token > 0.5
     assert different < 0.25
+
+
+def test_topic_makes_one_texts_tokens_share_experts_but_not_another_texts():
+    # With the calibrated topic weight, once a text has established its topic: the same token
+    # still shares the most experts, different tokens of the SAME text share well above chance
+    # (the topic), and tokens of an unrelated text share only chance (0.0625 for 8 of 128).
+    tok = Tokenizer()
+    source = TokenHashRouting(QWEN, tok, seed=0)
+    assert source.topic_mix == TOPIC_MIX > 0.0
+    ids = tok.encode(TEXT * 3)
+    other_ids = tok.encode(OTHER_TEXT * 3)
+    rows, other = source.route_prompt(ids, None), source.route_prompt(other_ids, None)
+    late = range(len(ids) // 2, len(ids))          # topic established
+    pairs = list(itertools.combinations(late, 2))
+    same_token = np.mean([_overlap(rows[i], rows[j], QWEN) for i, j in pairs if ids[i] == ids[j]])
+    same_text = np.mean([_overlap(rows[i], rows[j], QWEN) for i, j in pairs if ids[i] != ids[j]])
+    other_text = np.mean([_overlap(rows[i], other[j], QWEN)
+                          for i in late for j in range(len(other_ids) // 2, len(other_ids))])
+    assert same_token > same_text + 0.15
+    assert same_text > 3 * other_text
+    assert other_text < 0.1
+
+
+def test_topic_reaches_back_past_the_short_context_and_into_decode():
+    # Two prompts that differ only in their first 40 tokens, then share 120: the short context
+    # (decay 0.8) has forgotten the difference (0.8**120 ~ 2e-12), the topic has not.
+    tok = Tokenizer()
+    head_a = tok.encode(" ".join(f"alpha{i}" for i in range(40)))
+    head_b = tok.encode(" ".join(f"omega{i}" for i in range(40)))
+    tail = tok.encode(" ".join(f"word{i % 60}" for i in range(120)))
+    for topic_mix, expect_equal in ((0.0, True), (TOPIC_MIX, False)):
+        source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=topic_mix)
+        a = source.route_prompt(head_a + tail, None)[-20:]
+        b = source.route_prompt(head_b + tail, None)[-20:]
+        assert np.array_equal(a, b) == expect_equal
+    # Decode continues the prompt's topic: the same decode token ids route differently after
+    # the two prompts only because of the carried topic (the walk depends on the whole prompt,
+    # so compare the first decode step of each with the same forced token instead).
+    source = TokenHashRouting(QWEN, tok, seed=0)
+    _, state_a = source._hidden(head_a + tail, _ContextState.empty())
+    _, state_b = source._hidden(head_b + tail, _ContextState.empty())
+    probe = tail[:16]
+    hid_a, _ = source._hidden(probe, state_a)
+    hid_b, _ = source._hidden(probe, state_b)
+    assert not np.array_equal(source._top_k(hid_a), source._top_k(hid_b))
+
+
+def test_topic_mix_out_of_range_is_rejected():
+    with pytest.raises(RoutingError, match="topic_mix"):
+        TokenHashRouting(QWEN, Tokenizer(), topic_mix=1.0)
+    with pytest.raises(RoutingError, match="topic_mix"):
+        TokenHashRouting(QWEN, Tokenizer(), topic_mix=-0.1)
 
 
 def test_continuation_is_deterministic_in_domain_and_seed_dependent():
