@@ -18,6 +18,7 @@ from tests.deploy.conftest import DEPLOY, REPO, load_yaml_docs
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"
 PROM_CONFIG = COMPOSE_DIR / "prometheus" / "prometheus.yml"
+COMPOSE_SCHEMA = Path(__file__).parent / "schemas" / "compose_spec.json"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -77,6 +78,18 @@ def test_calibration_mode_runs_without_a_zone_table() -> None:
     )
     assert settings.zones is None
     assert settings.effective_decode_policy == "least_load"
+
+
+def test_matches_the_compose_specification_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    doc = load_yaml_docs(COMPOSE)[0]
+    # The vendored schema predates the top-level `name` (see schemas/README.md).
+    assert isinstance(doc.pop("name"), str)
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
 
 
 def test_services_present(compose: dict[str, Any]) -> None:
