@@ -119,20 +119,14 @@ def _build_state(settings: Settings) -> GatewayState:
 
 
 def _make_resolver(state: GatewayState) -> RoutingResolver:
-    """No zones: no signatures. With zones: `gateway.signatures.make_resolver(...)` when that
-    module defines it, else the adapter in `eldr_resolver.py` around its `SignatureResolver`."""
+    """No zones: no signatures. With zones: `gateway.signatures.make_resolver(...)`."""
     if state.zone_runtime is None:
         return NullResolver()
     module = importlib.import_module("gateway.signatures")
-    factory = getattr(module, "make_resolver", None)
-    if factory is not None:
-        resolver: RoutingResolver = factory(state.settings, zone_runtime=state.zone_runtime,
-                                            eldr_metrics=state.eldr_metrics,
-                                            registry=state.registry)
-        return resolver
-    from gateway.eldr_resolver import make_default_resolver
-
-    return make_default_resolver(state.zone_runtime, state.eldr_metrics)
+    resolver: RoutingResolver = module.make_resolver(
+        state.settings, zone_runtime=state.zone_runtime, eldr_metrics=state.eldr_metrics,
+        registry=state.registry)
+    return resolver
 
 
 def _sync_zone_workers(state: GatewayState) -> None:
