@@ -53,7 +53,7 @@ def test_esft_loads_with_recorded_geometry(esft: CalibrationSet) -> None:
 
 def test_zone_batching_reduces_distinct_experts_on_held_out_requests(esft: CalibrationSet) -> None:
     k = 4
-    reductions = {16: [], 64: []}
+    reductions: dict[int, list[float]] = {16: [], 64: []}
     rhos = []
     for split_seed in range(8):
         train, test = split_indices(len(esft), 1 / 3, split_seed)

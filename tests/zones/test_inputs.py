@@ -69,7 +69,7 @@ def test_routed_experts_jsonl(tmp_path: Path) -> None:
     path.write_text(json.dumps(bad) + "\n")
     with pytest.raises(InputError, match=r"dump.jsonl:1: num_prompt_tokens"):
         load_inputs([path])
-    bad = dict(line, routed_experts=line["routed_experts"][:-4])
+    bad = dict(line, routed_experts=str(line["routed_experts"])[:-4])
     path.write_text(json.dumps(bad) + "\n")
     with pytest.raises(InputError, match="routed_experts:"):
         load_inputs([path])

@@ -36,7 +36,8 @@ def corpus_set() -> tuple[CalibrationSet, np.ndarray]:
     g = KNOWN_GEOMETRIES["DeepSeek-V2-Lite"]
     tok = tokenizer_mod.Tokenizer()
     router = routing.TokenHashRouting(g, tok, seed=0)
-    texts, prompt, decode, rows, doc_of = [], [], [], [], []
+    texts: list[str | None] = []
+    prompt, decode, rows, doc_of = [], [], [], []
     for d, doc in enumerate(workloads.load_corpus()):
         words = doc.text.split()
         for c in range(2):
