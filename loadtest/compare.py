@@ -37,6 +37,7 @@ import orjson
 from loadtest.calibration_capture import ROUTED_EXPERTS_BODY, write_calibration_log
 from loadtest.cluster_stats import counters, decode_run_stats, void_reasons
 from loadtest.driver import DriverConfig, run_load, write_run
+from loadtest.emulator.costmodel import CostModel
 from loadtest.procs import (
     CpuSampler,
     ManagedProcess,
@@ -45,6 +46,7 @@ from loadtest.procs import (
     free_port_block,
     python_argv,
 )
+from loadtest.rate_plan import RatePlan, plan_for_batch
 from loadtest.workloads import (
     DEFAULT_CORPUS,
     DEFAULT_TRACES,
@@ -194,6 +196,7 @@ class CompareOptions:
     out: Path
     workload: str = "task"
     rates: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    batches: list[int] | None = None  # when set, rates are planned from these
     routers: list[str] = field(default_factory=lambda: list(ALL_ROUTERS))
     prefill: int = 8
     decode: int = 16
@@ -204,6 +207,8 @@ class CompareOptions:
     warmup: int = 4
     seed: int = 0
     turns: int = 1
+    min_prompt_chars: int = 400  # WorkloadSpec defaults
+    max_prompt_chars: int = 1600
     max_output_tokens: int = 256
     min_output_tokens: int = 64
     max_duration: float = 300.0
@@ -268,6 +273,8 @@ class Experiment:
             seed=o.seed,
             # Calibration stays single-turn: the zones are fitted per request.
             turns=o.turns if split == "evaluation" else 1,
+            min_prompt_chars=o.min_prompt_chars,
+            max_prompt_chars=o.max_prompt_chars,
             min_output_tokens=o.min_output_tokens,
             max_output_tokens=o.max_output_tokens,
         )
@@ -481,6 +488,27 @@ class Experiment:
         return {"meta": meta, "runs": runs}
 
 
+def rate_plans(opts: CompareOptions) -> list[RatePlan]:
+    """Rates giving `opts.batches` requests decoding per worker (see loadtest/rate_plan.py)."""
+    geometry = geometry_by_name(opts.model)
+    cost = CostModel.for_geometry(geometry, time_scale=opts.time_scale)
+    # ~4 characters per token for the corpus's mostly Latin-script text; the prompt only enters
+    # through the small KV-read term of the step time.
+    prompt_tokens = (opts.min_prompt_chars + opts.max_prompt_chars) / 2 / 4
+    output_tokens = (opts.min_output_tokens + opts.max_output_tokens) / 2
+    return [
+        plan_for_batch(
+            cost,
+            geometry,
+            decode_workers=opts.decode,
+            batch=b,
+            mean_output_tokens=output_tokens,
+            mean_prompt_tokens=prompt_tokens,
+        )
+        for b in opts.batches or []
+    ]
+
+
 def zones_fit_args(
     log: Path, decode_urls: Sequence[str], table: Path, model: str, seed: int
 ) -> list[str]:
@@ -521,12 +549,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="small preset: 4P+8D, 2 rates, 4 routers, 60 requests"
     )
     parser.add_argument("--workload", choices=KINDS, default=d.workload)
-    parser.add_argument(
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
         "--rates",
         type=float,
         nargs="+",
         default=None,
         help=f"request rates per second (default {d.rates})",
+    )
+    load.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of --rates: target decode batch per worker; rates follow from the "
+        "emulator's cost model (loadtest/rate_plan.py)",
     )
     parser.add_argument(
         "--routers",
@@ -584,6 +621,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
     explicit = {
         "workload": args.workload,
         "rates": args.rates,
+        "batches": args.batches,
         "routers": args.routers,
         "prefill": args.prefill,
         "decode": args.decode,
@@ -623,6 +661,22 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         geometry_by_name(opts.model)
     except GeometryError as exc:
         raise CompareError(f"--model: {exc}") from exc
+    if opts.batches is not None:
+        if any(b < 1 for b in opts.batches):
+            raise CompareError("--batches must all be >= 1")
+        plans = rate_plans(opts)
+        opts.rates = [round(p.rate, 3) for p in plans]
+        for p in plans:
+            if not p.arrival_window_ok(opts.num_requests):
+                print(
+                    f"warning: batch {p.batch}: {opts.num_requests} requests at {p.rate:.3g} "
+                    f"req/s arrive within {opts.num_requests / p.rate:.0f}s, less than 3 "
+                    f"request lifetimes ({p.request_seconds:.0f}s each): the run is mostly "
+                    f"ramp-up and drain; raise --num-requests",
+                    file=sys.stderr,
+                )
+        if any(r <= 0 for r in opts.rates):
+            raise CompareError(f"--batches planned non-positive rates {opts.rates}")
     return opts
 
 

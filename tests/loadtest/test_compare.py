@@ -103,3 +103,44 @@ async def test_managed_process_early_exit_is_reported(tmp_path: Path) -> None:
             await proc.read_json_line(30)
     finally:
         await proc.stop(grace=5)
+
+
+def test_rate_plan_is_littles_law_on_the_cost_model() -> None:
+    from loadtest.emulator.costmodel import CostModel
+    from loadtest.rate_plan import plan_for_batch, uniform_distinct_experts
+    from zones.geometry import geometry_by_name
+
+    g = geometry_by_name("Qwen3-30B-A3B")
+    # Fixed 0.1 s steps: 100-token requests decode for 10 s; 8 per worker on 4 workers
+    # means 32 in flight, so 3.2 req/s.
+    plan = plan_for_batch(
+        CostModel.fixed(0.1, g),
+        g,
+        decode_workers=4,
+        batch=8,
+        mean_output_tokens=100,
+        mean_prompt_tokens=0,
+    )
+    assert plan.rate == pytest.approx(3.2)
+    assert plan.request_seconds == pytest.approx(10.0)
+    assert plan.arrival_window_ok(num_requests=100)  # 31 s of arrivals >= 3 x 10 s
+    assert not plan.arrival_window_ok(num_requests=90)
+    # Real cost model: bigger batches need more req/s, but less than proportionally (steps
+    # get slower as the expert union grows).
+    cost = CostModel.for_geometry(g, time_scale=1.0)
+    rates = [
+        plan_for_batch(
+            cost, g, decode_workers=16, batch=b, mean_output_tokens=128, mean_prompt_tokens=250
+        ).rate
+        for b in (1, 8, 64)
+    ]
+    assert rates[0] < rates[1] < rates[2] < 64 * rates[0]
+    assert uniform_distinct_experts(1, g) == pytest.approx(8.0)
+    assert uniform_distinct_experts(1000, g) == pytest.approx(128.0)
+
+
+def test_batches_flag_plans_rates() -> None:
+    o = options_from_args(_parse("--out", "x", "--quick", "--batches", "2", "8"))
+    assert len(o.rates) == 2 and 0 < o.rates[0] < o.rates[1]
+    with pytest.raises(SystemExit):
+        _parse("--out", "x", "--rates", "1", "--batches", "2")
