@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.signature_cache import ENTRY_OVERHEAD_BYTES, SignatureCache, Units, units_of
 from zones.geometry import ModelGeometry
@@ -159,3 +161,30 @@ def test_unusable_prompts_give_no_units() -> None:
 def test_invalid_settings_rejected() -> None:
     with pytest.raises(ValueError, match="block_tokens"):
         SignatureCache(G, block_tokens=0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 3), max_size=14), min_size=1, max_size=6),
+    st.lists(st.integers(0, 3), max_size=16),
+    st.integers(1, 5),
+)
+def test_lookup_finds_the_longest_learned_prefix(
+    learned: list[list[int]], query: list[int], block: int
+) -> None:
+    # Small alphabet and lengths make shared prefixes and unaligned ends the common case.
+    cache = SignatureCache(G, block_tokens=block)
+    for n, seq in enumerate(learned):
+        if seq:
+            cache.learn_prompt(ids(seq), counts(n, 0, 0, 0, 0, 0, 0, 0))
+    prefixes = {tuple(seq): n for n, seq in enumerate(learned) if seq}  # later learn wins
+    best = max(
+        (p for p in prefixes if len(p) <= len(query) and tuple(query[: len(p)]) == p),
+        key=len, default=None,
+    )
+    hit = cache.lookup(ids(query)) if query else None
+    if best is None:
+        assert hit is None
+    else:
+        assert hit is not None and hit.covered == len(best)
+        assert int(hit.counts[0, 0]) == prefixes[best]
