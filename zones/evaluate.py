@@ -187,6 +187,11 @@ def evaluate(
     sources: dict[str, np.ndarray] = {"exact": exact_zone}
     pools: dict[str, np.ndarray] = {"exact": np.flatnonzero(valid)}
     notes = [f"signatures from {heldout.signature_from} counts"]
+    if heldout.signature_from != "prompt":
+        notes.append(
+            "exact zones of output-count rows use each request's own decode usage: an upper "
+            "bound for any routing decided before decode (the predictor rows are the real test)"
+        )
     accuracy = chance = None
     if table.predictor is not None and heldout.has_prompts:
         texts = heldout.texts or [None] * len(heldout)
@@ -207,9 +212,11 @@ def evaluate(
     else:
         notes.append("held-out set has no prompts: predictor not evaluated")
     rho = None
-    if heldout.decode_counts is not None and valid.sum() >= 2:
-        idx = np.flatnonzero(valid)
+    idx = np.intersect1d(np.flatnonzero(valid), heldout.independent_rows())
+    if heldout.decode_counts is not None and len(idx) >= 2:
         rho = signature_rho(table.spec, sigs[idx], heldout.decode_counts[idx], seed=seed)
+    elif heldout.decode_counts is not None:
+        notes.append("rho not reported: signatures are built from the decode's own output counts")
     ev = Evaluation(
         num_requests=len(heldout),
         num_zones=k,

@@ -50,10 +50,18 @@ def fit_spec(
     idf = idf_weights(calib.signature_counts)
     search = None
     mask = np.ones(calib.geometry.num_layers, dtype=bool)
-    if opts.use_mask and calib.decode_counts is not None and calib.decode_counts.any():
+    rows = calib.independent_rows()
+    if (
+        opts.use_mask
+        and calib.decode_counts is not None
+        and len(rows) >= 2
+        and calib.decode_counts[rows].any()
+    ):
+        # Only prompt-based rows: an output-count signature IS the decode usage it would be
+        # scored against, so including it would reward whatever layers it happens to have.
         search = greedy_layer_mask(
-            calib.signature_counts,
-            calib.decode_counts,
+            calib.signature_counts[rows],
+            calib.decode_counts[rows],
             idf,
             seed=opts.seed,
             max_pairs=opts.max_pairs,
@@ -106,7 +114,13 @@ def fit_zones(
         "assignment": result.assigner,
         "seed": opts.seed,
     }
-    if search is not None:
+    if search is None:
+        stats["rho_note"] = (
+            "not measured: no prompt-based signatures with decode usage; every layer kept"
+            if opts.use_mask
+            else "layer mask disabled"
+        )
+    else:
         stats.update(
             rho=round(search.rho, 6),
             rho_all_layers=round(search.rho_all_layers, 6),

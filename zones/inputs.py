@@ -56,6 +56,9 @@ class CalibrationSet:
     decode_tokens: list[np.ndarray] | None = None
     labels: list[str] | None = None  # e.g. task domain, reported only, never used to fit
     signature_from: str = "prompt"  # "prompt", "output" or "mixed"
+    # bool [N]: rows whose signature counts come from the prompt (None: all of them). Rows
+    # built from output counts ARE the decode usage, so rho on them would be circular.
+    prompt_rows: np.ndarray | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -66,6 +69,12 @@ class CalibrationSet:
         return (self.texts is not None and any(t is not None for t in self.texts)) or (
             self.input_ids is not None and any(i is not None for i in self.input_ids)
         )
+
+    def independent_rows(self) -> np.ndarray:
+        """Indices whose signature is independent of their decode usage (prompt-based)."""
+        if self.prompt_rows is None:
+            return np.arange(len(self))
+        return np.flatnonzero(self.prompt_rows)
 
     def subset(self, index: npt.ArrayLike) -> CalibrationSet:
         idx = np.asarray(index, dtype=np.int64)
@@ -81,6 +90,7 @@ class CalibrationSet:
             else [self.decode_tokens[i] for i in pick],
             labels=None if self.labels is None else [self.labels[i] for i in pick],
             signature_from=self.signature_from,
+            prompt_rows=None if self.prompt_rows is None else self.prompt_rows[idx],
             sources=self.sources,
         )
 
@@ -318,6 +328,7 @@ def load_calibration_log(path: Path, geometry: ModelGeometry | None) -> Calibrat
         None if decode is None else decode.astype(np.int32),
         texts=[r.text for r in usable],
         input_ids=[r.input_ids for r in usable],
+        prompt_rows=np.array(from_prompt, dtype=bool),
         signature_from="prompt"
         if all(from_prompt)
         else "output"
@@ -399,5 +410,10 @@ def concat(parts: Sequence[CalibrationSet]) -> CalibrationSet:
         decode_tokens=None if any(t is None for t in tokens) else [r for t in tokens for r in t],  # type: ignore[union-attr]
         labels=join("labels"),
         signature_from=kinds.pop() if len(kinds) == 1 else "mixed",
+        prompt_rows=None
+        if all(p.prompt_rows is None for p in parts)
+        else np.concatenate(
+            [np.ones(len(p), bool) if p.prompt_rows is None else p.prompt_rows for p in parts]
+        ),
         sources=[s for p in parts for s in p.sources],
     )

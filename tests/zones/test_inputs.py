@@ -129,3 +129,29 @@ def test_split_indices() -> None:
     np.testing.assert_array_equal(again[1], test)
     with pytest.raises(InputError, match="test_fraction"):
         split_indices(10, 1.0, seed=0)
+
+
+def test_output_only_log_fits_without_circular_rho(tmp_path: Path) -> None:
+    """Stock SGLang PD logs only output counts: fit works, but rho is not claimed."""
+    from zones.evaluate import evaluate
+    from zones.fit import FitOptions, fit_zones
+
+    from .helpers import clustered_counts
+
+    _, decode, _ = clustered_counts(60, groups=3, seed=0)
+    path = tmp_path / "stock.jsonl"
+    write_calibration(
+        path,
+        [
+            CalibrationRecord(SMALL, float(i), text=f"p{i}", output_counts=decode[i])
+            for i in range(60)
+        ],
+    )
+    calib = load_inputs([path])
+    assert calib.signature_from == "output" and len(calib.independent_rows()) == 0
+    table, _ = fit_zones(calib, ["a", "b", "c"], FitOptions())
+    assert "rho" not in table.fit_stats and "not measured" in table.fit_stats["rho_note"]
+    assert table.spec.layer_mask.all()
+    ev = evaluate(table, calib, batch_sizes=(4,), steps=100, bootstrap=0)
+    assert ev.rho is None
+    assert any("upper bound" in n for n in ev.notes)
