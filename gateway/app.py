@@ -32,7 +32,7 @@ from gateway.health import HealthChecker
 from gateway.loads import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policies.registry import make_policy
-from gateway.resolver import NullResolver, RoutingResolver
+from gateway.resolver import NullResolver, ResultHook, RoutingResolver
 from gateway.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,19 @@ def _make_resolver(state: GatewayState) -> RoutingResolver:
     return resolver
 
 
+def _make_calibration_hook(state: GatewayState) -> ResultHook | None:
+    settings = state.settings
+    if not settings.calibration_log:
+        return None
+    from gateway.calibration_hook import CalibrationHook
+    from gateway.calibration_log import CalibrationSampler, CalibrationWriter
+
+    writer = CalibrationWriter(settings.calibration_log, metrics=state.eldr_metrics)
+    writer.start()
+    return CalibrationHook(writer, CalibrationSampler(settings.calibration_sample_rate),
+                           state.zone_runtime)
+
+
 def _sync_zone_workers(state: GatewayState) -> None:
     if state.zone_runtime is not None:
         state.zone_runtime.set_workers([(w.worker_id, w.url)
@@ -198,7 +211,7 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             decode_policy=make_policy(settings.effective_decode_policy, settings, **deps),
             regular_policy=make_policy(settings.policy if settings.policy != "eldr"
                                        else "least_load", settings, **deps),
-            resolver=_make_resolver(state), rng=rng)
+            resolver=_make_resolver(state), rng=rng, hook=_make_calibration_hook(state))
         headers = state.upstream_headers()
         state.health = HealthChecker(
             state.workers, state.session, state.metrics, settings.health_check_endpoint,
@@ -226,6 +239,9 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             state.tasks.clear()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
+            hook = state.dispatcher.hook if state.dispatcher is not None else None
+            if hook is not None:
+                await asyncio.to_thread(hook.close)  # flushes queued records (bounded)
             await state.session.close()
 
     app.cleanup_ctx.append(lifecycle)

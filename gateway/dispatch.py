@@ -54,7 +54,7 @@ from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
 from gateway.metrics import GatewayMetrics
 from gateway.policies.base import NO_ROUTING_INPUT, Policy, RoutingInput, Selection
-from gateway.resolver import NullResolver, RequestContext, RoutingResolver
+from gateway.resolver import NullResolver, RequestContext, ResultHook, RoutingResolver
 from gateway.retry import RetryConfig
 from gateway.upstream import (
     TRANSPORT_ERRORS,
@@ -92,7 +92,7 @@ class Dispatcher:
                  session: aiohttp.ClientSession, metrics: GatewayMetrics,
                  prefill_policy: Policy, decode_policy: Policy,
                  regular_policy: Policy, resolver: RoutingResolver | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, hook: ResultHook | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.session = session
@@ -100,6 +100,7 @@ class Dispatcher:
         self.policies = {"prefill": prefill_policy, "decode": decode_policy,
                          "regular": regular_policy}
         self.resolver: RoutingResolver = resolver or NullResolver()
+        self.hook = hook
         self.rng = rng or random.Random()
         self.retry = RetryConfig(
             max_attempts=settings.max_attempts,
@@ -196,6 +197,8 @@ class Dispatcher:
     # ------------------------------------------------------------------ retry loop
     async def _attempts(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         headers = self._headers(request)
+        if self.hook is not None:
+            ctx.upstream_body = self.hook.prepare(ctx)
         attempts = self.retry.max_attempts
         for attempt in range(attempts):
             if attempt:
@@ -264,7 +267,7 @@ class Dispatcher:
                             stack: AsyncExitStack) -> Opened:
         worker, selection = self._select("regular", NO_ROUTING_INPUT)
         stack.enter_context(InFlight(worker, self.metrics))
-        body = _encode(ctx.body)
+        body = _encode(_outgoing(ctx))
         resp = await post_open(self.session, worker, ctx.endpoint, body, headers, self.timeout)
         stack.callback(close_response, resp)
         opened = Opened(resp, worker, selection)
@@ -278,9 +281,11 @@ class Dispatcher:
         decode_policy = self.policies["decode"]
         routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
                    else NO_ROUTING_INPUT)
+        ctx.extras["signature_source"] = routing.signature_source
         decode, selection = self._select("decode", routing)
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
-        body = _encode(bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port, rooms))
+        body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
+                                        rooms))
         prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
         stack.enter_context(InFlight(decode, self.metrics))
         prefill_task = asyncio.ensure_future(
@@ -314,7 +319,7 @@ class Dispatcher:
                                   stack: AsyncExitStack) -> Opened:
         prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
         room = bootstrap.new_rooms(None, self.rng)
-        injected = bootstrap.inject(ctx.body, prefill.url, prefill.bootstrap_port, room)
+        injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
         prefill_body = dict(injected, prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
             result = await post_read(self.session, prefill, ctx.endpoint,
@@ -335,6 +340,7 @@ class Dispatcher:
             except orjson.JSONDecodeError:
                 parsed = None
             routing = self.resolver.from_prefill(ctx, parsed)
+        ctx.extras["signature_source"] = routing.signature_source
         decode, selection = self._select("decode", routing)
         stack.enter_context(InFlight(decode, self.metrics))
         resp = await post_open(self.session, decode, ctx.endpoint, _encode(injected),
@@ -418,13 +424,24 @@ class Dispatcher:
             parsed = _loads_or_none(data)
             if parsed is not None and merge_logprobs(_loads_or_none(prefill.body), parsed):
                 data = orjson.dumps(parsed)
-        if self.resolver.wants_decode_results:
+        if self.resolver.wants_decode_results or ctx.upstream_body is not None:
             if parsed is None:
                 parsed = _loads_or_none(data)
             if parsed is not None:
                 self._observe(ctx, opened, parsed)
+                if self.hook is not None and ctx.upstream_body is not None and \
+                        self._hook_result(ctx, opened, parsed):
+                    data = orjson.dumps(parsed)
         return web.Response(body=data, status=resp.status,
                             content_type=resp.content_type or "application/json")
+
+    def _hook_result(self, ctx: RequestContext, opened: Opened, parsed: Any) -> bool:
+        assert self.hook is not None
+        try:
+            return self.hook.on_result(ctx, opened.worker.worker_id, opened.selection, parsed)
+        except Exception:  # the calibration log must never fail a request that succeeded
+            log.exception("result hook failed")
+            return False
 
     def _observe(self, ctx: RequestContext, opened: Opened, parsed: Any) -> None:
         try:
@@ -477,6 +494,10 @@ class Dispatcher:
         self._record_success(opened.worker)
         await out.write_eof()
         return out
+
+
+def _outgoing(ctx: RequestContext) -> dict[str, Any]:
+    return ctx.upstream_body if ctx.upstream_body is not None else ctx.body
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -28,7 +28,8 @@ class RequestContext:
     batch: int | None  # batch size from bootstrap.batch_size (None: single request)
     started: float  # time.perf_counter() at arrival
     request_id: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # resolver scratch space per request
+    extras: dict[str, Any] = field(default_factory=dict)  # resolver/hook scratch space
+    upstream_body: dict[str, Any] | None = None  # set by a ResultHook: what workers get instead
 
 
 class RoutingResolver(Protocol):
@@ -40,6 +41,18 @@ class RoutingResolver(Protocol):
 
     def observe_decode(self, ctx: RequestContext, decode_worker_id: str,
                        selection: Selection | None, result: Any) -> None: ...
+
+
+class ResultHook(Protocol):
+    """Optional dispatch hook (the calibration log): may change the body sent upstream and see
+    (and modify, returning True) each parsed non-streaming decode answer."""
+
+    def prepare(self, ctx: RequestContext) -> dict[str, Any] | None: ...
+
+    def on_result(self, ctx: RequestContext, decode_worker_id: str,
+                  selection: Selection | None, parsed: Any) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class NullResolver:

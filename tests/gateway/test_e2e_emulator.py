@@ -305,3 +305,26 @@ async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source):
             assert sum(resolved.values()) == 4
             if source is not None:
                 assert resolved[source] == 4
+
+
+async def test_calibration_log_records_sampled_requests_and_hides_routed_experts(tmp_path):
+    from zones.calibration import read_calibration
+
+    async with run_cluster(ClusterConfig(prefill=1, decode=2, engine=ENGINE)) as cluster:
+        table_path, log_path = str(tmp_path / "zones.json"), str(tmp_path / "calib.jsonl")
+        _random_table(table_path, cluster.decode_urls)
+        settings = _settings(cluster, zones=table_path, calibration_log=log_path,
+                             calibration_sample_rate=1.0)
+        async with running_gateway(settings) as (url, _state), aiohttp.ClientSession() as s:
+            for i, asked in enumerate((False, True, False)):
+                body = {"text": f"calibrate me {i}", "sampling_params": {"max_new_tokens": 4}}
+                if asked:
+                    body["return_routed_experts"] = True
+                async with s.post(url + "/generate", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    meta = (await r.json())["meta_info"]
+                assert ("routed_experts" in meta) == asked
+    records = list(read_calibration(log_path))
+    assert len(records) == 3
+    assert all(rec.output_counts is not None and rec.decode_worker in cluster.decode_urls
+               for rec in records)
