@@ -217,11 +217,3 @@ def scalable_assign(sim: npt.ArrayLike, *, price_rounds: int = 30, passes: int =
     price = _price_ascent(s, n / k, price_rounds)
     labels = _greedy(s, price, floor, extra)
     return _improve(s, labels, floor, passes)
-
-
-def balanced_assign(sim: npt.ArrayLike, *, exact_max_points: int = 2000) -> IntArray:
-    """Exact when N <= exact_max_points (memory N x N slots), scalable otherwise."""
-    s = np.asarray(sim)
-    if s.ndim == 2 and s.shape[0] <= exact_max_points:
-        return exact_assign(s)
-    return scalable_assign(s)
