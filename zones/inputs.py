@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,17 +362,24 @@ def load_inputs(
         path = Path(p)
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-        kind = fmt or detect_format(path)
-        if kind == "trace":
-            part = load_trace(path, geometry, prefill_fraction)
-        elif kind == "counts":
-            part = load_counts(path, geometry)
-        elif kind == "routed-experts":
-            part = load_routed_experts(path, geometry)
-        elif kind == "calibration":
-            part = load_calibration_log(path, geometry)
-        else:
-            raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {kind!r}")
+        try:
+            kind = fmt or detect_format(path)
+            if kind == "trace":
+                part = load_trace(path, geometry, prefill_fraction)
+            elif kind == "counts":
+                part = load_counts(path, geometry)
+            elif kind == "routed-experts":
+                part = load_routed_experts(path, geometry)
+            elif kind == "calibration":
+                part = load_calibration_log(path, geometry)
+            else:
+                raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {kind!r}")
+        except InputError:
+            raise
+        except KeyError as exc:  # an .npz without the array the format needs
+            raise InputError(f"{path}: missing array {exc} for format {fmt or 'detected'}") from exc
+        except (ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
         part.sources[0]["sha256"] = file_digest(path)
         parts.append(part)
     return concat(parts)

@@ -155,3 +155,18 @@ def test_output_only_log_fits_without_circular_rho(tmp_path: Path) -> None:
     ev = evaluate(table, calib, batch_sizes=(4,), steps=100, bootstrap=0)
     assert ev.rho is None
     assert any("upper bound" in n for n in ev.notes)
+
+
+def test_unreadable_files_give_input_errors(tmp_path: Path) -> None:
+    corrupt = tmp_path / "bad.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(InputError, match=r"bad\.npz: cannot read"):
+        load_inputs([corrupt])
+    other = tmp_path / "other.npz"
+    np.savez(other, something=np.zeros(3), num_layers=4, num_experts=8, top_k=2)
+    with pytest.raises(InputError, match="missing array"):
+        load_inputs([other], fmt="trace")
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(InputError, match=r"bin\.jsonl"):
+        load_inputs([binary])
