@@ -45,11 +45,11 @@ def synthetic(
 ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     d = layers * experts
-    centres = np.zeros((k, layers, experts), dtype=np.float32)
+    prefs = np.zeros((k, layers, experts), dtype=np.float32)
     for c in range(k):
         for layer in range(layers):
-            centres[c, layer, rng.choice(experts, size=16, replace=False)] = 1.0
-    centres = centres.reshape(k, d)
+            prefs[c, layer, rng.choice(experts, size=16, replace=False)] = 1.0
+    centres = prefs.reshape(k, d)
     labels = rng.integers(0, k, size=n)
     x = np.empty((n, d), dtype=np.float32)
     chunk = 4096
