@@ -216,6 +216,7 @@ class CompareOptions:
     prefill_policy: str = "round_robin"
     zones: Path | None = None
     calibration_via: str = "driver"  # "driver" | "gateway-log"
+    calibration_max_duration: float = 900.0
     endpoint: str = "generate"
     progress: bool = True
     corpus: Path = DEFAULT_CORPUS
@@ -373,7 +374,15 @@ class Experiment:
         try:
             convs = self.workload("calibration", o.calibration_requests + o.warmup)
             body = None if via_gateway else ROUTED_EXPERTS_BODY
-            config = self.driver_config(url, None, o.calibration_requests, body)
+            config = replace(
+                self.driver_config(url, None, o.calibration_requests, body),
+                # Calibration is bounded by its request count, not by the per-run duration:
+                # a short --max-duration must not silently shrink the calibration set.
+                max_duration=o.calibration_max_duration,
+                # Closed loop at a batch of 8 per decode worker: enough to finish quickly
+                # without the host becoming the bottleneck.
+                concurrency=8 * o.decode,
+            )
             result = await run_load(config, convs)
             write_run(result, o.out / "calibration" / "traffic")
         finally:
