@@ -33,7 +33,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from emulator_locality import build_parser, run_token_hash, run_trace  # same directory
+from emulator_locality import (  # same directory
+    build_parser,
+    chunk_requests,
+    domain_texts,
+    run_token_hash,
+    run_trace,
+)
+
+from loadtest.emulator.routing import RoutingTrace, TokenHashRouting, default_trace_path
+from loadtest.emulator.tokenizer import Tokenizer
+from zones.geometry import geometry_by_name
 
 CALIBRATION_GEOMETRY = "DeepSeek-V2-Lite"   # the geometry of the real trace
 CALIBRATION_BATCH = 16                      # the largest batch the trace's domains allow
@@ -88,6 +98,47 @@ def _mean(runs: list[Stats]) -> Stats:
                    for f in ("same", "mixed", "cos_same_req", "cos_same_dom", "cos_other_dom")))
 
 
+def pair_overlap(rows: np.ndarray, request: np.ndarray, domain: np.ndarray, pairs: int,
+                 rng: np.random.Generator) -> tuple[float, float, float]:
+    """Mean share of top-k experts two random tokens have in common (over layers), for token
+    pairs of the same request / other requests of the same domain / other domains."""
+    tokens, layers, k = rows.shape
+    used = np.zeros((tokens, layers, int(rows.max()) + 1), dtype=bool)
+    used[np.arange(tokens)[:, None, None], np.arange(layers)[None, :, None], rows] = True
+    flat = used.reshape(tokens, -1)
+    a, b = rng.integers(tokens, size=pairs), rng.integers(tokens, size=pairs)
+    shared = (flat[a] & flat[b]).sum(axis=1) / (layers * k)
+    same_req = (request[a] == request[b]) & (a != b)
+    same_dom = (domain[a] == domain[b]) & (request[a] != request[b])
+    return (float(shared[same_req].mean()), float(shared[same_dom].mean()),
+            float(shared[domain[a] != domain[b]].mean()))
+
+
+def trace_pair_overlap(trace_path: str | None, rng: np.random.Generator
+                       ) -> tuple[float, float, float]:
+    trace = RoutingTrace.load(trace_path or default_trace_path())
+    lengths = np.diff(trace.offsets)
+    request = np.repeat(np.arange(trace.num_requests), lengths)
+    domain = np.array(trace.domains)[request]
+    return pair_overlap(trace.expert_ids.astype(np.int64), request, domain, 200_000, rng)
+
+
+def token_hash_pair_overlap(topic_mix: float, prompt_tokens: int, rng: np.random.Generator
+                            ) -> tuple[float, float, float]:
+    """The same statistic over token-hash prompt routing, 8 prompts per text domain."""
+    tok = Tokenizer()
+    source = TokenHashRouting(geometry_by_name(CALIBRATION_GEOMETRY), tok, topic_mix=topic_mix)
+    rows, request, domain = [], [], []
+    for name, text in domain_texts().items():
+        for req in chunk_requests(name, text, tok, 8, prompt_tokens, rng):
+            routed = source.route_prompt(req.ids, None)
+            rows.append(routed)
+            request += [len(rows)] * len(routed)
+            domain += [name] * len(routed)
+    return pair_overlap(np.concatenate(rows).astype(np.int64), np.array(request),
+                        np.array(domain), 200_000, rng)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", default=",".join(str(g) for g in DEFAULT_GRID),
@@ -135,6 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{target.ratio:.3f}x; cosine {best.cos_same_req:.3f} / {best.cos_same_dom:.3f} / "
           f"{best.cos_other_dom:.3f} vs target {target.cos_same_req:.3f} / "
           f"{target.cos_same_dom:.3f} / {target.cos_other_dom:.3f}")
+
+    # Diagnostic, not fitted: do two tokens share experts the way real routing's tokens do?
+    # (trace requests are short, median 70 tokens; token-hash prompts use 128 tokens here)
+    g = geometry_by_name(CALIBRATION_GEOMETRY)
+    print("\ntoken-pair expert overlap (share of top-k in common; chance = top_k / experts = "
+          f"{g.top_k / g.num_experts:.3f})")
+    print(f"{'source':22} {'same req':>9} {'same dom':>9} {'other dom':>10}")
+    rng = np.random.default_rng(0)
+    for name, values in (("trace", trace_pair_overlap(args.trace_path, rng)),
+                         ("token-hash topic=0", token_hash_pair_overlap(0.0, 128, rng)),
+                         (f"token-hash topic={best_t:g}",
+                          token_hash_pair_overlap(best_t, 128, rng))):
+        print(f"{name:22} {values[0]:9.3f} {values[1]:9.3f} {values[2]:10.3f}")
     return 0
 
 
