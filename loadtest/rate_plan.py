@@ -9,8 +9,10 @@ by guessing req/s. By Little's law, in steady state
 
 and the emulator's cost model (loadtest/emulator/costmodel.py) gives the step time. The
 distinct-experts term uses the uniform-routing expectation `E * (1 - (1 - k/E)^B)`, an upper
-bound for real traffic (locality lowers it), so the planned rate yields at most the target batch
-(a little more when locality shortens steps). Prefill is ignored: it runs on other workers and
+bound: real traffic has locality, so its steps are shorter, requests finish sooner and the
+achieved batch is SMALLER than the target (measured on 2P+4D, time scale 20: target 16 gave a
+mean batch of about 6). Treat the plan as a starting point and read the achieved batch from the
+report's "mean batch" column. Prefill is ignored: it runs on other workers and
 delays decode entry without changing how many requests decode concurrently in steady state.
 """
 
