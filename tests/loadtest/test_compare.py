@@ -70,7 +70,10 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_quick_preset_and_overrides() -> None:
     o = options_from_args(_parse("--out", "x", "--quick", "--rates", "1", "3"))
-    assert (o.prefill, o.decode, o.rates, o.num_requests) == (4, 8, [1.0, 3.0], 60)
+    assert (o.prefill, o.decode, o.rates, o.num_requests) == (4, 8, [1.0, 3.0], 320)
+    assert o.batches is None  # explicit rates win over the preset's planned rate
+    planned = options_from_args(_parse("--out", "x", "--quick"))
+    assert planned.batches == [12] and len(planned.rates) == 1 and planned.rates[0] > 0
     full = options_from_args(_parse("--out", "x"))
     assert (full.prefill, full.decode, full.model) == (8, 16, "Qwen3-30B-A3B")
     with pytest.raises(CompareError, match="--rates"):
