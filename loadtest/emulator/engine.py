@@ -35,7 +35,9 @@ from loadtest.emulator.stats import (
 from zones.geometry import ModelGeometry
 
 IntArray = npt.NDArray[np.int32]
-TokenSource = Iterator[tuple[int, IntArray]]
+# (token id, its [num_layers, top_k] expert ids). The expert ids may be None only on an engine
+# built with experts_required=False (an instant cost model that never reads them).
+TokenSource = Iterator[tuple[int, IntArray | None]]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class EngineStoppedError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     token_id: int
-    expert_ids: IntArray      # [num_layers, top_k] experts this token used when forwarded
+    expert_ids: IntArray | None   # [num_layers, top_k] experts this token used when forwarded
+                                  # (None: the source skipped routing, see experts_required)
     index: int                # 0 = first output token
 
 
@@ -69,6 +72,8 @@ class EngineLoad:
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     steps: int
+    routed_steps: int                    # steps whose batch carried expert ids (distinct_* cover
+                                         # only these; == steps unless experts_required=False)
     tokens: int
     batch_size_sum: int
     distinct_experts_sum: float          # sum over steps of the mean over layers
@@ -139,11 +144,20 @@ class DecodeHandle:
 
 
 class DecodeEngine:
+    """Continuous batching on the real clock (module docstring).
+
+    `experts_required=False` lets token sources yield `None` instead of expert ids: for an
+    instant cost model, whose step time does not depend on them, so a request that does not
+    report its routed experts need not be routed at all. Distinct-expert statistics then cover
+    only the requests that did carry expert ids (`routed_steps` counts the steps that had any).
+    """
+
     def __init__(self, cost_model: CostModel, geometry: ModelGeometry, *,
-                 max_batch_size: int = 64) -> None:
+                 max_batch_size: int = 64, experts_required: bool = True) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         self.cost_model = cost_model
+        self.experts_required = experts_required
         self.geometry = geometry
         self.max_batch_size = max_batch_size
         self._waiting: collections.deque[DecodeHandle] = collections.deque()
@@ -152,10 +166,11 @@ class DecodeEngine:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._failure: str | None = None
-        self._layer_offsets = (np.arange(geometry.num_layers, dtype=np.int64)
-                               * geometry.num_experts)[:, None]
+        self._row_shape = (geometry.num_layers, geometry.top_k)
+        self._no_experts = np.zeros(geometry.num_layers, dtype=np.int32)
         # Cumulative statistics.
         self._steps = 0
+        self._routed_steps = 0
         self._tokens = 0
         self._batch_size_sum = 0
         self._distinct_sum = 0.0
@@ -218,6 +233,7 @@ class DecodeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             steps=self._steps,
+            routed_steps=self._routed_steps,
             tokens=self._tokens,
             batch_size_sum=self._batch_size_sum,
             distinct_experts_sum=self._distinct_sum,
@@ -235,12 +251,18 @@ class DecodeEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def distinct_experts(self, expert_ids: npt.NDArray[np.integer]) -> IntArray:
-        """Distinct experts per layer over a batch's `[batch, layers, top_k]` expert ids."""
+        """Distinct experts per layer over a batch's `[batch, layers, top_k]` expert ids.
+
+        Sorts each layer's batch x top_k ids and counts value changes: the fastest of the
+        variants timed by `benchmarks/emulator_engine_overhead.py --distinct-variants`.
+        """
         g = self.geometry
-        used = np.zeros(g.num_layers * g.num_experts, dtype=bool)
-        flat = self._layer_offsets[None, :, :] + expert_ids.astype(np.int64)
-        used[flat.ravel()] = True
-        return used.reshape(g.num_layers, g.num_experts).sum(axis=1).astype(np.int32)
+        ids = np.asarray(expert_ids)
+        if ids.shape[0] == 0:
+            return np.zeros(g.num_layers, dtype=np.int32)
+        per_layer = np.sort(ids.transpose(1, 0, 2).reshape(g.num_layers, -1), axis=1)
+        changes = np.count_nonzero(per_layer[:, 1:] != per_layer[:, :-1], axis=1)
+        return (changes + 1).astype(np.int32)
 
     async def _run(self) -> None:
         try:
@@ -266,13 +288,13 @@ class DecodeEngine:
                 await self._wake.wait()
                 continue
             start = loop.time()
-            batch, picks = self._next_tokens()
+            batch, picks, ids = self._next_tokens()
             if not batch:
                 continue
-            ids = np.stack([experts for _, experts in picks])
-            distinct = self.distinct_experts(ids)
+            distinct = self.distinct_experts(ids) if ids is not None else None
             kv_tokens = sum(h.kv_tokens for h in batch)
-            modelled = self.cost_model.decode_step_seconds(len(batch), distinct, kv_tokens)
+            modelled = self.cost_model.decode_step_seconds(
+                len(batch), self._no_experts if distinct is None else distinct, kv_tokens)
             deadline = start + modelled
             delay = deadline - loop.time()
             # sleep(0) still yields, so an instant cost model cannot starve the event loop.
@@ -295,34 +317,75 @@ class DecodeEngine:
         while self._waiting and len(self._running) < self.max_batch_size:
             self._running.append(self._waiting.popleft())
 
-    def _next_tokens(self) -> tuple[list[DecodeHandle], list[tuple[int, IntArray]]]:
-        """Pull each running request's next (token, experts); a broken source aborts only it."""
-        g = self.geometry
+    def _next_tokens(self) -> tuple[list[DecodeHandle], list[tuple[int, IntArray | None]],
+                                    IntArray | None]:
+        """Pull each running request's next (token, experts); a broken source aborts only it.
+
+        Returns the batch, its picks, and the stacked `[n, layers, top_k]` expert ids of the
+        picks that carry them (None when none does). The ids are validated once per batch (one
+        min/max over the stack, not two reductions per request); only a batch that fails is
+        checked row by row, to abort just the requests whose source misbehaved.
+        """
         batch: list[DecodeHandle] = []
-        picks: list[tuple[int, IntArray]] = []
+        picks: list[tuple[int, IntArray | None]] = []
         for handle in list(self._running):
             try:
                 token, experts = next(handle._tokens)
-                arr = np.asarray(experts)
-                if arr.shape != (g.num_layers, g.top_k):
-                    raise ValueError(f"expert_ids shaped {arr.shape}, expected "
-                                     f"[{g.num_layers}, {g.top_k}]")
-                if arr.min() < 0 or arr.max() >= g.num_experts:
-                    raise ValueError(f"expert_ids outside [0, {g.num_experts})")
+                if experts is None and self.experts_required:
+                    raise ValueError("no expert ids (this engine's cost model needs them)")
             except StopIteration:
                 self._running.remove(handle)
                 self._close(handle, FINISH_STOP)
                 continue
             except Exception as exc:  # a token source bug must not kill the other requests
-                log.warning("decode %s: token source failed: %s", handle.rid, exc)
-                self._running.remove(handle)
-                self._close(handle, FINISH_ABORT, f"token source failed: {exc}")
+                self._abort_source(handle, exc)
                 continue
             batch.append(handle)
-            picks.append((int(token), arr.astype(np.int32, copy=False)))
-        return batch, picks
+            picks.append((int(token), experts))
+        rows = [experts for _, experts in picks if experts is not None]
+        if not rows:
+            return batch, picks, None
+        try:
+            ids = np.stack(rows)
+            ok = (ids.shape[1:] == self._row_shape and np.issubdtype(ids.dtype, np.integer)
+                  and int(ids.min()) >= 0 and int(ids.max()) < self.geometry.num_experts)
+        except (ValueError, TypeError):   # rows of different shapes or not numbers
+            ok = False
+        if ok:
+            return batch, picks, ids.astype(np.int32, copy=False)
+        kept_batch: list[DecodeHandle] = []
+        kept_picks: list[tuple[int, IntArray | None]] = []
+        for handle, (token, experts) in zip(batch, picks, strict=True):
+            if experts is not None:
+                try:
+                    experts = self._checked(experts)
+                except (ValueError, TypeError) as exc:
+                    self._abort_source(handle, exc)
+                    continue
+            kept_batch.append(handle)
+            kept_picks.append((token, experts))
+        rows = [experts for _, experts in kept_picks if experts is not None]
+        return kept_batch, kept_picks, (np.stack(rows) if rows else None)
 
-    def _emit(self, batch: list[DecodeHandle], picks: list[tuple[int, IntArray]]) -> None:
+    def _checked(self, experts: npt.ArrayLike) -> IntArray:
+        g = self.geometry
+        arr = np.asarray(experts)
+        if arr.shape != self._row_shape:
+            raise ValueError(f"expert_ids shaped {arr.shape}, expected "
+                             f"[{g.num_layers}, {g.top_k}]")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"expert_ids must be integers, got {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= g.num_experts:
+            raise ValueError(f"expert_ids outside [0, {g.num_experts})")
+        return arr.astype(np.int32, copy=False)
+
+    def _abort_source(self, handle: DecodeHandle, exc: Exception) -> None:
+        log.warning("decode %s: token source failed: %s", handle.rid, exc)
+        self._running.remove(handle)
+        self._close(handle, FINISH_ABORT, f"token source failed: {exc}")
+
+    def _emit(self, batch: list[DecodeHandle], picks: list[tuple[int, IntArray | None]]
+              ) -> None:
         for handle, (token, experts) in zip(batch, picks, strict=True):
             if handle.finish_reason is not None:
                 continue
@@ -340,18 +403,20 @@ class DecodeEngine:
                 self._running.remove(handle)
                 self._close(handle, reason)
 
-    def _record_step(self, batch_size: int, distinct: IntArray, modelled: float, wall: float,
-                     lag: float) -> None:
+    def _record_step(self, batch_size: int, distinct: IntArray | None, modelled: float,
+                     wall: float, lag: float) -> None:
         self._steps += 1
         self._batch_size_sum += batch_size
-        self._distinct_sum += float(distinct.mean())
+        if distinct is not None:
+            self._routed_steps += 1
+            self._distinct_sum += float(distinct.mean())
+            self._distinct_hist.observe_many(distinct)
         self._step_seconds_sum += modelled
         self._wall_seconds_sum += wall
         self._lag_sum += lag
         self._lag_max = max(self._lag_max, lag)
         if lag > LAG_TOLERANCE_SECONDS:
             self._lagged_steps += 1
-        self._distinct_hist.observe_many(distinct)
         self._batch_hist.observe(batch_size)
         self._step_hist.observe(modelled)
 
@@ -391,6 +456,12 @@ class PrefillEngine:
         if not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
         seconds = self.cost_model.prefill_seconds(num_tokens)
+        if seconds == 0.0 and not self._lock.locked():
+            # Instant model and nobody queued: the pass takes no time, so skip the lock and the
+            # event-loop round trip (order is still FIFO: nothing is waiting to be overtaken).
+            self._requests += 1
+            self._tokens += num_tokens
+            return
         self._waiting += 1
         self._waiting_tokens += num_tokens
         queued = True

@@ -36,7 +36,7 @@ from loadtest.emulator.pd import (
     KvPayload,
     fetch_kv,
 )
-from loadtest.emulator.routing import RoutingSource, make_routing_source
+from loadtest.emulator.routing import BigramWalk, RoutingSource, make_routing_source
 from loadtest.emulator.tokenizer import Tokenizer
 from zones.geometry import ModelGeometry, geometry_by_name
 from zones.routed_experts import counts_from_expert_ids, encode_counts, encode_routed_experts
@@ -64,6 +64,9 @@ class GenerationError(Exception):
 class _Prompt:
     ids: list[int]
     text: str | None
+
+
+TokenStream = Iterator[tuple[int, np.ndarray | None]]
 
 
 class _TextStream:
@@ -108,8 +111,12 @@ class Worker:
         self.geometry: ModelGeometry = self.routing.geometry
         self.cost_model = (CostModel.instant() if opts.instant else
                            CostModel.for_geometry(self.geometry, time_scale=opts.time_scale))
+        # An instant cost model never reads expert ids, so requests that do not report them
+        # skip routing entirely (see _needs_experts).
+        self.instant = opts.instant
         self.decode_engine = DecodeEngine(self.cost_model, self.geometry,
-                                          max_batch_size=opts.max_batch_size)
+                                          max_batch_size=opts.max_batch_size,
+                                          experts_required=not opts.instant)
         self.prefill_engine = PrefillEngine(self.cost_model)
         self.registry = BootstrapRegistry()
         self.metrics = WorkerMetrics(self)
@@ -226,7 +233,7 @@ class Worker:
                 finally:
                     self.bootstrap_queue -= 1
             await self._run_prefill(len(prompt.ids))
-            (first_token, _), _ = await self._open_stream(prompt, self._seed(item))
+            first_token = self._first_output_token(prompt, self._seed(item))
             if not fake:
                 hold = None
                 if item.prefill_first:
@@ -270,13 +277,22 @@ class Worker:
         return {"text": self.tokenizer.decode([first_token]), "output_ids": [first_token],
                 "meta_info": meta}
 
+    def _needs_experts(self, item: GenerateItem) -> bool:
+        """Whether this request's tokens must be routed: always for a real cost model (step
+        times depend on the experts), else only when the response reports routed experts."""
+        return not self.instant or item.return_routed_experts
+
     async def _first_token(self, item: GenerateItem, prompt: _Prompt
-                           ) -> tuple[Iterator[tuple[int, np.ndarray]], int]:
+                           ) -> tuple[TokenStream, int]:
         """The token stream for the engine and the prompt length, after prefill or KV fetch."""
         room = item.bootstrap_room
+        seed = self._seed(item)
+        routed = self._needs_experts(item)
         if self.role == "regular" or item.bootstrap_host == FAKE_BOOTSTRAP_HOST:
             await self._run_prefill(len(prompt.ids))
-            first, stream = await self._open_stream(prompt, self._seed(item))
+            if not routed:
+                return self._unrouted_stream(prompt, seed), len(prompt.ids)
+            first, stream = await self._open_stream(prompt, seed)
             return itertools.chain([first], stream), len(prompt.ids)
         assert room is not None and self._session is not None
         if item.bootstrap_host is None:
@@ -289,14 +305,15 @@ class Worker:
         port = item.bootstrap_port if item.bootstrap_port is not None else \
             SGLANG_DEFAULT_BOOTSTRAP_PORT
         # Routing the prompt overlaps the wait for the KV.
-        opening = asyncio.ensure_future(self._open_stream(prompt, self._seed(item)))
+        opening = asyncio.ensure_future(self._open_stream(prompt, seed)) if routed else None
         self.transfer_queue += 1
         try:
             opts = self.config.engine
             kv = await fetch_kv(self._session, item.bootstrap_host, port, room,
                                 opts.bootstrap_timeout_secs + opts.waiting_timeout_secs)
         except BaseException as exc:
-            opening.cancel()
+            if opening is not None:
+                opening.cancel()
             if not isinstance(exc, HandshakeError):
                 raise
             self.metrics.bootstrap_failed()
@@ -306,21 +323,39 @@ class Worker:
                      f"req.bootstrap_room={room} with exception {exc}") from None
         finally:
             self.transfer_queue -= 1
-        (own_token, experts), stream = await opening
+        if opening is None:
+            stream = self._unrouted_stream(prompt, seed)
+            own_token, experts = next(stream)
+        else:
+            (own_token, experts), stream = await opening
         if own_token != kv.first_token_id:
             log.warning("room %s: prefill sampled %s, decode continuation has %s",
                         room, kv.first_token_id, own_token)
         # SGLang transfers the prefill's sampled token with the KV; it is output token 0.
         return itertools.chain([(kv.first_token_id, experts)], stream), kv.prompt_len
 
+    def _first_output_token(self, prompt: _Prompt, seed: int) -> int:
+        """The token the prefill samples: the first token of the request's continuation.
+
+        Every routing source draws its tokens from this same walk (routing.BigramWalk, same
+        prompt, seed and EOS), so this equals the first token of `routing.continuation`
+        without routing anything (tests/emulator/test_pd.py checks the two agree).
+        """
+        return BigramWalk(prompt.ids, seed, self.tokenizer.eos_token_id).next_token()
+
+    def _unrouted_stream(self, prompt: _Prompt, seed: int) -> TokenStream:
+        """The continuation's tokens without expert ids (instant cost model only)."""
+        walk = BigramWalk(prompt.ids, seed, self.tokenizer.eos_token_id)
+        return ((walk.next_token(), None) for _ in itertools.count())
+
     async def _open_stream(self, prompt: _Prompt, seed: int
-                           ) -> tuple[tuple[int, np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+                           ) -> tuple[tuple[int, np.ndarray | None], TokenStream]:
         """Start the continuation and compute its first element off the event loop.
 
         Routing a prompt costs tens of ms of CPU (token-hash over 48 x 128 experts); on the loop
         it would stall every other worker's decode steps in this process for that long.
         """
-        def work() -> tuple[tuple[int, np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+        def work() -> tuple[tuple[int, np.ndarray | None], TokenStream]:
             stream = iter(self.routing.continuation(prompt.ids, prompt.text, seed))
             return next(stream), stream
         return await asyncio.to_thread(work)
@@ -355,7 +390,8 @@ class Worker:
                     last_at = now
                     output_ids.append(int(event.token_id))
                     text.append(int(event.token_id))
-                    rows.append(np.asarray(event.expert_ids, dtype=np.int32))
+                    if item.return_routed_experts:
+                        rows.append(np.asarray(event.expert_ids, dtype=np.int32))
                     # The chunk carrying the last token also carries finish_reason (SGLang
                     # streams no separate closing chunk), so decide finality here.
                     eos_hit = (not item.ignore_eos
