@@ -49,6 +49,8 @@ class Stack:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     gateway_port: int = 0
     metrics_port: int = 0
+    prefill_port: int = 0
+    decode_port: int = 0
 
     @property
     def base(self) -> str:
@@ -64,6 +66,7 @@ class Stack:
     def start(self, timeout_s: float = 90.0) -> Stack:
         py = sys.executable
         pport, bport, dport = free_port(), free_port(), free_port()
+        self.prefill_port, self.decode_port = pport, dport
         self._spawn("prefill", [py, "-m", "loadtest.emulator", "--role", "prefill", "--host",
                                 HOST, "--port", str(pport), "--bootstrap-port", str(bport),
                                 *self.emulator_args])

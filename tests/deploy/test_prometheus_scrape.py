@@ -43,6 +43,16 @@ def _query(prom: str, expr: str) -> dict[str, Any]:
         return dict(json.loads(e.read()))
 
 
+def _wait_for_series(prom: str, expr: str, timeout_s: float = 60) -> list[Any]:
+    """Query until the expression has data (scrapes run every second) or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result: list[Any] = _query(prom, expr)["data"]["result"]
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     s = Stack(tmp_path).start()
@@ -64,11 +74,19 @@ def test_prometheus_scrapes_the_gateway(stack: Stack, tmp_path: Path) -> None:
 
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{
-            "job_name": "eldr-gateway",
-            "static_configs": [{"targets": [f"{HOST}:{stack.metrics_port}"],
-                                "labels": {"component": "gateway"}}],
-        }],
+        "scrape_configs": [
+            {"job_name": "eldr-gateway",
+             "static_configs": [{"targets": [f"{HOST}:{stack.metrics_port}"],
+                                 "labels": {"component": "gateway"}}]},
+            # The emulated workers expose SGLang's metric names, labelled as in
+            # deploy/compose/prometheus/prometheus.yml.
+            {"job_name": "sglang",
+             "static_configs": [
+                 {"targets": [f"{HOST}:{stack.prefill_port}"],
+                  "labels": {"component": "worker", "role": "prefill"}},
+                 {"targets": [f"{HOST}:{stack.decode_port}"],
+                  "labels": {"component": "worker", "role": "decode"}}]},
+        ],
     }
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
@@ -81,16 +99,14 @@ def test_prometheus_scrapes_the_gateway(stack: Stack, tmp_path: Path) -> None:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ok(prom + "/-/ready", 60, [proc])
-        deadline = time.monotonic() + 60
-        result: list[Any] = []
-        while time.monotonic() < deadline and not result:
-            result = _query(prom, 'sum(eldr_requests_total{job="eldr-gateway"})')["data"]["result"]
-            if not result:
-                time.sleep(0.5)  # waiting for the next scrape (1 s interval)
+        result = _wait_for_series(prom, 'sum(eldr_requests_total{job="eldr-gateway"})')
         assert result, "no eldr_requests_total scraped:\n" + stack.logs()
         assert float(result[0]["value"][1]) >= 5
         up = _query(prom, 'up{job="eldr-gateway"}')["data"]["result"]
         assert up and up[0]["value"][1] == "1"
+        # The dashboard's worker panels select decode workers by the role target label.
+        running = _wait_for_series(prom, 'sglang:num_running_reqs{role="decode"}')
+        assert running, "no sglang:num_running_reqs scraped from the decode worker"
 
         # Every dashboard query is accepted by a real Prometheus over real gateway series.
         errors = []
