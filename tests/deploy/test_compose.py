@@ -211,3 +211,18 @@ def test_promtool_accepts_the_prometheus_config() -> None:
     r = subprocess.run([promtool, "check", "config", str(PROM_CONFIG)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gateway_accepts_the_compose_command_line(compose: dict[str, Any]) -> None:
+    cli = pytest.importorskip("gateway.cli", reason="pending: gateway.cli not written yet")
+    import dataclasses
+
+    from gateway.config import Settings
+
+    gw = compose["services"]["gateway"]
+    known = {"GATEWAY_" + f.name.upper() for f in dataclasses.fields(Settings)}
+    assert set(gw["environment"]) <= known, set(gw["environment"]) - known
+    settings = cli.settings_from_args(gw["command"], env=gw["environment"])
+    assert settings.pd_disaggregation
+    assert settings.admin_token == "test-token"
+    assert settings.zones == "/etc/eldr/zones/zones.json"

@@ -184,3 +184,12 @@ def test_manifests_match_the_kubernetes_schema_strictly(path: Path) -> None:
             continue
         # strict: unknown fields (typos such as `readinesProbe`) are errors, not ignored.
         kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_gateway_accepts_the_deployment_command_line() -> None:
+    cli = pytest.importorskip("gateway.cli", reason="pending: gateway.cli not written yet")
+    c = _container(_resources()["Deployment"])
+    env = {e["name"]: "from-secret" for e in c.get("env", [])}
+    settings = cli.settings_from_args(c["args"], env=env)
+    assert settings.pd_disaggregation and settings.admin_token == "from-secret"
+    assert settings.effective_decode_policy == "eldr"
