@@ -4,8 +4,6 @@ only to metric names and labels that exist: `eldr_*` names in the gateway's own 
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import re
 import shutil
@@ -15,12 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
 from tests.deploy.conftest import DEPLOY
+from tests.deploy.metric_names import GATEWAY_METRIC_MODULES, METRIC_TOKEN
 
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
-GATEWAY_METRIC_MODULES = ("gateway.metrics", "gateway.eldr_metrics")
 # Names the dashboard uses from SGLang 0.5.23, srt/observability/metrics_collector.py
 # (SchedulerMetricsCollector / TokenizerMetricsCollector), served with --enable-metrics.
 SGLANG_METRICS = {
@@ -32,63 +29,14 @@ SGLANG_METRICS = {
 # Labels Prometheus attaches to every scraped series: job/instance, plus the static target
 # labels in deploy/compose/prometheus/prometheus.yml.
 TARGET_LABELS = {"job", "instance", "component", "role"}
-SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gauge": ("",),
-    "summary": ("", "_sum", "_count", "_created"),
-    "info": ("_info",),
-}
-METRIC_TOKEN = re.compile(r"(?<![\w:])((?:eldr_|sglang:)[A-Za-z0-9_:]*)")
 SELECTOR = re.compile(r"((?:eldr_|sglang:)[A-Za-z0-9_:]*)\{([^}]*)\}")
 GROUPING = re.compile(r"\b(?:by|without|ignoring|on)\s*\(([^)]*)\)")
 LEGEND = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
-def _gateway_series() -> tuple[dict[str, set[str]], list[str]]:
-    """Exposed sample name -> label names, from every metrics facade class in the gateway's
-    metric modules instantiated on a fresh registry; and the modules that could not be imported."""
-    series: dict[str, set[str]] = {}
-    missing: list[str] = []
-    for mod_name in GATEWAY_METRIC_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            missing.append(mod_name)
-            continue
-        for _, cls in inspect.getmembers(mod, inspect.isclass):
-            if cls.__module__ != mod_name:
-                continue
-            params = list(inspect.signature(cls).parameters)
-            if params != ["registry"]:
-                continue
-            registry = CollectorRegistry()
-            facade = cls(registry)
-            for metric in vars(facade).values():
-                describe = getattr(metric, "describe", None)
-                if describe is None or metric is registry:
-                    continue
-                labels = set(getattr(metric, "_labelnames", ()))
-                for family in describe():
-                    for suffix in SUFFIXES[family.type]:
-                        series[family.name + suffix] = labels | (
-                            {"le"} if family.type == "histogram" else set()
-                        )
-    return series, missing
-
-
 def _targets(path: Path) -> list[dict[str, Any]]:
     dash = json.loads(path.read_text())
     return [t for p in dash["panels"] for t in p.get("targets", [])]
-
-
-@pytest.fixture(scope="module")
-def gateway_series() -> dict[str, set[str]]:
-    series, missing = _gateway_series()
-    if missing:
-        pytest.skip(f"pending: gateway metric modules not importable yet: {missing}")
-    assert series, "no metrics facade found in the gateway metric modules"
-    return series
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
