@@ -3,21 +3,29 @@
 Setup: one PD upstream in its own process. `--upstream fake` (default): a minimal aiohttp prefill
 and decode pair speaking SGLang's /generate shape that answer at once (no KV handshake), so the
 routers, not the upstream, are the bottleneck. `--upstream emulator`: the SGLang PD emulator
-(`python -m loadtest cluster --instant`), which implements the real bootstrap handshake but
-answers one request in ~0.1 s even with --instant, so it caps every router at a few dozen
-requests/s and cannot show router overhead. Against it, in turn and never at the same time (the
-machine may have only 2 cores):
-  direct   no router: one POST straight to the decode (fake upstream), or the load generator
-           doing the dual dispatch itself (emulator); the reference for "added latency"
+(`python -m loadtest cluster --instant`), which implements the real bootstrap handshake; since
+the emulator's instant path was sped up it serves a few hundred requests/s on 2 cores, still
+several times the fake's cost per request, so it dilutes router overhead (use it to check the
+routers against the real wire contract, the fake to compare router cost). Against it, in turn
+and never at the same time (the machine may have only 2 cores):
+  direct   no router: the load generator does the dual dispatch itself (same bootstrap room to
+           prefill and decode, both POSTed at once); the reference for "added latency"
   gateway  python -m gateway (`--processes N`, SO_REUSEPORT when N > 1)
   rust     python -m sglang_router.launch_router --pd-disaggregation
 Both routers use round_robin for prefill and decode, retries and health checks at defaults.
 
-Load: `--concurrency` closed-loop clients for `--duration` seconds after `--warmup`, in a separate
-process; non-streaming `/generate` (requests/s, p50/p99 latency) and streaming `/generate`
-(requests/s, SSE chunks/s). Added latency = router p50/p99 minus direct p50/p99.
+Load, in a separate process: closed loop (`--concurrency` clients, each sending its next request
+when the last answered; this saturates the slowest stage and gives the throughput ratio) or open
+loop (`--rate` Poisson arrivals/s, at most `--concurrency` outstanding; latency from the scheduled
+arrival; this gives added latency at a fixed moderate load). `--duration` seconds measured after
+`--warmup`, non-streaming `/generate` (requests/s, p50/p99 latency) and streaming `/generate`
+(requests/s, SSE chunks/s). Added latency = router p50/p99 minus direct p50/p99 of the same
+round. `--repeat N` runs N interleaved rounds of direct/gateway/rust and prints per-round rows,
+medians and the gateway/Rust throughput ratio per round; the 1-minute load average is printed
+per phase, since on a shared machine the numbers move with other jobs.
 
-Run:  python benchmarks/gateway_vs_rust.py [--duration 8] [--concurrency 64] [--processes 1]
+Run:  python benchmarks/gateway_vs_rust.py [--duration 8] [--concurrency 64] [--rate 0]
+      [--repeat 1] [--processes 1] [--upstream fake|emulator]
 Every phase and every subprocess is bounded; the script prints a table and, with --json, one JSON
 line per phase.
 """
@@ -137,7 +145,14 @@ def _serve_fake_pd(ports: list[int], seconds: float) -> None:
 
 
 def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
-          duration: float, out: Any) -> None:
+          duration: float, rate: float, out: Any) -> None:
+    """One load phase in its own process; puts a result dict on `out`.
+
+    rate == 0: closed loop, `concurrency` clients each sending its next request when the last
+    answered (saturates the slowest stage). rate > 0: open loop, Poisson arrivals at `rate`
+    requests/s (seeded) with at most `concurrency` outstanding; latency counts from the
+    scheduled arrival, so a router that falls behind is not flattered (no coordinated omission).
+    """
     import aiohttp
     import uvloop
 
@@ -146,23 +161,29 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
                                                 STREAM_TOKENS if stream else MAX_NEW_TOKENS,
                                                 "ignore_eos": True},
                             "stream": stream}
+    encoded = orjson.dumps(body)
+    hdrs = {"Content-Type": "application/json"}
 
     async def main() -> dict[str, Any]:
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                        cookie_jar=aiohttp.DummyCookieJar())
         rng = random.Random(0)
         latencies: list[float] = []
         chunks = 0
         errors = 0
+        skipped = 0
         t_measure = time.perf_counter() + warmup
         t_end = t_measure + duration
 
         async def one() -> tuple[bool, int]:
             if target["mode"] == "direct":
+                # The client does the dual dispatch itself (same room in both legs, both POSTed
+                # at once, as a PD router does): the reference "added latency" is measured
+                # against, with the same upstream work per request as through a router.
                 room = rng.randint(0, 2**63 - 1)
                 sent = orjson.dumps(dict(body, bootstrap_host="127.0.0.1",
                                          bootstrap_port=target["bootstrap_port"],
                                          bootstrap_room=room))
-                hdrs = {"Content-Type": "application/json"}
 
                 async def prefill() -> None:
                     async with session.post(target["prefill"] + "/generate", data=sent,
@@ -175,34 +196,59 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
                         data = await r.read()
                         return r.status == 200, data.count(b"data:")
 
-                if target.get("decode_only"):
-                    return await decode()
                 _, result = await asyncio.gather(prefill(), decode())
                 return result
-            async with session.post(target["url"] + "/generate", data=orjson.dumps(body),
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(target["url"] + "/generate", data=encoded,
+                                    headers=hdrs) as r:
                 data = await r.read()
                 return r.status == 200, data.count(b"data:")
 
-        async def client() -> None:
+        def record(t0: float, t1: float, ok: bool, n: int) -> None:
             nonlocal chunks, errors
+            if t0 >= t_measure and t1 <= t_end:
+                if ok:
+                    latencies.append(t1 - t0)
+                    chunks += n
+                else:
+                    errors += 1
+
+        async def timed(t0: float) -> None:
+            try:
+                ok, n = await asyncio.wait_for(one(), 30)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ok, n = False, 0
+            record(t0, time.perf_counter(), ok, n)
+
+        async def client() -> None:
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_end:
                     return
-                try:
-                    ok, n = await asyncio.wait_for(one(), 30)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok, n = False, 0
-                t1 = time.perf_counter()
-                if t0 >= t_measure and t1 <= t_end:
-                    if ok:
-                        latencies.append(t1 - t0)
-                        chunks += n
-                    else:
-                        errors += 1
+                await timed(t0)
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        async def open_loop() -> None:
+            nonlocal skipped
+            arrivals = random.Random(1)
+            pending: set[asyncio.Task[None]] = set()
+            due = time.perf_counter()
+            while due < t_end:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if len(pending) >= concurrency:
+                    skipped += 1  # over the cap: the target is not keeping up with `rate`
+                else:
+                    task = asyncio.ensure_future(timed(due))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                due += arrivals.expovariate(rate)
+            if pending:
+                await asyncio.wait(pending, timeout=35)
+
+        if rate > 0:
+            await open_loop()
+        else:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
         await session.close()
         latencies.sort()
         return {
@@ -211,7 +257,7 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
             "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"),
             "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3 if latencies
             else float("nan"),
-            "errors": errors, "ok": len(latencies),
+            "errors": errors, "ok": len(latencies), "skipped": skipped,
         }
 
     out.put(uvloop.run(main()))
@@ -220,18 +266,30 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
 def run_load(target: dict[str, Any], stream: bool, args: argparse.Namespace) -> dict[str, Any]:
     queue: Any = mp.Queue()
     proc = mp.Process(target=_load, args=(target, stream, args.concurrency, args.warmup,
-                                          args.duration, queue))
+                                          args.duration, args.rate, queue))
     proc.start()
     result: dict[str, Any] = queue.get(timeout=args.warmup + args.duration + 90)
     proc.join(10)
     return result
 
 
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="closed-loop clients, or the cap on outstanding requests with --rate")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="open-loop Poisson arrivals per second (0: closed loop)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of direct/gateway/rust, interleaved; medians are reported")
     p.add_argument("--processes", type=int, default=1, help="gateway server processes")
     p.add_argument("--decode", type=int, default=1, help="emulated decode workers")
     p.add_argument("--only", nargs="*", choices=("direct", "gateway", "rust"),
@@ -240,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--log-dir", default="/tmp")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate < 0:
+        p.error("--repeat and --concurrency must be >= 1, --duration > 0, --rate >= 0")
     py = sys.executable
     base = _free_port()
     with contextlib.suppress(Exception):  # pick a base with room for 2 + 2*decode ports
@@ -255,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     for url in decode_urls:
         pd_args += ["--decode", url]
     results: list[dict[str, Any]] = []
-    print(f"# cpus={os.cpu_count()} concurrency={args.concurrency} duration={args.duration}s "
+    load = f"rate={args.rate}/s (open loop, cap {args.concurrency})" if args.rate else \
+        f"concurrency={args.concurrency} (closed loop)"
+    print(f"# cpus={os.cpu_count()} {load} duration={args.duration}s repeat={args.repeat} "
           f"gateway processes={args.processes} decode workers={args.decode} "
-          f"upstream={args.upstream}", flush=True)
+          f"upstream={args.upstream} loadavg(1m) at start={_loadavg():.2f}", flush=True)
     if args.upstream == "fake":
         upstream: Any = mp.Process(target=_serve_fake_pd,
-                                   args=([base + i for i in range(1 + args.decode)], 900.0),
+                                   args=([base + i for i in range(1 + args.decode)], 3600.0),
                                    daemon=True)
         upstream.start()
         cm: Any = _terminating(upstream)
@@ -270,38 +332,38 @@ def main(argv: list[str] | None = None) -> int:
         _wait_http(prefill_url + "/health", 60)
         for url in decode_urls:
             _wait_http(url + "/health", 60)
-        for name in args.only:
-            port = _free_port()
-            if name == "direct":
-                # With the fake upstream the decode needs no prefill, so "direct" is one POST
-                # to the decode: the client + upstream cost without any router in between.
-                target = {"mode": "direct", "prefill": prefill_url, "decode": decode_urls[0],
-                          "bootstrap_port": bootstrap_port,
-                          "decode_only": args.upstream == "fake"}
-                ctx: Any = contextlib.nullcontext()
-            elif name == "gateway":
-                target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
-                ctx = _process([py, "-m", "gateway", *pd_args, "--host", "127.0.0.1", "--port",
-                                str(port), "--policy", "round_robin", "--prometheus-port",
-                                str(_free_port()), "--processes", str(args.processes),
-                                "--log-level", "warn"],
-                               os.path.join(args.log_dir, "bench_gateway.log"))
-            else:
-                target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
-                ctx = _process([py, "-m", "sglang_router.launch_router", *pd_args, "--host",
-                                "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-                                "--prometheus-port", str(_free_port()), "--log-level", "warn"],
-                               os.path.join(args.log_dir, "bench_rust.log"))
-            with ctx:
-                if target["mode"] == "router":
-                    _wait_http(target["url"] + "/health", 60)
-                for stream in (False, True):
-                    r = run_load(target, stream, args)
-                    r.update(name=name, stream=stream)
-                    results.append(r)
-                    if args.json:
-                        print(orjson.dumps(r).decode(), flush=True)
+        for round_ in range(args.repeat):
+            for name in args.only:
+                port = _free_port()
+                if name == "direct":
+                    target = {"mode": "direct", "prefill": prefill_url,
+                              "decode": decode_urls[0], "bootstrap_port": bootstrap_port}
+                    ctx: Any = contextlib.nullcontext()
+                elif name == "gateway":
+                    target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
+                    ctx = _process([py, "-m", "gateway", *pd_args, "--host", "127.0.0.1",
+                                    "--port", str(port), "--policy", "round_robin",
+                                    "--prometheus-port", str(_free_port()), "--processes",
+                                    str(args.processes), "--log-level", "warn"],
+                                   os.path.join(args.log_dir, "bench_gateway.log"))
+                else:
+                    target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
+                    ctx = _process([py, "-m", "sglang_router.launch_router", *pd_args,
+                                    "--host", "127.0.0.1", "--port", str(port), "--policy",
+                                    "round_robin", "--prometheus-port", str(_free_port()),
+                                    "--log-level", "warn"],
+                                   os.path.join(args.log_dir, "bench_rust.log"))
+                with ctx:
+                    if target["mode"] == "router":
+                        _wait_http(target["url"] + "/health", 60)
+                    for stream in (False, True):
+                        r = run_load(target, stream, args)
+                        r.update(name=name, stream=stream, round=round_, loadavg=_loadavg())
+                        results.append(r)
+                        if args.json:
+                            print(orjson.dumps(r).decode(), flush=True)
     _print_table(results)
+    print(f"# loadavg(1m) at end={_loadavg():.2f}", flush=True)
     return 0
 
 
@@ -323,25 +385,57 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
 def _print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'phase':8s} {'mode':10s} {'req/s':>8s} {'chunks/s':>9s} {'p50 ms':>8s} "
-          f"{'p99 ms':>8s} {'+p50 ms':>8s} {'+p99 ms':>8s} {'errors':>6s}")
-    direct = {r["stream"]: r for r in results if r["name"] == "direct"}
-    for r in results:
-        d = direct.get(r["stream"])
-        add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else float("nan")
-        add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else float("nan")
-        print(f"{r['name']:8s} {'stream' if r['stream'] else 'non-strm':10s} {r['rps']:8.0f} "
-              f"{r['chunks_per_s']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {add50:8.2f} "
-              f"{add99:8.2f} {r['errors']:6d}")
+    """Per round: every phase; then medians over rounds (added latency and ratios are taken per
+    round, against that round's direct and Rust phases, then the median of those)."""
+    rounds = sorted({r["round"] for r in results})
+    head = (f"{'round':>5s} {'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} "
+            f"{'p50 ms':>7s} {'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'err':>4s} "
+            f"{'skip':>4s} {'load':>5s}")
+    print(head)
+    derived: list[dict[str, Any]] = []
+    for rnd in rounds:
+        mine = [r for r in results if r["round"] == rnd]
+        direct = {r["stream"]: r for r in mine if r["name"] == "direct"}
+        rust = {r["stream"]: r for r in mine if r["name"] == "rust"}
+        for r in mine:
+            d = direct.get(r["stream"])
+            add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else float("nan")
+            add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else float("nan")
+            ru = rust.get(r["stream"])
+            ratio = (r["rps"] / ru["rps"] if ru and ru["rps"] > 0 and r["name"] == "gateway"
+                     else float("nan"))
+            derived.append(dict(r, add50=add50, add99=add99, ratio=ratio))
+            print(f"{rnd:5d} {r['name']:8s} {'stream' if r['stream'] else 'non-strm':9s} "
+                  f"{r['rps']:7.0f} {r['chunks_per_s']:8.0f} {r['p50_ms']:7.2f} "
+                  f"{r['p99_ms']:7.2f} {add50:7.2f} {add99:7.2f} {r['errors']:4d} "
+                  f"{r.get('skipped', 0):4d} {r['loadavg']:5.2f}")
+    print(f"# medians over {len(rounds)} round(s)")
+    print(f"{'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} {'p50 ms':>7s} "
+          f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s}")
+    for name in ("direct", "gateway", "rust"):
+        for stream in (False, True):
+            rows = [d for d in derived if d["name"] == name and d["stream"] == stream]
+            if not rows:
+                continue
+            med = {k: _median([float(d[k]) for d in rows])
+                   for k in ("rps", "chunks_per_s", "p50_ms", "p99_ms", "add50", "add99",
+                             "ratio")}
+            print(f"{name:8s} {'stream' if stream else 'non-strm':9s} {med['rps']:7.0f} "
+                  f"{med['chunks_per_s']:8.0f} {med['p50_ms']:7.2f} {med['p99_ms']:7.2f} "
+                  f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio']:7.2f}")
     for stream in (False, True):
-        g = next((r for r in results if r["name"] == "gateway" and r["stream"] == stream), None)
-        rust = next((r for r in results if r["name"] == "rust" and r["stream"] == stream), None)
-        if g and rust and rust["rps"] > 0:
+        ratios = [d["ratio"] for d in derived
+                  if d["name"] == "gateway" and d["stream"] == stream and d["ratio"] == d["ratio"]]
+        if ratios:
             kind = "stream" if stream else "non-stream"
-            print(f"gateway/rust throughput ratio ({kind}): {g['rps'] / rust['rps']:.2f}"
-                  + (f"  chunks/s ratio: {g['chunks_per_s'] / rust['chunks_per_s']:.2f}"
-                     if stream and rust["chunks_per_s"] else ""))
+            print(f"gateway/rust throughput ratio ({kind}): median {_median(ratios):.2f} "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from gateway.upstream import (
     TRANSPORT_ERRORS,
     AttemptFailed,
     LegResult,
+    UrlCache,
     close_response,
     post_open,
     post_read,
@@ -113,6 +114,7 @@ class Dispatcher:
                                           settings.queue_timeout_secs)
         self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_secs)
         self._id_headers = tuple(h.lower() for h in settings.request_id_headers)
+        self._urls = UrlCache()
 
     # ------------------------------------------------------------------ entry point
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
@@ -268,7 +270,8 @@ class Dispatcher:
         worker, selection = self._select("regular", NO_ROUTING_INPUT)
         stack.enter_context(InFlight(worker, self.metrics))
         body = _encode(_outgoing(ctx))
-        resp = await post_open(self.session, worker, ctx.endpoint, body, headers, self.timeout)
+        resp = await post_open(self.session, worker, self._urls.get(worker, ctx.endpoint), body,
+                               headers, self.timeout)
         stack.callback(close_response, resp)
         opened = Opened(resp, worker, selection)
         if ctx.stream:
@@ -289,10 +292,12 @@ class Dispatcher:
         prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
         stack.enter_context(InFlight(decode, self.metrics))
         prefill_task = asyncio.ensure_future(
-            post_read(self.session, prefill, ctx.endpoint, body, headers, self.timeout))
+            post_read(self.session, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
+                      self.timeout))
         stack.push_async_callback(_cancel, prefill_task)
         decode_task = asyncio.ensure_future(
-            post_open(self.session, decode, ctx.endpoint, body, headers, self.timeout))
+            post_open(self.session, decode, self._urls.get(decode, ctx.endpoint), body, headers,
+                      self.timeout))
         stack.push_async_callback(_discard_response_task, decode_task)
 
         done, _ = await asyncio.wait({prefill_task, decode_task},
@@ -322,7 +327,7 @@ class Dispatcher:
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
         prefill_body = dict(injected, prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
-            result = await post_read(self.session, prefill, ctx.endpoint,
+            result = await post_read(self.session, prefill, self._urls.get(prefill, ctx.endpoint),
                                      _encode(prefill_body), headers, self.timeout)
         self._check_prefill(prefill, result)
         released = False
@@ -343,7 +348,8 @@ class Dispatcher:
         ctx.extras["signature_source"] = routing.signature_source
         decode, selection = self._select("decode", routing)
         stack.enter_context(InFlight(decode, self.metrics))
-        resp = await post_open(self.session, decode, ctx.endpoint, _encode(injected),
+        resp = await post_open(self.session, decode, self._urls.get(decode, ctx.endpoint),
+                               _encode(injected),
                                headers, self.timeout)
         released = True  # the decode connected: the room is consumed by it
         stack.callback(close_response, resp)
@@ -356,7 +362,8 @@ class Dispatcher:
                             headers: dict[str, str]) -> None:
         body = orjson.dumps({"bootstrap_room": room})
         with contextlib.suppress(AttemptFailed):
-            await post_read(self.session, prefill, "/disaggregation/release", body, headers,
+            await post_read(self.session, prefill,
+                            self._urls.get(prefill, "/disaggregation/release"), body, headers,
                             aiohttp.ClientTimeout(total=self.settings.health_check_timeout_secs))
 
     def _check_prefill(self, prefill: Worker, result: LegResult) -> None:
