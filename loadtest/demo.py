@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,12 @@ class DemoOptions:
     decode: int = 4
     model: str | None = None  # None: by routing (DEFAULT_MODEL, or TRACE_MODEL for trace)
     routing: str = "token-hash"
-    # Slows the modelled H100 down 4x so 6 workers in one Python process keep their clock on a
-    # 2-core laptop during the closed-loop calibration burst (docs/wire-format.md, "Capacity of
-    # one emulator process": at scale 1 the host lags ~0.5x the modelled time), while a
-    # 64-token chat still streams in about a second.
-    time_scale: float = 4.0
+    # Slows the modelled H100 down 8x so that 6 workers in one Python process keep their clock
+    # through the closed-loop calibration burst (32 requests in flight) on a shared 2-core box:
+    # measured there, decode host lag was 0.40-0.50 of the modelled step time at scale 4 and
+    # 0.04-0.05 at scale 8 (`/emulator/stats` host_lag_seconds_sum / step_seconds_sum). A
+    # 32-token answer still streams in about a second (~30 ms per token at batch 1).
+    time_scale: float = 8.0
     port: int = 30000
     prometheus_port: int = 29000
     pd_flow: str = "dual"
@@ -264,7 +265,7 @@ def render_banner(r: Ready) -> str:
         f"{o.model_name}, {o.routing} routing, time scale {o.time_scale:g}, "
         f"{o.pd_flow} PD flow",
         f"  zone table    {r.table} (fitted on {o.calibration_requests} calibration requests)",
-        f"  logs          {r.workdir / 'logs'}/ (gateway.log, cluster.log, ...)",
+        f"  logs          {r.workdir / 'logs'}/",
         "",
         "# SGLang /generate",
         curl_generate(r.gateway_url),
@@ -275,8 +276,12 @@ def render_banner(r: Ready) -> str:
         "# Python (openai package)",
         openai_snippet(r.gateway_url, r.model_id),
         "",
-        "# ELDR decode decisions so far, by signature source",
-        f"curl -s {r.metrics_url} | grep '^eldr_decisions_total'",
+        "# ELDR at work: decode decisions, signature sources, chosen workers",
+        f"curl -s {r.metrics_url} | grep -E "
+        "'^eldr_(decisions_total|signature_resolutions_total|worker_selections_total)'",
+        "",
+        "# Gateway log",
+        f"tail -f {r.workdir / 'logs' / 'gateway.log'}",
         "",
     ]
     tail = "Stop with Ctrl-C."
@@ -295,9 +300,12 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def _describe(gateway_url: str) -> tuple[dict[str, Any], str]:
     """The active zone table (GET /zones) and the served model id (GET /v1/models)."""
-    async with aiohttp.ClientSession() as session:
-        zones = await _get_json(session, gateway_url + "/zones")
-        models = await _get_json(session, gateway_url + "/v1/models")
+    try:
+        async with aiohttp.ClientSession() as session:
+            zones = await _get_json(session, gateway_url + "/zones")
+            models = await _get_json(session, gateway_url + "/v1/models")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise DemoError(f"the gateway at {gateway_url} stopped answering: {exc!r}") from exc
     if not isinstance(zones, dict) or not zones.get("active"):
         raise DemoError(f"the gateway started without an active zone table: {zones}")
     data = models.get("data") if isinstance(models, dict) else None
@@ -316,10 +324,7 @@ class Demo:
 
     async def start(self, say: Callable[[str], None]) -> Ready:
         o = self.opts
-        port = check_port_free("--port", o.port)
-        prometheus_port = check_port_free("--prometheus-port", o.prometheus_port)
-        if port == prometheus_port:  # two free_port() calls can coincide
-            prometheus_port = check_port_free("--prometheus-port", 0)
+        port, prometheus_port = o.port, o.prometheus_port
         t0 = time.monotonic()
         steps: list[tuple[str, float]] = []
 
@@ -499,6 +504,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def resolve_ports(opts: DemoOptions) -> DemoOptions:
+    """Fails now, before minutes of work, when a requested port is taken; 0 becomes a free
+    port (racy by nature: another process may take it before the gateway binds)."""
+    port = check_port_free("--port", opts.port)
+    prometheus_port = check_port_free("--prometheus-port", opts.prometheus_port)
+    while prometheus_port == port:  # two free_port() calls can coincide
+        prometheus_port = free_port()
+    return replace(opts, port=port, prometheus_port=prometheus_port)
+
+
 def options_from_args(args: argparse.Namespace) -> DemoOptions:
     opts = DemoOptions(
         prefill=args.prefill,
@@ -522,7 +537,7 @@ def main(args: argparse.Namespace) -> int:
     from loadtest.emulator.cluster import run_event_loop
 
     try:
-        opts = options_from_args(args)
+        opts = resolve_ports(options_from_args(args))
         workdir = opts.workdir or default_workdir()
         workdir.mkdir(parents=True, exist_ok=True)
         status: int = 0
