@@ -196,6 +196,12 @@ class RunningDemo:
                 raise AssertionError(f"demo exited before printing {prefix!r}:\n{self.diagnose()}")
             self.stdout.append(line_or_end)
 
+    def rest_of_stdout(self, timeout: float = 10.0) -> str:
+        """Every stdout line, once the demo has closed its stdout."""
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            self.stdout.append(line)
+        return "\n".join(self.stdout)
+
     def diagnose(self) -> str:
         err = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
         return "stdout:\n" + "\n".join(self.stdout) + "\nstderr:\n" + err[-4000:]
@@ -353,3 +359,24 @@ def test_demo_stops_by_itself_after_duration(start_demo: Any) -> None:
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"left running: {alive}"
     assert "--duration-secs 5 elapsed" in running.stderr_path.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_calibration_stops_every_child(start_demo: Any) -> None:
+    running: RunningDemo = start_demo("--calibration-requests", "400")
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    children: list[psutil.Process] = []
+    # Interrupt once calibration traffic flows: the cluster and the calibration gateway are up.
+    while len(children) < 2:
+        assert time.monotonic() < deadline, running.diagnose()
+        assert running.proc.poll() is None, running.diagnose()
+        if "demo: calibrating" in running.stderr_path.read_text():
+            children = psutil.Process(running.proc.pid).children(recursive=True)
+        time.sleep(0.1)  # polling the child's progress; it offers no other signal
+    running.proc.send_signal(signal.SIGINT)
+    assert running.proc.wait(STOP_TIMEOUT) == 130, running.diagnose()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"left running: {alive}"
+    assert "interrupted during start-up" in running.stderr_path.read_text()
+    assert "gateway URL" not in running.rest_of_stdout()
