@@ -456,13 +456,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "Start an emulated SGLang PD cluster, fit a zone table on calibration traffic, and run "
         "the ELDR gateway in front of it until Ctrl-C."
     )
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     d = DemoOptions()
     parser.add_argument("--prefill", type=int, default=d.prefill, help="prefill workers")
     parser.add_argument("--decode", type=int, default=d.decode, help="decode workers (= zones)")
     parser.add_argument(
         "--model",
         default=None,
-        help=f"model geometry (default {DEFAULT_MODEL}; {TRACE_MODEL} with --routing trace)",
+        help=f"model geometry (unset: {DEFAULT_MODEL}, or {TRACE_MODEL} with --routing trace)",
     )
     parser.add_argument(
         "--routing", choices=ROUTINGS, default=d.routing, help="emulated expert routing source"
