@@ -45,6 +45,7 @@ from loadtest.driver import DriverError
 from loadtest.procs import ManagedProcess, ProcessStartError, free_port, python_argv
 from loadtest.workloads import WorkloadError
 from zones.geometry import GeometryError, geometry_by_name
+from zones.table import ZoneTableError, load_table
 
 DEFAULT_MODEL = "Qwen3-30B-A3B"
 # The trace routing source replays DeepSeek-V2-Lite routing (esft_routing_shared.npz).
@@ -207,6 +208,7 @@ class Ready:
     opts: DemoOptions
     workdir: Path
     table: Path
+    fitted_on: int | None  # calibration requests the fit used (fit_stats.num_requests)
     startup_seconds: float
     steps: tuple[tuple[str, float], ...]
 
@@ -264,7 +266,7 @@ def render_banner(r: Ready) -> str:
         f"  cluster       {o.prefill} prefill + {o.decode} decode emulated workers, "
         f"{o.model_name}, {o.routing} routing, time scale {o.time_scale:g}, "
         f"{o.pd_flow} PD flow",
-        f"  zone table    {r.table} (fitted on {o.calibration_requests} calibration requests)",
+        f"  zone table    {r.table} (fitted on {r.fitted_on} calibration requests)",
         f"  logs          {r.workdir / 'logs'}/",
         "",
         "# SGLang /generate",
@@ -311,6 +313,15 @@ async def _describe(gateway_url: str) -> tuple[dict[str, Any], str]:
     data = models.get("data") if isinstance(models, dict) else None
     model_id = data[0].get("id") if isinstance(data, list) and data else None
     return zones, str(model_id or "default")
+
+
+def _fitted_on(table: Path) -> int | None:
+    """How many calibration requests the fit actually used (failed requests give none)."""
+    try:
+        n = load_table(table).fit_stats.get("num_requests")
+    except ZoneTableError:
+        return None
+    return n if isinstance(n, int) else None
 
 
 class Demo:
@@ -360,6 +371,7 @@ class Demo:
             opts=o,
             workdir=self.workdir,
             table=table,
+            fitted_on=_fitted_on(table),
             startup_seconds=time.monotonic() - t0,
             steps=tuple(steps),
         )

@@ -120,6 +120,7 @@ def ready(url: str = "http://127.0.0.1:30000") -> demo.Ready:
         opts=demo.DemoOptions(),
         workdir=Path("runs/demo-x"),
         table=Path("runs/demo-x/calibration/zones.json"),
+        fitted_on=96,
         startup_seconds=12.5,
         steps=(("cluster", 1.0), ("calibration + zone fit", 10.0), ("gateway", 1.5)),
     )
@@ -156,6 +157,7 @@ def test_banner_shows_urls_and_pasteable_requests() -> None:
     snippet = banner_section(banner, "# Python (openai package)")
     compile(snippet, "<snippet>", "exec")
     assert 'base_url="http://127.0.0.1:30000/v1"' in snippet
+    assert "(fitted on 96 calibration requests)" in banner
     assert "Stop with Ctrl-C." in banner
 
 
@@ -324,6 +326,7 @@ def test_demo_serves_printed_requests_and_stops_cleanly_on_ctrl_c(start_demo: An
     assert zones["num_zones"] == 2 and zones["checksum"].startswith("sha256:")
     assert Path(zones["path"]).is_file()
     assert all(w["worker"] for w in zones["workers"])
+    assert "(fitted on 24 calibration requests)" in banner
 
     # Metrics: the eldr policy chose the decode worker of every request, with a signature.
     with urllib.request.urlopen(metrics_url, timeout=30) as resp:
