@@ -12,7 +12,10 @@ experiment), then drives non-streaming PD `/generate` requests at `--concurrency
 straight at the workers (prefill and decode POSTed concurrently with the same bootstrap room, as
 a PD router does); with `--router` through the Rust sglang-router
 (`python -m sglang_router.launch_router --pd-disaggregation`, round robin) started as a second
-subprocess. Reports, per repeat: requests/s, client latency p50/p99, and the CPU seconds the
+subprocess. `--local-bootstrap` runs the cluster through this script's own launcher instead,
+whose workers share one `pd.LocalBootstraps` (the decode collects the KV from an in-process
+prefill without the loopback HTTP round trip; `python -m loadtest cluster` does not wire it
+yet). Reports, per repeat: requests/s, client latency p50/p99, and the CPU seconds the
 cluster process (and the router) spent per request (psutil; CPU per request is steadier than
 req/s on a shared machine, where req/s also depends on what else runs).
 """
@@ -147,10 +150,46 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+async def serve_local_cluster(args: argparse.Namespace) -> None:
+    """The `--local-bootstrap` cluster: instant workers sharing one LocalBootstraps."""
+    import signal
+
+    from loadtest.emulator import blas  # noqa: F401  (before numpy loads)
+    from loadtest.emulator.config import EngineOptions, WorkerConfig
+    from loadtest.emulator.pd import LocalBootstraps
+    from loadtest.emulator.server import WorkerServer
+
+    local = LocalBootstraps()
+    opts = EngineOptions(instant=True, routing=args.routing, model=args.model)
+    servers: list[WorkerServer] = []
+    stop_event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_event.set)
+    try:
+        for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+            for _ in range(count):
+                server = WorkerServer(WorkerConfig(role=role, engine=opts),  # type: ignore[arg-type]
+                                      local_bootstraps=local)
+                await server.start()
+                servers.append(server)
+        info = {"prefill": [{"url": s.url, "bootstrap_port": s.bootstrap_port}
+                            for s in servers[:args.prefill]],
+                "decode": [{"url": s.url} for s in servers[args.prefill:]]}
+        print(orjson.dumps(info).decode(), flush=True)
+        await stop_event.wait()
+    finally:
+        for server in reversed(servers):
+            await server.stop()
+
+
 async def main_async(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "loadtest", "cluster", "--prefill", str(args.prefill),
            "--decode", str(args.decode), "--base-port", "0", "--json", "--instant",
            "--routing", args.routing, "--model", args.model]
+    if args.local_bootstrap:
+        cmd = [sys.executable, __file__, "--serve-local-cluster", "--prefill", str(args.prefill),
+               "--decode", str(args.decode), "--routing", args.routing, "--model", args.model]
     cluster = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     router: asyncio.subprocess.Process | None = None
     try:
@@ -174,7 +213,8 @@ async def main_async(args: argparse.Namespace) -> int:
             procs["router"] = psutil.Process(router.pid)
         config = {k: getattr(args, k) for k in ("prefill", "decode", "concurrency", "requests",
                                                   "max_new_tokens", "routed_experts",
-                                                  "prefill_first", "routing", "model", "router")}
+                                                  "prefill_first", "routing", "model", "router",
+                                                  "local_bootstrap")}
         print(orjson.dumps({"config": config}).decode(), flush=True)
         await one_round(info, router_url, args, procs, seed=99)   # warm-up (caches, JIT-free)
         for r in range(args.repeat):
@@ -202,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", default="token-hash", choices=("token-hash", "trace"))
     ap.add_argument("--model", default="Qwen3-30B-A3B")
     ap.add_argument("--router", action="store_true", help="go through the Rust sglang-router")
+    ap.add_argument("--local-bootstrap", action="store_true",
+                    help="cluster whose decodes collect KV from in-process prefills directly")
+    ap.add_argument("--serve-local-cluster", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve_local_cluster:
+        import uvloop
+        uvloop.run(serve_local_cluster(args))
+        return 0
     if min(args.prefill, args.decode, args.concurrency, args.requests, args.repeat) < 1:
         ap.error("--prefill, --decode, --concurrency, --requests and --repeat must be >= 1")
     if args.router and args.prefill_first:

@@ -177,6 +177,37 @@ class BootstrapRegistry:
                 self.fail(room, f"decode for bootstrap_room {room} disconnected (aborted)")
 
 
+class LocalBootstraps:
+    """Prefill bootstrap registries served by THIS process, keyed by (host, bootstrap port).
+
+    Workers of one in-process cluster share one instance (passed to each `WorkerServer`), so a
+    decode whose prefill lives in the same process collects the KV straight from the prefill's
+    registry: the same `BootstrapRegistry.collect` the bootstrap server's handler calls, with
+    the same timeouts, failures and abort-on-cancel, minus one loopback HTTP round trip per
+    request (a client request plus a server request, the largest host cost left per PD request
+    on an instant cluster). Addresses not registered here still go over HTTP.
+    """
+
+    def __init__(self) -> None:
+        self._registries: dict[tuple[str, int], BootstrapRegistry] = {}
+        self.collected = 0   # KVs handed over in-process (observability and tests)
+
+    def register(self, host: str, port: int, registry: BootstrapRegistry) -> None:
+        self._registries[(host, port)] = registry
+
+    def unregister(self, host: str, port: int) -> None:
+        self._registries.pop((host, port), None)
+
+    def lookup(self, host: str, port: int) -> BootstrapRegistry | None:
+        return self._registries.get((host, port))
+
+    async def collect(self, registry: BootstrapRegistry, room: int, timeout: float
+                      ) -> KvPayload:
+        payload = await registry.collect(room, timeout)
+        self.collected += 1
+        return payload
+
+
 def bootstrap_routes(registry: BootstrapRegistry, kv_timeout: float) -> list[web.RouteDef]:
     """Routes of the prefill's bootstrap server (second aiohttp site on the bootstrap port)."""
 

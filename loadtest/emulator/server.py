@@ -21,7 +21,7 @@ from aiohttp import web
 from loadtest.emulator import openai_api, sse
 from loadtest.emulator.config import WorkerConfig
 from loadtest.emulator.generate_input import GenerateItem, RequestError, parse_generate
-from loadtest.emulator.pd import FAKE_BOOTSTRAP_HOST, bootstrap_routes
+from loadtest.emulator.pd import FAKE_BOOTSTRAP_HOST, LocalBootstraps, bootstrap_routes
 from loadtest.emulator.worker import WORKER_KEY, GenerationError, Worker
 
 SGLANG_VERSION = "0.5.23"
@@ -62,6 +62,10 @@ def abort_chunk(item: GenerateItem, exc: GenerationError) -> dict[str, Any]:
 
 async def run_all(worker: Worker, items: list[GenerateItem]) -> list[dict[str, Any]]:
     """Run a batch concurrently; the first failure cancels the rest (the request fails)."""
+    if len(items) == 1:
+        # The common case: no task or gather per request (a handler cancellation still
+        # reaches the generator through the await).
+        return [await worker.complete(items[0])]
     tasks = [asyncio.ensure_future(worker.complete(it)) for it in items]
     try:
         return list(await asyncio.gather(*tasks))
@@ -73,9 +77,12 @@ async def run_all(worker: Worker, items: list[GenerateItem]) -> list[dict[str, A
 class WorkerServer:
     """A started worker with its listening sites; `async with` or start()/stop()."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *,
+                 local_bootstraps: LocalBootstraps | None = None) -> None:
+        """`local_bootstraps`: shared by the workers of one in-process cluster (pd.py)."""
         self.config = config
-        self.worker = Worker(config)
+        self.worker = Worker(config, local_bootstraps=local_bootstraps)
+        self._local_bootstraps = local_bootstraps
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
         self.bootstrap_port: int | None = None
@@ -95,6 +102,9 @@ class WorkerServer:
                 boot.add_routes(bootstrap_routes(
                     self.worker.registry, opts.bootstrap_timeout_secs + opts.waiting_timeout_secs))
                 self.bootstrap_port = await self._serve(boot, self.config.bootstrap_port or 0)
+                if self._local_bootstraps is not None:
+                    self._local_bootstraps.register(self.config.host, self.bootstrap_port,
+                                                    self.worker.registry)
         except BaseException:
             await self.stop()
             raise
@@ -112,6 +122,8 @@ class WorkerServer:
         return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
+        if self._local_bootstraps is not None and self.bootstrap_port is not None:
+            self._local_bootstraps.unregister(self.config.host, self.bootstrap_port)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

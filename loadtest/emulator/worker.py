@@ -34,6 +34,7 @@ from loadtest.emulator.pd import (
     BootstrapRegistry,
     HandshakeError,
     KvPayload,
+    LocalBootstraps,
     fetch_kv,
 )
 from loadtest.emulator.routing import BigramWalk, RoutingSource, make_routing_source
@@ -101,8 +102,10 @@ class _TextStream:
 class Worker:
     """Engines, routing source and bootstrap registry of one worker; start() before use."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *,
+                 local_bootstraps: LocalBootstraps | None = None) -> None:
         self.config = config
+        self.local_bootstraps = local_bootstraps
         opts = config.engine
         self.tokenizer = Tokenizer()
         self.routing: RoutingSource = make_routing_source(
@@ -309,8 +312,14 @@ class Worker:
         self.transfer_queue += 1
         try:
             opts = self.config.engine
-            kv = await fetch_kv(self._session, item.bootstrap_host, port, room,
-                                opts.bootstrap_timeout_secs + opts.waiting_timeout_secs)
+            timeout = opts.bootstrap_timeout_secs + opts.waiting_timeout_secs
+            local = (self.local_bootstraps.lookup(item.bootstrap_host, port)
+                     if self.local_bootstraps is not None else None)
+            if local is not None:   # the prefill runs in this process: no HTTP round trip
+                assert self.local_bootstraps is not None
+                kv = await self.local_bootstraps.collect(local, room, timeout)
+            else:
+                kv = await fetch_kv(self._session, item.bootstrap_host, port, room, timeout)
         except BaseException as exc:
             if opening is not None:
                 opening.cancel()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 
 from loadtest.emulator.cluster import ClusterConfig, run_cluster
-from loadtest.emulator.config import EngineOptions
+from loadtest.emulator.config import EngineOptions, WorkerConfig
 from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.engine import DecodeEngine
+from loadtest.emulator.pd import LocalBootstraps
+from loadtest.emulator.server import WorkerServer
 from zones.geometry import ModelGeometry
 
 G = ModelGeometry("tiny", num_layers=3, num_experts=16, top_k=2)
@@ -31,6 +34,13 @@ def routed(first: int) -> Iterator[tuple[int, np.ndarray]]:
 def unrouted() -> Iterator[tuple[int, None]]:
     for i in itertools.count():
         yield 200 + i, None
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
 
 
 async def drain(handle: Any) -> list[Any]:
@@ -125,3 +135,37 @@ async def test_instant_pd_request_skips_routing_but_returns_the_routed_runs_toke
         assert plain["text"] == with_experts["text"]
         async with session.get(decode_url + "/emulator/stats") as resp:
             assert (await resp.json())["routed_steps"] > 0
+
+
+async def test_in_process_bootstrap_hands_over_the_kv_without_http(
+        session: aiohttp.ClientSession) -> None:
+    local = LocalBootstraps()
+    opts = EngineOptions(instant=True)
+    async with WorkerServer(WorkerConfig(role="prefill", engine=opts),
+                            local_bootstraps=local) as prefill, \
+            WorkerServer(WorkerConfig(role="decode", engine=opts),
+                         local_bootstraps=local) as decode:
+        def body(room: int) -> dict[str, Any]:
+            return {"text": PROMPT, "bootstrap_host": "127.0.0.1",
+                    "bootstrap_port": prefill.bootstrap_port, "bootstrap_room": room,
+                    "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}
+
+        async def post(url: str, room: int) -> tuple[int, Any]:
+            async with session.post(url + "/generate", json=body(room)) as resp:
+                return resp.status, await resp.json()
+
+        (ps, pre), (ds, dec) = await asyncio.gather(post(prefill.url, 1), post(decode.url, 1))
+        assert (ps, ds) == (200, 200)
+        assert dec["output_ids"][0] == pre["output_ids"][0] and len(dec["output_ids"]) == 5
+        assert local.collected == 1
+        # A decode that disconnects while waiting in-process fails the room, as a closed
+        # bootstrap connection does: the prefill then answers SGLang's bootstrap failure.
+        registry = prefill.worker.registry
+        decode_task = asyncio.ensure_future(post(decode.url, 2))
+        await wait_until(lambda: len(registry) == 1)
+        decode_task.cancel()
+        await wait_until(lambda: len(registry) == 0)
+        status, out = await post(prefill.url, 2)
+        assert status == 500 and "disconnected" in out["message"]
+        assert local.collected == 1
+    assert local.lookup("127.0.0.1", prefill.bootstrap_port or 0) is None   # unregistered
