@@ -12,7 +12,8 @@ Reload triggers:
   directory and atomically swapping the `..data` symlink, which inotify on the visible path
   misses but `stat()` (which follows symlinks) sees as a new inode. A fingerprint that failed to
   load is not retried until it changes, so a corrupt file logs one error, not one per poll.
-- `install_sighup()`: `kill -HUP` reloads (Unix only).
+- `install_sighup()`: `kill -HUP` reloads (Unix only); `watch()` installs it for as long as it
+  runs.
 - `zone_admin_routes()`: `POST /admin/zones/reload` and `GET /zones` for the app to mount
   (authentication is the app's admin middleware).
 
@@ -241,10 +242,17 @@ class ZoneRuntime:
         """Poll for changes forever (cancel the task to stop); reload when the file changes."""
         if interval <= 0:
             raise ValueError(f"zones watch interval must be > 0, got {interval!r}")
-        while True:
-            await asyncio.sleep(interval)
-            if self.changed():
-                await self.reload()
+        # The watcher is the one long-lived task the app starts for the table, so SIGHUP lives
+        # as long as it does: without a handler, `kill -HUP` (the operator's reload) would
+        # terminate the process (the default action).
+        uninstall = self.install_sighup(asyncio.get_running_loop())
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if self.changed():
+                    await self.reload()
+        finally:
+            uninstall()
 
     def reload_soon(self) -> asyncio.Task[ReloadResult]:
         """Schedule a reload on the running loop (signal handlers cannot await)."""
@@ -257,8 +265,9 @@ class ZoneRuntime:
         """Reload on SIGHUP; returns the function that removes the handler. No-op off Unix."""
         try:
             loop.add_signal_handler(signal.SIGHUP, self.reload_soon)
-        except (NotImplementedError, AttributeError, RuntimeError):
-            log.warning("SIGHUP reload unavailable on this platform")
+        except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+            # ValueError: not the main thread (signal.set_wakeup_fd), e.g. a loop in a thread.
+            log.warning("SIGHUP reload unavailable here (platform or not the main thread)")
             return lambda: None
 
         def uninstall() -> None:
