@@ -483,6 +483,13 @@ async def run_load(
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         finally:
+            # A cancelled run (Ctrl-C, a caller's timeout) must not leave client tasks running
+            # against a session that is about to close.
+            unfinished = [t for t in tasks if not t.done()]
+            for t in unfinished:
+                t.cancel()
+            if unfinished:
+                await asyncio.gather(*unfinished, return_exceptions=True)
             bar.close()
         for rec in records:
             if not rec.success and rec.error is None:
