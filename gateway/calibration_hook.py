@@ -1,7 +1,7 @@
 """Dispatch hook that feeds the calibration log (`--calibration-log`, `--calibration-sample-rate`).
 
 A sampled request is sent upstream with `return_routed_experts: true`; its non-streaming decode
-answer becomes a `zones.calibration` record (routed experts of the output tokens, token counts,
+answer becomes a `zones.calibration` record (routed experts of the output tokens only, token counts,
 decode worker, signature source) offered to the non-blocking `CalibrationWriter`, and the routed
 experts are stripped from what the client gets unless the client asked for them itself. The
 building blocks (sampler, record, writer, strip) live in `calibration_log.py`; this module only
@@ -28,7 +28,13 @@ from gateway.calibration_log import (
 from gateway.policies.base import Selection
 from gateway.resolver import RequestContext
 from gateway.signatures import prompt_from_request, routed_experts_of
-from zones.routed_experts import RoutedExpertsError, counts_from_expert_ids, decode_routed_experts
+from zones.geometry import ModelGeometry
+from zones.routed_experts import (
+    IntArray,
+    RoutedExpertsError,
+    counts_from_expert_ids,
+    decode_routed_experts,
+)
 
 _SAMPLED = "calibration_sampled"
 _CLIENT_ASKED = "calibration_client_asked"
@@ -57,24 +63,21 @@ class CalibrationHook:
             return False
         active = self._zones.active
         payload = routed_experts_of(parsed)
-        if active is not None and payload is not None:
+        meta = parsed.get("meta_info")
+        usage = parsed.get("usage")
+        info = meta if isinstance(meta, dict) else usage if isinstance(usage, dict) else {}
+        prompt_tokens = _int(info.get("prompt_tokens"))
+        if active is not None and payload is not None and prompt_tokens is not None:
             geometry = active.table.geometry
-            try:
-                counts = counts_from_expert_ids(decode_routed_experts(payload, geometry),
-                                                geometry)
-            except RoutedExpertsError:
-                counts = None
+            counts = _output_counts(payload, geometry, prompt_tokens,
+                                    ctx.body.get("routed_experts_start_len"))
             if counts is not None:
                 now = time.time()
-                meta = parsed.get("meta_info")
-                usage = parsed.get("usage")
-                info = meta if isinstance(meta, dict) else usage if isinstance(usage, dict) \
-                    else {}
                 record = make_record(
                     geometry, prompt_from_request(ctx.endpoint, ctx.body),
                     received_at=now - (time.perf_counter() - ctx.started),
                     output_counts=counts,
-                    num_prompt_tokens=_int(info.get("prompt_tokens")),
+                    num_prompt_tokens=prompt_tokens,
                     num_output_tokens=_int(info.get("completion_tokens")),
                     finished_at=now, decode_worker=decode_worker_id,
                     signature_source=ctx.extras.get("signature_source"),
@@ -87,6 +90,26 @@ class CalibrationHook:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _output_counts(payload: str, geometry: ModelGeometry, prompt_tokens: int,
+                   start_len: Any) -> IntArray | None:
+    """Counts of the output rows only, or None when the rows are malformed or none is left.
+
+    A PD decode returns rows for positions `[start_len, seqlen - 1)` but never forwarded the
+    prompt, so its first `prompt_tokens - start_len` rows are not routing (SGLang leaves them
+    unset, the emulator zeros them; docs/wire-format.md, "Routed experts"). Counting them would
+    credit expert 0 (or garbage) with every prompt token. A regular worker's prompt rows are
+    valid but are prompt routing, not output routing, so they are skipped as well.
+    """
+    start = start_len if isinstance(start_len, int) and not isinstance(start_len, bool) else 0
+    try:
+        rows = decode_routed_experts(payload, geometry)[max(0, prompt_tokens - start):]
+    except RoutedExpertsError:
+        return None
+    if not len(rows):
+        return None
+    return counts_from_expert_ids(rows, geometry)
 
 
 def _int(value: Any) -> int | None:
