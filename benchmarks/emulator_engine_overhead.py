@@ -6,6 +6,11 @@ bookkeeping, and waking the consumers. Compare the host time per step with the m
 W decode workers sharing C cores keep up only if time_scale >= W * host_step / (C * modelled_step).
 
     python benchmarks/emulator_engine_overhead.py [--batch 64] [--tokens 256] [--routing token-hash]
+    python benchmarks/emulator_engine_overhead.py --distinct-variants   # engine.distinct_experts
+
+`--distinct-variants` instead times ways of counting the distinct experts per layer of one
+decode batch (the engine's per-step numpy work) on random `[batch, layers, top_k]` ids, checks
+they agree, and prints microseconds per call.
 """
 
 from __future__ import annotations
@@ -95,6 +100,45 @@ async def measure(args: argparse.Namespace) -> None:
               f"{need:6.1f} (prompt routing only)")
 
 
+def distinct_variants(args: argparse.Namespace) -> None:
+    """Time candidate implementations of DecodeEngine.distinct_experts on one random batch."""
+    import timeit
+
+    g = geometry_by_name(args.model)
+    L, E, K, B = g.num_layers, g.num_experts, g.top_k, args.batch
+    ids = np.random.default_rng(0).integers(0, E, (B, L, K)).astype(np.int32)
+    offsets = (np.arange(L, dtype=np.int64) * E)[:, None]
+
+    def boolean_scatter() -> np.ndarray:
+        used = np.zeros(L * E, dtype=bool)
+        used[(offsets[None] + ids.astype(np.int64)).ravel()] = True
+        return used.reshape(L, E).sum(axis=1)
+
+    def bincount_layer_times_e() -> np.ndarray:
+        counts = np.bincount((offsets[None] + ids).ravel(), minlength=L * E).reshape(L, E)
+        return np.count_nonzero(counts, axis=1)
+
+    def unique_per_layer() -> np.ndarray:
+        return np.array([len(np.unique(ids[:, layer])) for layer in range(L)])
+
+    def sort_and_count_changes() -> np.ndarray:
+        s = np.sort(ids.transpose(1, 0, 2).reshape(L, -1), axis=1)
+        return np.count_nonzero(s[:, 1:] != s[:, :-1], axis=1) + 1
+
+    engine = DecodeEngine(CostModel.instant(), g, max_batch_size=B)
+    variants = {"engine.distinct_experts": lambda: engine.distinct_experts(ids),
+                "boolean scatter (standalone copy)": boolean_scatter,
+                "bincount on layer*E+expert": bincount_layer_times_e,
+                "np.unique per layer": unique_per_layer,
+                "sort + count changes": sort_and_count_changes}
+    want = boolean_scatter()
+    print(f"distinct experts per layer, batch {B} x {L} layers x top-{K} of {E}")
+    for name, fn in variants.items():
+        assert np.array_equal(np.asarray(fn()), want), name
+        best = min(timeit.repeat(fn, number=200, repeat=5)) / 200
+        print(f"  {name:36s} {best * 1e6:8.1f} us")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="Qwen3-30B-A3B")
@@ -102,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--cores", type=int, default=1, help="cores available to the emulator")
+    ap.add_argument("--distinct-variants", action="store_true",
+                    help="time distinct-expert counting variants instead")
     args = ap.parse_args(argv)
+    if args.distinct_variants:
+        distinct_variants(args)
+        return 0
     asyncio.run(measure(args))
     return 0
 
