@@ -348,7 +348,7 @@ class Worker:
 
         Every routing source draws its tokens from this same walk (routing.BigramWalk, same
         prompt, seed and EOS), so this equals the first token of `routing.continuation`
-        without routing anything (tests/emulator/test_pd.py checks the two agree).
+        without routing anything (tests/emulator/test_engine_instant.py checks this).
         """
         return BigramWalk(prompt.ids, seed, self.tokenizer.eos_token_id).next_token()
 

@@ -18,8 +18,16 @@ from loadtest.emulator.config import EngineOptions, WorkerConfig
 from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.engine import DecodeEngine
 from loadtest.emulator.pd import LocalBootstraps
+from loadtest.emulator.routing import (
+    BigramWalk,
+    RoutingSource,
+    TokenHashRouting,
+    default_trace_path,
+    make_routing_source,
+)
 from loadtest.emulator.server import WorkerServer
-from zones.geometry import ModelGeometry
+from loadtest.emulator.tokenizer import Tokenizer
+from zones.geometry import ModelGeometry, geometry_by_name
 
 G = ModelGeometry("tiny", num_layers=3, num_experts=16, top_k=2)
 PROMPT = "the court reads the contract and the judge hears the appeal about the contract terms"
@@ -169,3 +177,20 @@ async def test_in_process_bootstrap_hands_over_the_kv_without_http(
         assert status == 500 and "disconnected" in out["message"]
         assert local.collected == 1
     assert local.lookup("127.0.0.1", prefill.bootstrap_port or 0) is None   # unregistered
+
+
+def test_every_routing_source_draws_its_tokens_from_the_bigram_walk() -> None:
+    """What the prefill's routing-free first token and the unrouted stream rely on."""
+    tok = Tokenizer()
+    ids = tok.encode(PROMPT)
+    sources: list[RoutingSource] = [
+        TokenHashRouting(geometry_by_name("Qwen3-30B-A3B"), tok, seed=5)]
+    trace_path = default_trace_path()
+    if trace_path.is_file():
+        sources.append(make_routing_source("trace", G, tok, trace_path=str(trace_path)))
+    for source in sources:
+        for seed in (0, 17):
+            walk = BigramWalk(ids, seed, tok.eos_token_id)
+            want = [walk.next_token() for _ in range(100)]
+            got = [t for t, _ in itertools.islice(source.continuation(ids, PROMPT, seed), 100)]
+            assert got == want, type(source).__name__
