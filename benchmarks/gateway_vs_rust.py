@@ -91,9 +91,15 @@ def _process(cmd: list[str], log_path: str) -> Iterator[subprocess.Popen[bytes]]
 
 def _serve_fake_pd(ports: list[int], seconds: float) -> None:
     """Instant prefill (ports[0]) and decode (ports[1:]) workers in one uvloop process."""
+    import logging
+
     import uvloop
     from aiohttp import web
 
+    # The Rust router first tries an HTTP/2 prior-knowledge preface on new upstream connections;
+    # aiohttp rejects it (400) and logs a traceback per connection, and the router then speaks
+    # HTTP/1.1. Keep that noise out of the benchmark output.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     meta = {"id": "x", "prompt_tokens": 9, "completion_tokens": MAX_NEW_TOKENS,
             "finish_reason": {"type": "length", "length": MAX_NEW_TOKENS}}
     nonstream = orjson.dumps({"text": " jumps over", "meta_info": meta})

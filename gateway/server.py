@@ -9,6 +9,7 @@ load-aware policies see only their own process's in-flight requests; worker-repo
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing as mp
 import signal
@@ -18,6 +19,15 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings
+
+# Cyclic GC tuning for the serving process, applied once the app is built (see `_tune_gc`).
+# Measured with the gateway under closed-loop load on the instant fake PD upstream: at CPython's
+# default (700, 10, 10) the collector ran ~115 gen-0 collections/s and a full collection every
+# ~1 s that took ~40 ms (it scans every object imported at start-up: numpy, prometheus, aiohttp),
+# about 70 us of CPU per request (~15%) plus 40 ms stalls of every in-flight request. Request
+# objects are freed by reference counting, so with start-up objects frozen and a larger gen-0
+# threshold no collection ran in a 7 s run; cycles still get collected, only less often.
+GC_THRESHOLDS = (20_000, 20, 100)
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
@@ -43,6 +53,7 @@ async def _serve_async(settings: Settings) -> None:
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            shutdown_timeout=settings.shutdown_grace_period_secs)
     await runner.setup()
+    _tune_gc()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048,
                        reuse_port=settings.processes > 1)
     await site.start()
@@ -53,6 +64,17 @@ async def _serve_async(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+
+
+def _tune_gc() -> None:
+    """Freeze start-up objects out of the collector's reach and collect young objects less often.
+
+    `gc.freeze()` (CPython >= 3.7) moves every tracked object to a permanent generation that
+    collections skip; the preceding `gc.collect()` keeps start-up garbage out of it.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def serve(settings: Settings) -> None:
