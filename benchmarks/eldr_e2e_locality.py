@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 from tests.eldr_e2e.harness import (
     E2EConfig,
+    batch_adjusted_distinct,
     chance_majority_share,
     format_outcome,
     locality_experiment,
     mean_majority_share,
 )
+from zones.geometry import geometry_by_name
 
 
 def main() -> int:
@@ -58,8 +60,11 @@ def main() -> int:
         chance = chance_majority_share(sizes, cfg.decode, quantile=0.999)
         d0, d1 = base.cluster.distinct_experts_per_step, eldr.cluster.distinct_experts_per_step
         b0, b1 = base.cluster.mean_batch_size, eldr.cluster.mean_batch_size
+        ref = batch_adjusted_distinct(d0, b0, b1, geometry_by_name(cfg.model).num_experts) \
+            if d0 and b0 and b1 else float("nan")
         print(f"RATIO {flow}: eldr / least_load distinct experts per step "
-              f"{(d1 or 0) / (d0 or 1):.3f}, mean batch {(b1 or 0) / (b0 or 1):.3f}; "
+              f"{(d1 or 0) / (d0 or 1):.3f}, mean batch {(b1 or 0) / (b0 or 1):.3f}, "
+              f"batch-adjusted {(d1 or 0) / ref:.3f}; "
               f"majority share eldr {mean_majority_share(eldr.per_domain):.2f}, least_load "
               f"{mean_majority_share(base.per_domain):.2f}, chance q99.9 {chance:.2f}")
     print(f"wall {time.perf_counter() - started:.0f}s; logs and table in {out}")

@@ -294,6 +294,25 @@ def chance_majority_share(domain_sizes: Sequence[int], workers: int, quantile: f
     return float(np.quantile(acc / total, quantile))
 
 
+def batch_adjusted_distinct(distinct: float, batch: float, at_batch: float,
+                            num_experts: int) -> float:
+    """`distinct` experts per layer per step seen at mean batch `batch`, moved to `at_batch`.
+
+    Model: a domain-blind router's batch members are independent draws, each touching a given
+    expert of a layer with the same probability q, so a batch of b touches E(1 - (1-q)^b)
+    distinct experts; q is solved from the measured (batch, distinct) pair. Used to compare two
+    policies whose mean batches differ a little: distinct experts grow with batch size, so a
+    policy with smaller batches would otherwise look more local than it is (and one with larger
+    batches less). Evaluating at the mean batch ignores the batch-size spread (Jensen); both
+    runs have nearly the same spread, so that bias mostly cancels.
+    """
+    if not 0 < distinct < num_experts or batch <= 0 or at_batch <= 0:
+        raise ValueError(f"need 0 < distinct < {num_experts} and positive batches, got "
+                         f"{distinct}, {batch}, {at_batch}")
+    miss_one = (1.0 - distinct / num_experts) ** (1.0 / batch)  # (1 - q)
+    return num_experts * (1.0 - miss_one ** at_batch)
+
+
 def format_outcome(o: RunOutcome) -> str:
     lines = [f"policy={o.policy} flow={o.flow} requests={len(o.results)} "
              f"failed={len(o.failures)} unattributed={o.unattributed}"]

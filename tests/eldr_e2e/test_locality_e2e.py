@@ -11,9 +11,10 @@ prefill-first flow (signatures from the prefill worker's prompt expert counts). 
 (b) load stays balanced: every decode worker serves between half and 1.5x its fair share
     (requests / workers), the band admitting at least two workers and choosing the least loaded;
 (c) the emulator's mean distinct experts per layer per decode step (from `/emulator/stats`
-    deltas) is lower under eldr than under least_load, by more than batch size alone could
-    explain (distinct experts grow with batch size, so the ratio must also be below the ratio of
-    mean batch sizes when eldr's batches were smaller).
+    deltas) is lower under eldr than under least_load, after moving least_load's figure to eldr's
+    mean batch size with the independent-requests model (`harness.batch_adjusted_distinct`):
+    batches are capped so both policies run nearly the same sizes, but the small remaining
+    difference (a few %) is the size of the effect, so it is accounted for, not ignored.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ import pytest
 from tests.eldr_e2e.harness import (
     E2EConfig,
     RunOutcome,
+    batch_adjusted_distinct,
     chance_majority_share,
     format_outcome,
     locality_experiment,
     mean_majority_share,
 )
+from zones.geometry import geometry_by_name
 
 pytestmark = pytest.mark.slow
 
 FLOWS = ("dual", "prefill-first")
+NUM_EXPERTS = geometry_by_name(E2EConfig().model).num_experts
 
 
 def _check_locality(base: RunOutcome, eldr: RunOutcome) -> None:
@@ -59,7 +63,9 @@ def _check_locality(base: RunOutcome, eldr: RunOutcome) -> None:
     d_base, d_eldr = base.cluster.distinct_experts_per_step, eldr.cluster.distinct_experts_per_step
     b_base, b_eldr = base.cluster.mean_batch_size, eldr.cluster.mean_batch_size
     assert d_base and d_eldr and b_base and b_eldr, report
-    assert d_eldr / d_base < min(1.0, b_eldr / b_base), report
+    reference = batch_adjusted_distinct(d_base, b_base, b_eldr, NUM_EXPERTS)
+    assert d_eldr < reference, f"eldr {d_eldr:.2f} >= least_load at eldr's batch " \
+                               f"{reference:.2f}\n{report}"
 
 
 @pytest.mark.timeout(300)
