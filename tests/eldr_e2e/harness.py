@@ -89,6 +89,9 @@ class RunOutcome:
     per_domain: dict[str, Counter[str]]  # domain -> decode worker -> requests
     unattributed: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # Gateway-counted in-flight decode requests per worker, averaged over samples taken every
+    # 20 ms while any request was in flight (decode_urls order).
+    mean_in_flight: list[float] = field(default_factory=list)
 
     @property
     def failures(self) -> list[RequestResult]:
@@ -233,7 +236,14 @@ async def run_policy(cfg: E2EConfig, cluster: Cluster, table: Path, policy: str,
     async with aiohttp.ClientSession() as stats_session:
         before = await fetch_stats(stats_session, cluster.decode_urls)
         async with running_gateway(settings) as (url, state):
-            results = await send_workload(url, convs, offsets, cfg.request_timeout)
+            rows: list[list[int]] = []
+            sampler = asyncio.ensure_future(sample_in_flight(state, cluster.decode_urls, rows))
+            try:
+                results = await send_workload(url, convs, offsets, cfg.request_timeout)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             metrics = {f"resolutions_{src}": _sample(state, "eldr_signature_resolutions_total",
                                                      {"source": src})
                        for src in ("prefill", "cache", "predictor", "none")}
@@ -262,7 +272,25 @@ async def run_policy(cfg: E2EConfig, cluster: Cluster, table: Path, policy: str,
             continue
         per_domain[domain][rec.decode_worker] += 1
     return RunOutcome(policy, flow, results, decode_run_stats(before, after),
-                      list(cluster.decode_urls), dict(per_domain), unattributed, metrics)
+                      list(cluster.decode_urls), dict(per_domain), unattributed, metrics,
+                      column_means(rows))
+
+
+async def sample_in_flight(state: GatewayState, urls: Sequence[str],
+                           rows: list[list[int]]) -> None:
+    """Append the gateway's in-flight decode counts (urls order) every 20 ms until cancelled;
+    samples where nothing is in flight are skipped (they say nothing about balance)."""
+    by_url = {w.url.rstrip("/"): w for w in state.workers.by_role("decode")}
+    workers = [by_url[u.rstrip("/")] for u in urls]
+    while True:
+        counts = [w.in_flight for w in workers]
+        if any(counts):
+            rows.append(counts)
+        await asyncio.sleep(0.02)
+
+
+def column_means(rows: Sequence[Sequence[int]]) -> list[float]:
+    return [float(x) for x in np.asarray(rows, dtype=float).mean(axis=0)] if rows else []
 
 
 # ---------------------------------------------------------------- locality statistics
@@ -324,6 +352,9 @@ def format_outcome(o: RunOutcome) -> str:
                      + f"  {majority_share(c):.2f}")
     lines.append("  total         " + " ".join(f"{t:>6}" for t in o.worker_totals())
                  + f"  mean {mean_majority_share(o.per_domain):.2f}")
+    if o.mean_in_flight:
+        lines.append("  in flight     " + " ".join(f"{x:>6.2f}" for x in o.mean_in_flight)
+                     + "  (time average)")
     s = o.cluster
     lines.append(f"  decode steps {s.decode_steps:.0f}, mean batch {_fmt(s.mean_batch_size)}, "
                  f"distinct experts/step {_fmt(s.distinct_experts_per_step)}, "

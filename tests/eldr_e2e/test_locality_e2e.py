@@ -9,7 +9,8 @@ prefill-first flow (signatures from the prefill worker's prompt expert counts). 
     decode worker exceeds the 99.9th percentile of that statistic under the null "the worker is
     chosen independently of the domain" (uniform choice, simulated), and exceeds least_load's;
 (b) load stays balanced: every decode worker serves between half and 1.5x its fair share
-    (requests / workers), the band admitting at least two workers and choosing the least loaded;
+    (requests / workers), and its time-averaged in-flight count (sampled at the gateway every
+    20 ms) is between half and 1.5x the mean over workers;
 (c) the emulator's mean distinct experts per layer per decode step (from `/emulator/stats`
     deltas) is lower under eldr than under least_load, after moving least_load's figure to eldr's
     mean batch size with the independent-requests model (`harness.batch_adjusted_distinct`):
@@ -58,6 +59,11 @@ def _check_locality(base: RunOutcome, eldr: RunOutcome) -> None:
     totals = eldr.worker_totals()
     fair = len(eldr.results) / len(totals)
     assert all(0.5 * fair <= t <= 1.5 * fair for t in totals), f"{totals} vs fair {fair}\n{report}"
+    # ... and over time: the gateway's in-flight decode count per worker, time-averaged.
+    inflight = eldr.mean_in_flight
+    assert inflight, report
+    avg = sum(inflight) / len(inflight)
+    assert all(0.5 * avg <= x <= 1.5 * avg for x in inflight), report
 
     # (c) fewer distinct experts per decode step, not explained by batch size
     d_base, d_eldr = base.cluster.distinct_experts_per_step, eldr.cluster.distinct_experts_per_step
