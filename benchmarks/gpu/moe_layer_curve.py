@@ -121,7 +121,8 @@ def main() -> None:
         "expert_bytes": expert_bytes,
         "curves": {},
     }
-    print(f"device {result['device']}  copy bandwidth {result['copy_bandwidth_bytes_per_s']/1e12:.2f} TB/s")
+    bandwidth_tb = float(result["copy_bandwidth_bytes_per_s"]) / 1e12  # type: ignore[arg-type]
+    print(f"device {result['device']}  copy bandwidth {bandwidth_tb:.2f} TB/s")
     for batch in args.batch:
         curve = {}
         for n in (8, 16, 24, 32, 48, 64, 96, 128):
@@ -130,7 +131,10 @@ def main() -> None:
             us = time_layer(batch, n, args.reps, gen)
             curve[n] = us
             eff = n * expert_bytes / (us * 1e-6) / 1e12
-            print(f"batch {batch:4d}  active {n:4d}  layer {us:8.1f} us  weight-stream {eff:5.2f} TB/s")
+            print(
+                f"batch {batch:4d}  active {n:4d}  layer {us:8.1f} us  "
+                f"weight-stream {eff:5.2f} TB/s"
+            )
         base = curve.get(16)
         if base and 128 in curve:
             print(f"batch {batch}: t(128)/t(16) = {curve[128] / base:.2f}")
