@@ -143,6 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"eldr-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    if settings.zones:
+        # Fail fast with one line naming the file and the problem, before any socket or client
+        # session exists; at run time a bad table is only ever rejected while the old one serves.
+        from zones.table import ZoneTableError, load_table
+
+        try:
+            load_table(settings.zones)
+        except (OSError, ZoneTableError) as exc:
+            print(f"eldr-gateway: zones: cannot load {settings.zones}: {exc}", file=sys.stderr)
+            return 2
     from gateway.server import serve
 
     serve(settings)
