@@ -77,6 +77,9 @@ class WorkerMetrics:
         self.e2e = Histogram("sglang:e2e_request_latency_seconds",
                              "Histogram of End-to-end request latency in seconds", stream_names,
                              buckets=_E2E_BUCKETS, registry=r)
+        # on_inter_token runs once per emitted token: resolve its labelled child once here
+        # (`.labels()` hashes and looks up the label values on every call).
+        self._itl_child = self.itl.labels(**self._labels)
         self._generated: deque[tuple[float, int]] = deque()
         r.register(_LoadCollector(worker, self))
 
@@ -90,7 +93,7 @@ class WorkerMetrics:
         self.ttft.labels(**self._s(stream)).observe(seconds)
 
     def on_inter_token(self, seconds: float) -> None:
-        self.itl.labels(**self._labels).observe(seconds)
+        self._itl_child.observe(seconds)
 
     def on_finish(self, stream: bool, arrival: float, completion_tokens: int,
                   first_at: float | None, last_at: float | None) -> None:
