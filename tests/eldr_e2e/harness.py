@@ -22,7 +22,7 @@ import contextlib
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
-from aiohttp.test_utils import TestServer
 
-from gateway.app import STATE, GatewayState, create_app
+from gateway.app import GatewayState
 from gateway.config import PrefillSpec, Settings
 from loadtest.calibration_capture import ROUTED_EXPERTS_BODY, write_calibration_log
 from loadtest.cluster_stats import ClusterRunStats, decode_run_stats
@@ -41,6 +40,7 @@ from loadtest.driver import DriverConfig, arrival_offsets, run_load
 from loadtest.emulator.cluster import Cluster, ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
 from loadtest.workloads import Conversation, WorkloadSpec, build_workload, load_corpus
+from tests.gateway_server import running_gateway
 from zones.calibration import read_calibration
 from zones.geometry import geometry_by_name
 
@@ -117,17 +117,6 @@ def gateway_settings(cluster: Cluster, **kw: Any) -> Settings:
         retry_initial_backoff_ms=5, retry_max_backoff_ms=50)
     base.update(kw)
     return Settings(**base)
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[tuple[str, GatewayState]]:
-    app = create_app(settings, serve_metrics=False)
-    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}", app[STATE]
-    finally:
-        await server.close()
 
 
 def workload(cfg: E2EConfig, split: str, num: int, turns: int) -> list[Conversation]:

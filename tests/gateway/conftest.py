@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from gateway.app import STATE, GatewayState, create_app
 from gateway.config import PrefillSpec, Settings
 from tests.gateway.fakes import FakeWorker, start_workers
 
@@ -24,17 +21,6 @@ def pd_settings(prefills: list[FakeWorker], decodes: list[FakeWorker], **kw: Any
     )
     base.update(kw)
     return Settings(**base)
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[tuple[str, GatewayState]]:
-    app = create_app(settings, serve_metrics=False)
-    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}", app[STATE]
-    finally:
-        await server.close()
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import time
 import aiohttp
 import orjson
 
-from tests.gateway.conftest import pd_settings, running_gateway
+from tests.gateway.conftest import pd_settings
 from tests.gateway.fakes import FakeWorker, start_workers
+from tests.gateway_server import running_gateway
 
 
 async def test_dual_dispatch_same_body_and_room_to_both(pd_cluster, session):

@@ -27,7 +27,7 @@ import pytest
 from gateway.config import PrefillSpec, Settings
 from loadtest.emulator.cluster import ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
-from tests.gateway.conftest import running_gateway
+from tests.gateway_server import running_gateway
 
 pytestmark = pytest.mark.slow
 
