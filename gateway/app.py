@@ -215,7 +215,8 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             decode_policy=make_policy(settings.effective_decode_policy, settings, **deps),
             regular_policy=make_policy(settings.policy if settings.policy != "eldr"
                                        else "least_load", settings, **deps),
-            resolver=_make_resolver(state), rng=rng, hook=_make_calibration_hook(state))
+            resolver=_make_resolver(state), rng=rng, hook=_make_calibration_hook(state),
+            eldr_metrics=state.eldr_metrics)
         headers = state.upstream_headers()
         state.health = HealthChecker(
             state.workers, state.session, state.metrics, settings.health_check_endpoint,

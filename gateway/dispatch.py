@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -67,6 +67,9 @@ from gateway.upstream import (
 )
 from gateway.workers import Worker, WorkerRegistry
 
+if TYPE_CHECKING:  # only with --zones does the app build one (gateway/app.py)
+    from gateway.eldr_metrics import EldrMetrics
+
 log = logging.getLogger(__name__)
 
 # Client headers worth passing upstream (sgl-router `header_utils::should_forward_request_header`
@@ -93,7 +96,8 @@ class Dispatcher:
                  session: aiohttp.ClientSession, metrics: GatewayMetrics,
                  prefill_policy: Policy, decode_policy: Policy,
                  regular_policy: Policy, resolver: RoutingResolver | None = None,
-                 rng: random.Random | None = None, hook: ResultHook | None = None) -> None:
+                 rng: random.Random | None = None, hook: ResultHook | None = None,
+                 eldr_metrics: EldrMetrics | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.session = session
@@ -102,6 +106,7 @@ class Dispatcher:
                          "regular": regular_policy}
         self.resolver: RoutingResolver = resolver or NullResolver()
         self.hook = hook
+        self.eldr_metrics = eldr_metrics
         self.rng = rng or random.Random()
         self.retry = RetryConfig(
             max_attempts=settings.max_attempts,
@@ -248,12 +253,18 @@ class Dispatcher:
             raise NoWorkersError(f"no available {role} workers (all unhealthy, circuit-open or "
                                  "none registered)")
         policy = self.policies[role]
-        selection = policy.select(self.registry.views(workers), routing)
+        views = self.registry.views(workers)
+        started = time.perf_counter()
+        selection = policy.select(views, routing)
+        elapsed = time.perf_counter() - started
         worker = self.registry.find(selection.worker.worker_id)
         if worker is None:  # a policy returned something that is not a candidate: a bug
             raise AssertionError(f"policy {policy.name} chose unknown worker "
                                  f"{selection.worker.worker_id}")
         self.metrics.record_selection(role, policy.name, worker.worker_id)
+        if role == "decode" and self.eldr_metrics is not None:
+            self.eldr_metrics.record_decision(policy.name, routing.signature_source, selection,
+                                              elapsed)
         return worker, selection
 
     # ------------------------------------------------------------------ flows

@@ -262,6 +262,10 @@ async def test_tables_swap_under_load_and_corrupt_tables_are_rejected(tmp_path: 
                     >= prefill_before + FLOW_BETWEEN_SWAPS
                 assert _metric(text, "eldr_fallback_decisions_total", 'reason="no_table"') == 0
                 assert _metric(text, "eldr_signature_resolutions_total", 'source="none"') == 0
+                # Every eldr decision is recorded with its signature source and latency.
+                assert _metric(text, "eldr_decisions_total", 'source="prefill"') \
+                    >= prefill_before + FLOW_BETWEEN_SWAPS
+                assert _metric(text, "eldr_decision_seconds_count", "") > 0
             finally:
                 load.stop.set()
                 await asyncio.gather(*clients)
