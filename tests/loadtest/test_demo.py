@@ -339,6 +339,8 @@ def test_demo_serves_printed_requests_and_stops_cleanly_on_ctrl_c(start_demo: An
     resolved = metric_samples(metrics, "eldr_signature_resolutions_total")
     assert sum(v for labels, v in resolved if labels["source"] != "none") >= sent
     assert metric_samples(metrics, "eldr_zone_table_zones") == [({}, 2.0)]
+    decisions = metric_samples(metrics, "eldr_decisions_total")
+    assert sum(v for labels, v in decisions if labels.get("policy") == "eldr") >= sent
 
     # Ctrl-C: everything stops, exit 0, no child left running.
     children = psutil.Process(running.proc.pid).children(recursive=True)
