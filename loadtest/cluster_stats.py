@@ -89,13 +89,16 @@ def coefficient_of_variation(values: Sequence[float]) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class ClusterRunStats:
-    decode_steps: float
+    decode_steps: float | None
     distinct_experts_per_step: float | None  # mean over steps of the per-layer mean
     mean_batch_size: float | None
     requests_per_decode: list[float]  # finished requests per decode worker, worker order
     load_cv: float | None  # coefficient of variation of requests_per_decode
     lagged_step_fraction: float | None
     host_lag_fraction: float | None  # host overrun / modelled decode time
+    # False when the workers expose no `/emulator/stats` (real SGLang workers): every counter
+    # field above is then None or empty, and the host-lag VOID rule cannot apply.
+    stats_available: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +126,20 @@ def decode_run_stats(
         load_cv=coefficient_of_variation(per_worker),
         lagged_step_fraction=total("lagged_steps") / steps if steps else None,
         host_lag_fraction=total("host_lag_seconds_sum") / modelled if modelled else None,
+    )
+
+
+def unavailable_run_stats() -> ClusterRunStats:
+    """Stats of a run on workers without `/emulator/stats`: nothing measured, nothing guessed."""
+    return ClusterRunStats(
+        decode_steps=None,
+        distinct_experts_per_step=None,
+        mean_batch_size=None,
+        requests_per_decode=[],
+        load_cv=None,
+        lagged_step_fraction=None,
+        host_lag_fraction=None,
+        stats_available=False,
     )
 
 

@@ -10,6 +10,13 @@ One run of this command:
    router, and marks the run VOID when the host rather than the modelled cluster was the limit;
 4. writes `results.json` and renders the report (`loadtest/report.py`).
 
+With `--prefill-url URL [BOOTSTRAP_PORT|none]` / `--decode-url URL` no emulator is started: the
+routers run in front of those already-running SGLang-compatible workers. Their
+`/emulator/stats` is probed once; where a worker lacks it (real SGLang answers 404), the
+emulator counters (distinct experts, batch, host lag) are recorded as unavailable and the
+host-lag VOID rule does not apply. Calibration then needs SGLang started with
+`--enable-return-routed-experts`, or a ready table via `--zones`.
+
 Routers are named `gateway:POLICY` (our gateway, dual PD flow), `gateway:eldr-prefill-first`
 (our gateway, prefill-first flow) and `sglang:POLICY` (the Rust `sglang-router`). Every router
 uses the same prefill policy (`--prefill-policy`, default round_robin) so that only decode
@@ -35,7 +42,13 @@ import aiohttp
 import orjson
 
 from loadtest.calibration_capture import ROUTED_EXPERTS_BODY, write_calibration_log
-from loadtest.cluster_stats import counters, decode_run_stats, void_reasons
+from loadtest.cluster_stats import (
+    ClusterRunStats,
+    counters,
+    decode_run_stats,
+    unavailable_run_stats,
+    void_reasons,
+)
 from loadtest.driver import DriverConfig, run_load, write_run
 from loadtest.emulator.costmodel import CostModel
 from loadtest.procs import (
@@ -222,6 +235,13 @@ class CompareOptions:
     corpus: Path = DEFAULT_CORPUS
     traces: Path = DEFAULT_TRACES
     startup_timeout: float = 120.0
+    # Already-running workers (both set, or neither): no emulator is started.
+    prefill_urls: list[tuple[str, int | None]] | None = None
+    decode_urls: list[str] | None = None
+
+    @property
+    def external(self) -> bool:
+        return self.decode_urls is not None
 
 
 # A few minutes on 2 cores, yet in the regime where locality can matter: one rate planned for a
@@ -258,6 +278,47 @@ async def fetch_stats(
     return list(await asyncio.gather(*(one(u) for u in urls)))
 
 
+async def probe_emulator_stats(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether `url` serves `/emulator/stats` (our emulator) rather than lacking it (SGLang).
+
+    404 or a non-JSON answer means the endpoint is missing; an unreachable worker is an error,
+    because then no router could use it either.
+    """
+    target = url.rstrip("/") + "/emulator/stats"
+    try:
+        async with session.get(target, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            if r.status != 200:
+                return False
+            try:
+                doc = orjson.loads(await r.read())
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(doc, dict)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise CompareError(f"GET {target} failed: {exc}") from exc
+
+
+async def wait_workers_healthy(urls: Sequence[str], timeout: float) -> None:
+    """Poll each external worker's `/health` until 200, bounded by `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            last = "no answer"
+            while True:
+                try:
+                    async with session.get(
+                        url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=5)
+                    ) as r:
+                        if r.status == 200:
+                            break
+                        last = f"status {r.status}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    last = str(exc) or type(exc).__name__
+                if time.monotonic() > deadline:
+                    raise CompareError(f"worker {url} not healthy after {timeout:g}s: {last}")
+                await asyncio.sleep(0.5)
+
+
 class Experiment:
     """Owns the cluster process for the whole comparison; routers come and go per run."""
 
@@ -266,6 +327,7 @@ class Experiment:
         self.logs = opts.out / "logs"
         self.cluster_proc: ManagedProcess | None = None
         self.cluster: ClusterInfo | None = None
+        self.stats_available = True  # False when a worker has no /emulator/stats
         self.specs = [RouterSpec.parse(r) for r in opts.routers]
 
     def workload(self, split: str, num: int) -> list[Conversation]:
@@ -320,6 +382,26 @@ class Experiment:
             await proc.wait_http_ok(url.rstrip("/") + "/health", o.startup_timeout)
         self.cluster = replace(info, pid=proc.pid)
         return self.cluster
+
+    async def use_external_cluster(self) -> ClusterInfo:
+        """Take the `--prefill-url/--decode-url` workers as the cluster; probe their stats."""
+        o = self.opts
+        assert o.prefill_urls is not None and o.decode_urls is not None
+        info = ClusterInfo(list(o.prefill_urls), list(o.decode_urls))
+        await wait_workers_healthy([u for u, _ in info.prefill] + info.decode, o.startup_timeout)
+        async with aiohttp.ClientSession() as session:
+            probes = await asyncio.gather(*(probe_emulator_stats(session, u) for u in info.decode))
+        # Counters are summed across decode workers, so a partial set would be misleading.
+        self.stats_available = all(probes)
+        if not self.stats_available:
+            missing = [u for u, ok in zip(info.decode, probes, strict=True) if not ok]
+            print(
+                f"note: no /emulator/stats on {', '.join(missing)}: distinct experts, batch "
+                f"and host lag are unavailable for this comparison",
+                file=sys.stderr,
+            )
+        self.cluster = info
+        return info
 
     async def start_router(
         self, spec: RouterSpec, zones: Path | None, tag: str, calibration_log: Path | None = None
@@ -415,15 +497,17 @@ class Experiment:
         self, spec: RouterSpec, rate: float, zones: Path | None, convs: list[Conversation]
     ) -> dict[str, Any]:
         o = self.opts
-        assert self.cluster is not None and self.cluster_proc is not None
+        assert self.cluster is not None
         run_dir = o.out / "runs" / spec.name.replace(":", "_") / f"rate_{rate:g}"
         proc, url = await self.start_router(spec, zones, f"{spec.name.replace(':', '_')}-{rate:g}")
         try:
-            pids = {"router": proc.pid, "emulator": self.cluster_proc.pid, "driver": os.getpid()}
+            pids = {"router": proc.pid, "driver": os.getpid()}
+            if self.cluster_proc is not None:
+                pids["emulator"] = self.cluster_proc.pid
             sampler = CpuSampler(pids)
             before: list[dict[str, float]] = []
             async with aiohttp.ClientSession() as session:
-                decode_urls = self.cluster.decode
+                decode_urls = self.cluster.decode if self.stats_available else []
 
                 async def measurement_starts() -> None:
                     before.extend(await fetch_stats(session, decode_urls))
@@ -438,7 +522,9 @@ class Experiment:
         finally:
             await proc.stop()
         summary = write_run(result, run_dir)
-        cluster = decode_run_stats(before, after)
+        cluster: ClusterRunStats = (
+            decode_run_stats(before, after) if self.stats_available else unavailable_run_stats()
+        )
         cpu = sampler.usage()
         reasons = void_reasons(cluster, cpu.system_percent_mean)
         if summary["completed"] < 0.9 * summary["requests"]:
@@ -468,7 +554,12 @@ class Experiment:
             "load_only_routers": list(LOAD_ONLY_ROUTERS),
         }
         try:
-            await self.start_cluster()
+            if o.external:
+                await self.use_external_cluster()
+            else:
+                await self.start_cluster()
+            meta["external_workers"] = o.external
+            meta["emulator_stats"] = self.stats_available
             zones = o.zones
             if zones is None and any(s.needs_zones for s in self.specs):
                 zones = await self.calibrate()
@@ -623,8 +714,52 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint", choices=("generate", "chat", "completions"), default=d.endpoint
     )
+    parser.add_argument(
+        "--prefill-url",
+        nargs="+",
+        action="append",
+        metavar="URL [BOOTSTRAP_PORT|none]",
+        default=None,
+        help="repeatable: an already-running prefill worker (same shape as the gateway's "
+        "--prefill); with --decode-url no emulator is started",
+    )
+    parser.add_argument(
+        "--decode-url",
+        action="append",
+        metavar="URL",
+        default=None,
+        help="repeatable: an already-running decode worker; --model should then name the "
+        "served model's geometry",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-report", action="store_true")
+
+
+def parse_prefill_urls(values: Sequence[Sequence[str]]) -> list[tuple[str, int | None]]:
+    """`--prefill-url URL [BOOTSTRAP_PORT|none]` entries, as the gateway's `--prefill` takes."""
+    out: list[tuple[str, int | None]] = []
+    for entry in values:
+        if len(entry) not in (1, 2):
+            raise CompareError(f"--prefill-url takes URL [BOOTSTRAP_PORT|none], got {list(entry)}")
+        url = _worker_url("--prefill-url", entry[0])
+        port: int | None = None
+        if len(entry) == 2 and entry[1].lower() != "none":
+            try:
+                port = int(entry[1])
+            except ValueError:
+                raise CompareError(
+                    f"--prefill-url {url}: bootstrap port {entry[1]!r} is not an integer or none"
+                ) from None
+            if not 0 < port < 65536:
+                raise CompareError(f"--prefill-url {url}: bootstrap port {port} out of range")
+        out.append((url, port))
+    return out
+
+
+def _worker_url(flag: str, url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise CompareError(f"{flag} {url!r} must be an http:// or https:// URL")
+    return url.rstrip("/")
 
 
 def options_from_args(args: argparse.Namespace) -> CompareOptions:
@@ -658,6 +793,18 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         if value is not None:
             setattr(opts, key, value)
     opts.progress = not args.no_progress
+    prefill_urls = getattr(args, "prefill_url", None)
+    decode_urls = getattr(args, "decode_url", None)
+    if (prefill_urls is None) != (decode_urls is None):
+        raise CompareError("--prefill-url and --decode-url must be given together")
+    if prefill_urls is not None and decode_urls is not None:
+        if args.prefill is not None or args.decode is not None:
+            raise CompareError("--prefill/--decode count emulated workers; not with --*-url")
+        opts.prefill_urls = parse_prefill_urls(prefill_urls)
+        opts.decode_urls = [_worker_url("--decode-url", u) for u in decode_urls]
+        # The counts describe the cluster in the report and size closed-loop concurrency.
+        opts.prefill = len(opts.prefill_urls)
+        opts.decode = len(opts.decode_urls)
     if opts.max_output_tokens < opts.min_output_tokens:
         opts.min_output_tokens = opts.max_output_tokens
     if opts.prefill < 1 or opts.decode < 1:

@@ -48,6 +48,8 @@ class RunRow:
     router_cores: float | None
     emulator_cores: float | None
     system_cpu: float | None
+    # False when the workers had no `/emulator/stats`: the emulator columns print "n/a".
+    stats_available: bool = True
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -89,6 +91,7 @@ def rows_from_results(results: dict[str, Any]) -> list[RunRow]:
                 router_cores=_get(run, "cpu", "process_cores", "router"),
                 emulator_cores=_get(run, "cpu", "process_cores", "emulator"),
                 system_cpu=_get(run, "cpu", "system_percent_mean"),
+                stats_available=_get(run, "cluster", "stats_available") is not False,
             )
         )
     return rows
@@ -143,6 +146,11 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{v * 100:+.1f}%"
 
 
+def _emu(r: RunRow, v: float | None, fmt: str = "{:.1f}") -> str:
+    """An emulator-counter cell: "n/a" where the workers expose no counters at all."""
+    return _f(v, fmt) if r.stats_available else "n/a"
+
+
 def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> str:
     meta = results.get("meta") or {}
     opts = meta.get("options") or {}
@@ -151,7 +159,19 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
     lines = ["# Router comparison", ""]
     if meta.get("command"):
         lines += ["Command:", "", "```", str(meta["command"]), "```", ""]
-    if opts:
+    external = bool(meta.get("external_workers"))
+    if opts and external:
+        lines.append(
+            f"Cluster: {opts.get('prefill')} prefill + {opts.get('decode')} decode external "
+            f"workers (`--prefill-url/--decode-url`), model geometry {opts.get('model')}. "
+            f"Workload: `{opts.get('workload')}`, {opts.get('num_requests')} measured "
+            f"conversations per run ({opts.get('turns', 1)} turn(s) each), outputs "
+            f"{opts.get('min_output_tokens')}–{opts.get('max_output_tokens')} tokens, seed "
+            f"{opts.get('seed')}: every router sees the identical prompts and Poisson arrival "
+            f"times."
+        )
+        lines.append("")
+    elif opts:
         lines.append(
             f"Cluster: {opts.get('prefill')} prefill + {opts.get('decode')} decode emulated "
             f"workers, model geometry {opts.get('model')}, time scale {opts.get('time_scale')} "
@@ -195,11 +215,12 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
                 f"| {r.router} | {_f(r.tpot_p50)} | {_f(r.tpot_p99)} | {_f(r.ttft_p50)} | "
                 f"{_f(r.ttft_p99)} | {_f(r.output_throughput)} | "
                 f"{_f(r.request_throughput, '{:.2f}')} | {r.completed}/{r.failed} | "
-                f"{_f(r.distinct_experts)} | {_f(r.mean_batch, '{:.1f}')} | "
-                f"{_f(r.load_cv, '{:.3f}')} | "
+                f"{_emu(r, r.distinct_experts)} | {_emu(r, r.mean_batch, '{:.1f}')} | "
+                f"{_emu(r, r.load_cv, '{:.3f}')} | "
                 f"{_f(r.router_cores, '{:.2f}')} | {_f(r.emulator_cores, '{:.2f}')} | "
                 f"{_f(r.system_cpu, '{:.0f}')} | "
-                f"{_f(None if r.host_lag is None else 100 * r.host_lag, '{:.1f}')} | {verdict} |"
+                f"{_emu(r, None if r.host_lag is None else 100 * r.host_lag, '{:.1f}')} | "
+                f"{verdict} |"
             )
         lines.append("")
     void = [r for r in rows if r.void or r.error]
@@ -216,6 +237,16 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             reasons = "; ".join(r.void_reasons) or (r.error or "")
             lines.append(f"- {r.router} at {r.rate:g} req/s: {reasons}")
         lines.append("")
+    if any(not r.stats_available for r in rows if r.error is None):
+        lines += [
+            "## Notes",
+            "",
+            "The workers expose no `/emulator/stats` (real SGLang workers do not), so "
+            "distinct experts/step, mean batch, load CV and host lag are n/a and the "
+            "distinct-experts plot has no points. The host-lag VOID rule does not apply; "
+            "a run is VOID only for machine CPU saturation or failed requests.",
+            "",
+        ]
     if plot_names:
         lines += ["## Plots", ""]
         lines += [f"![{name}](plots/{name})" for name in plot_names]
