@@ -204,6 +204,9 @@ def router_argv(
     return python_argv("gateway", args)
 
 
+_WORKLOAD_DEFAULTS = WorkloadSpec()
+
+
 @dataclass(slots=True)
 class CompareOptions:
     out: Path
@@ -220,10 +223,11 @@ class CompareOptions:
     warmup: int = 4
     seed: int = 0
     turns: int = 1
-    min_prompt_chars: int = 400  # WorkloadSpec defaults
-    max_prompt_chars: int = 1600
-    max_output_tokens: int = 256
-    min_output_tokens: int = 64
+    # Workload shape defaults come from WorkloadSpec, their one source.
+    min_prompt_chars: int = _WORKLOAD_DEFAULTS.min_prompt_chars
+    max_prompt_chars: int = _WORKLOAD_DEFAULTS.max_prompt_chars
+    max_output_tokens: int = _WORKLOAD_DEFAULTS.max_output_tokens
+    min_output_tokens: int = _WORKLOAD_DEFAULTS.min_output_tokens
     max_duration: float = 300.0
     request_timeout: float = 300.0
     prefill_policy: str = "round_robin"
