@@ -268,6 +268,13 @@ def _task_text(domain: str, doc: Document, passage: str, first: bool) -> str:
     return f"{head}\n\n{passage}"
 
 
+def _pick_doc(pool: Sequence[Document], rng: np.random.Generator, empty_message: str) -> Document:
+    """One document drawn uniformly from `pool` (one rng draw); `empty_message` if none."""
+    if not pool:
+        raise WorkloadError(empty_message)
+    return pool[int(rng.integers(len(pool)))]
+
+
 def _docs_for(domain: str, docs: Sequence[Document]) -> list[Document]:
     if domain in ("code", "legal"):
         return [d for d in docs if d.domain == domain]
@@ -322,10 +329,8 @@ def build_workload(
         return _build_trace_workload(spec, usable, traces_path, rng)
     domains = TASK_DOMAINS if spec.kind == "task" else LANGUAGES
     for i, domain in enumerate(_pick_domains(spec, domains, rng)):
-        pool = _docs_for(domain, usable)
-        if not pool:
-            raise WorkloadError(f"no {spec.split} documents for domain {domain!r} in the corpus")
-        doc = pool[int(rng.integers(len(pool)))]
+        doc = _pick_doc(_docs_for(domain, usable), rng,
+                        f"no {spec.split} documents for domain {domain!r} in the corpus")
         out.append(
             Conversation(
                 conversation_id=f"{spec.kind}-{spec.split}-{spec.seed}-{i}",
@@ -381,10 +386,8 @@ def _build_trace_workload(
             raise WorkloadError(f"no {spec.split} trace requests in domain {domain!r}")
         index = by_domain[domain][int(rng.integers(len(by_domain[domain])))]
         task = TRACE_DOMAIN_TASK.get(domain, "code")
-        pool = _docs_for(task, usable)
-        if not pool:
-            raise WorkloadError(f"no {spec.split} documents for trace filler task {task!r}")
-        doc = pool[int(rng.integers(len(pool)))]
+        doc = _pick_doc(_docs_for(task, usable), rng,
+                        f"no {spec.split} documents for trace filler task {task!r}")
         out.append(
             Conversation(
                 conversation_id=f"trace-{spec.split}-{spec.seed}-{i}",
