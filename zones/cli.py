@@ -21,7 +21,7 @@ import numpy as np
 
 from zones.align import refit
 from zones.calibration import CalibrationError
-from zones.evaluate import EvaluationError, evaluate, plot, summary
+from zones.evaluate import Evaluation, EvaluationError, evaluate, plot, summary
 from zones.fit import TOOL_VERSION, FitError, FitOptions, fit_zones
 from zones.geometry import GeometryError, ModelGeometry, geometry_by_name
 from zones.inputs import FORMATS, CalibrationSet, InputError, load_inputs, split_indices
@@ -285,14 +285,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     table = load_table(args.table)
     heldout = _load(args)
     results: dict[str, Any] = {"table": table.checksum, "inputs": heldout.sources}
-    ev = evaluate(
-        table,
-        heldout,
-        batch_sizes=args.batch_sizes,
-        steps=args.steps,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-    )
+
+    def run_evaluation(candidate: ZoneTable) -> Evaluation:
+        return evaluate(
+            candidate,
+            heldout,
+            batch_sizes=args.batch_sizes,
+            steps=args.steps,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+        )
+
+    ev = run_evaluation(table)
     print(f"== table {args.table} (K={table.num_zones})")
     print(summary(ev))
     results["table_eval"] = ev.to_dict()
@@ -307,14 +311,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for k in args.worker_counts:
             opts = FitOptions(seed=args.seed, predictor=table.predictor is not None)
             fitted, _ = fit_zones(train, [f"decode-{i}" for i in range(k)], opts)
-            ev_k = evaluate(
-                fitted,
-                heldout,
-                batch_sizes=args.batch_sizes,
-                steps=args.steps,
-                bootstrap=args.bootstrap,
-                seed=args.seed,
-            )
+            ev_k = run_evaluation(fitted)
             print(f"\n== refit on the train split with K={k} workers")
             print(summary(ev_k))
             results["worker_counts"][str(k)] = ev_k.to_dict()
