@@ -10,8 +10,15 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for gateway._simkernel (the locality band's screening pass). Only this stage has
+# it; the runtime stage copies the built virtual environment. Unpinned on purpose: any Debian
+# gcc builds the extension, and the stage is thrown away.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 COPY zones ./zones
 COPY loadtest ./loadtest
@@ -20,6 +27,7 @@ COPY loadtest ./loadtest
 # runtime; it is kept so `python -m loadtest` works inside the image for smoke tests.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-compile . \
+    && /opt/venv/bin/python -c "import gateway._simkernel" \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # ---- runtime stage ----

@@ -30,16 +30,28 @@ fewer in-flight requests than the best band member. Excluding it would leave a n
 until the next fit; admitting it on equal terms would dilute locality. Such a choice reports
 `zone=None`, `rank=None`, `similarity=None`.
 
-The work per decision is one matrix-vector product into a preallocated buffer, one argsort of
-the available zones' similarities and a walk over the band; everything else (row gather,
-worker matching) is done once per (table, available-set) in `build_plan`. Measured cost:
-benchmarks/eldr_decision.py and docs/eldr.md.
+Two ways to get the similarities, same decisions:
+- `c` (default where the `gateway._simkernel` extension was built): a screening pass over 8-bit
+  copies of the centroids gives every zone a provable interval around its float32 similarity;
+  only zones whose interval reaches the band, the min-candidates admission or the chosen zone's
+  rank get an exact float32 product (usually 2-5 of 64). The band below then runs over those
+  zones only, which gives the same choice, band size, rank and similarity as running it over
+  all of them (the argument is in gateway/_simkernel.c).
+- `numpy`: one BLAS matrix-vector product over every available zone into a preallocated buffer
+  and one argsort. Used where the extension is missing, for centroids it cannot take (negative
+  entries), and when `ELDR_BAND_KERNEL=numpy` is set (an operator's switch back).
+Why two: at 64 zones x 6,144 dimensions the float32 centroids are 1.5 MiB and the product is
+bound by cache bandwidth (p50 ~24 us, p99 ~50 us on the 2-core CI machine); the 8-bit copy is
+384 KiB. Everything else (row gather, quantization, worker matching) is done once per (table,
+available-set) in `build_plan`. Measured cost: benchmarks/eldr_decision.py and docs/eldr.md.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import os
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +59,31 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
+
+try:  # built by setup.py where a C compiler exists; optional by design
+    from gateway import _simkernel
+except ImportError:  # pragma: no cover - depends on the build machine
+    _simkernel = None  # type: ignore[assignment]
+
+# auto: c where the extension is built and the centroids suit it, else numpy. c: the extension
+# or an error (tests, benchmarks). numpy: always numpy.
+KERNELS = ("auto", "c", "numpy")
+ENV_KERNELS = ("auto", "numpy")
+
+
+def default_kernel() -> str:
+    """`ELDR_BAND_KERNEL` (auto | numpy), read when a plan is built. An operator's switch, so it
+    cannot ask for something that may fail at request time; `make_eldr_policy` checks it at
+    start-up."""
+    value = os.environ.get("ELDR_BAND_KERNEL", "auto").strip().lower() or "auto"
+    if value not in ENV_KERNELS:
+        raise ValueError(
+            f"ELDR_BAND_KERNEL must be one of {', '.join(ENV_KERNELS)}, got {value!r}")
+    return value
+
+
+def c_kernel_available() -> bool:
+    return _simkernel is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +104,13 @@ def normalize_worker_key(key: str) -> str:
 
 class BandPlan:
     """Everything about one (zone table, available candidate list) pair that does not change
-    per request: the centroid rows of available zones (contiguous, zone order, NEGATED so that
-    one stable ascending argsort orders zones by descending similarity with ties in zone
-    order), which candidate serves each of them, the zone-less candidates, and the output
-    buffer of the product."""
+    per request: which candidate serves each available zone, the zone-less candidates, the
+    centroid rows of available zones in zone order and, per kernel, what the product needs:
+    the C screening index, or the rows NEGATED (so that one stable ascending argsort orders
+    zones by descending similarity with ties in zone order) plus the product's output buffer."""
 
-    __slots__ = ("_buffer", "dim", "neg_centroids", "positions", "zoneless", "zones")
+    __slots__ = ("_buffer", "_index", "dim", "neg_centroids", "positions", "rank_depth",
+                 "zoneless", "zones")
 
     def __init__(
         self,
@@ -80,12 +118,29 @@ class BandPlan:
         zones: Sequence[int],
         positions: Sequence[int],
         zoneless: Sequence[int],
+        kernel: str = "auto",
     ) -> None:
-        self.neg_centroids: FloatArray = np.ascontiguousarray(-centroids, dtype=np.float32)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        rows = np.ascontiguousarray(centroids, dtype=np.float32)
         self.zones: tuple[int, ...] = tuple(zones)
         self.positions: tuple[int, ...] = tuple(positions)
         self.zoneless: tuple[int, ...] = tuple(zoneless)
-        self.dim = int(centroids.shape[1])
+        self.dim = int(rows.shape[1])
+        # Min-candidates counts distinct workers; with at most z zones per worker, the top
+        # (min_candidates x z) zones span enough workers (see gateway/_simkernel.c).
+        self.rank_depth = max(Counter(self.positions).values(), default=1)
+        self._index: _simkernel.Index | None = None
+        usable = bool(np.all(rows >= 0)) and bool(np.all(np.isfinite(rows)))
+        if kernel == "c" and _simkernel is None:
+            raise ValueError("kernel 'c' requested but gateway._simkernel is not built")
+        if kernel == "c" and not usable:
+            raise ValueError("kernel 'c' needs finite, non-negative centroids")
+        if kernel != "numpy" and _simkernel is not None and usable and rows.size:
+            self._index = _simkernel.Index(rows, rows.shape[0], rows.shape[1])
+            self.neg_centroids: FloatArray | None = None
+        else:
+            self.neg_centroids = np.ascontiguousarray(-rows)
         self._buffer: FloatArray = np.empty(len(self.zones), dtype=np.float32)
 
     @property
@@ -93,13 +148,45 @@ class BandPlan:
         """Number of available zones."""
         return len(self.zones)
 
+    @property
+    def kernel(self) -> str:
+        """Which product this plan runs: `c-avx512vnni`, `c-avx2`, `c-scalar` or `numpy`."""
+        if self._index is None:
+            return "numpy"
+        return f"c-{self._index.isa}"
+
+    def ranked(self, signature: FloatArray, tau: float,
+               min_candidates: int) -> tuple[list[float], list[int]] | None:
+        """The zones that can affect the decision, most similar first (ties in zone order), as
+        (negated similarities, plan rows); None when the similarities are not finite.
+
+        The numpy kernel returns every available zone; the C kernel only those whose interval
+        reaches the band, the min-candidates admission or the chosen zone's rank.
+        """
+        if self._index is not None:
+            return self._index.candidates(signature, tau, min_candidates * self.rank_depth)
+        # Four numpy calls (product, argsort, gather, two tolist): each extra numpy call on a
+        # 64-vector costs about a microsecond of overhead, more than the work it does.
+        neg = self.negated_similarities(signature)
+        order = np.argsort(neg, kind="stable")  # most similar first; ties in zone order
+        ranked: list[float] = neg[order].tolist()  # ascending -s_k
+        if not math.isfinite(ranked[0]):  # NaN sorts last, so a NaN here means all are NaN
+            return None
+        return ranked, order.tolist()
+
     def negated_similarities(self, signature: FloatArray) -> FloatArray:
-        """`-(c_k . s)` for the available zones, written into the plan's buffer (no allocation).
+        """`-(c_k . s)` for every available zone, written into the plan's buffer.
 
         The buffer is reused by the next call. Callers run on one event loop thread, so a plan
-        is never used concurrently.
+        is never used concurrently. With the C kernel this is its exact pass over every zone
+        (for inspection; decisions use `ranked`).
         """
-        np.dot(self.neg_centroids, signature, out=self._buffer)
+        if self.neg_centroids is not None:
+            np.dot(self.neg_centroids, signature, out=self._buffer)
+        else:
+            assert self._index is not None
+            self._buffer[:] = self._index.exact(signature)
+            np.negative(self._buffer, out=self._buffer)
         return self._buffer
 
     def similarities(self, signature: FloatArray) -> FloatArray:
@@ -111,6 +198,7 @@ def build_plan(
     centroids: FloatArray,
     zone_workers: Sequence[str | None],
     candidate_keys: Sequence[Collection[str]],
+    kernel: str | None = None,
 ) -> BandPlan:
     """Precompute the band plan for one table and one ordered list of available candidates.
 
@@ -139,7 +227,8 @@ def build_plan(
             positions.append(match)
     served = set(positions)
     zoneless = [p for p in range(len(candidate_keys)) if p not in served]
-    return BandPlan(matrix[zones], zones, positions, zoneless)
+    return BandPlan(matrix[zones], zones, positions, zoneless,
+                    default_kernel() if kernel is None else kernel)
 
 
 def choose(
@@ -156,16 +245,11 @@ def choose(
     """
     if plan.size == 0:
         return None
-    # Four numpy calls (product, argsort, gather, two tolist) and then plain Python over the
-    # band only: the band is usually 1-3 zones, and each extra numpy call on a 64-vector costs
-    # about a microsecond of overhead, more than the work it does.
-    neg = plan.negated_similarities(signature)
-    order = np.argsort(neg, kind="stable")  # most similar first; ties in zone order
-    ranked: list[float] = neg[order].tolist()  # ascending -s_k
-    rows: list[int] = order.tolist()
-    best_neg = ranked[0]
-    if not math.isfinite(best_neg):  # NaN sorts last, so a NaN here means all are NaN
+    got = plan.ranked(signature, tau, min_candidates)
+    if got is None:
         return None
+    ranked, rows = got  # ascending -s_k, and the plan row of each
+    best_neg = ranked[0]
     limit = tau + best_neg  # s_k >= s* - tau  <=>  -s_k <= tau - s*
     positions = plan.positions
     count = len(rows)

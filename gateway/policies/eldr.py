@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.band import BandPlan, build_plan, choose
+from gateway.band import BandPlan, build_plan, choose, default_kernel
 from gateway.errors import ConfigError
 from gateway.policies.base import Policy, RoutingInput, Selection, WorkerView
 from gateway.policies.least_load import LeastLoadPolicy
@@ -65,6 +65,11 @@ class EldrPolicy:
         self._on_fallback = on_fallback
         self._plans: dict[tuple[str, ...], BandPlan] = {}
         self._plans_for: ActiveZones | None = None
+        # The last candidate list and its plan: the available set rarely changes between
+        # requests, and comparing two lists of the same string objects is cheaper than hashing
+        # a fresh tuple of 64 ids for the dict (measured ~1.5 us of a ~20 us decision).
+        self._last_ids: list[str] = []
+        self._last_plan: BandPlan | None = None
 
     def select(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
         active = self._zones.active
@@ -94,10 +99,14 @@ class EldrPolicy:
         )
 
     def _plan(self, active: ActiveZones, candidates: Sequence[WorkerView]) -> BandPlan:
+        ids = [c.worker_id for c in candidates]
         if active is not self._plans_for:
             self._plans = {}
             self._plans_for = active
-        key = tuple([c.worker_id for c in candidates])
+            self._last_plan = None
+        elif self._last_plan is not None and ids == self._last_ids:
+            return self._last_plan
+        key = tuple(ids)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= MAX_PLANS:
@@ -108,6 +117,8 @@ class EldrPolicy:
                 [(c.worker_id, c.url) for c in candidates],
             )
             self._plans[key] = plan
+        self._last_ids = ids
+        self._last_plan = plan
         return plan
 
     def _fall_back(
@@ -123,6 +134,10 @@ def make_eldr_policy(settings: Any, **deps: Any) -> EldrPolicy:
     `eldr_metrics=` (an `EldrMetrics`) counts fallbacks. `settings.eldr_tau` /
     `settings.eldr_min_candidates`, when the config defines them and they are not None,
     override the table's values."""
+    try:
+        default_kernel()  # fail at start-up, not at the first decision
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     runtime = deps.get("zone_runtime")
     if runtime is None:
         raise ConfigError("decode_policy eldr needs a zone runtime (--zones PATH)")

@@ -1,7 +1,7 @@
 """Hand-worked band examples (DESIGN.md "Locality band").
 
 Zones (unit centroids) c0=(1,0,0), c1=(.8,.6,0), c2=(0,1,0), c3=(0,0,1); signature s=(1,0,0):
-similarities s_k = c_k . s = 1.0, 0.8, 0.0, 0.0.
+similarities s_k = c_k . s = 1.0, 0.8, 0.0, 0.0. Each example runs under both kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.band import BandChoice, BandPlan, build_plan, choose
+from gateway.band import BandChoice, BandPlan, build_plan, c_kernel_available, choose
+
+# "auto" is the C kernel where the extension is built (tests/eldr/test_band_kernels.py checks).
+KERNELS = ["auto", "numpy"] if c_kernel_available() else ["numpy"]
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every example here runs under both similarity kernels (see gateway/band.py)."""
+    monkeypatch.setenv("ELDR_BAND_KERNEL", request.param)
+    return str(request.param)
 
 CENTROIDS = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
 WORKERS = ("w0", "w1", "w2", "w3")
