@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     default = "c" if c_kernel_available() else "numpy"
 
     def policy_for(kernel: str) -> EldrPolicy:
-        os.environ["ELDR_BAND_KERNEL"] = kernel  # read when the policy builds its plan
+        # read when the policy builds its plan; "auto" is the C kernel when it is built
+        os.environ["ELDR_BAND_KERNEL"] = "auto" if kernel == "c" else kernel
         policy = EldrPolicy(_Source(active))
         policy.select([WorkerView(w, w, 0, None) for w in workers], RoutingInput(sigs[0], "cache"))
         return policy
@@ -223,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     examined: list[int] = []
     if default == "c":
         index = plans["c"]._index
-        examined = [len(index.candidates(sigs[i], args.tau, 2)[1])  # type: ignore[union-attr]
-                    for i in range(min(len(sigs), 2000))]
+        for i in range(min(len(sigs), 2000)):
+            got = index.candidates(sigs[i], args.tau, 2)  # type: ignore[union-attr]
+            # False: handed to the full product (most zones within tau): all of them
+            examined.append(args.workers if got is False else len(got[1]))
     for k in kernels:
         run_policy(policies[k], args.warmup, 0)
         run_band(plans[k], args.warmup, 0)

@@ -4,7 +4,8 @@
  * Why: the band needs s_k = c_k . s for every available zone. At 64 zones x 6,144 dimensions
  * the float32 centroids are 1.5 MiB; one BLAS sgemv over them is bound by cache bandwidth
  * (~24 us on the 2-core EPYC CI machine, with a long tail when other tenants share the L3).
- * The same centroids quantized to uint8 are 384 KiB and stay in L2.
+ * The same centroids quantized to uint8 are 384 KiB and stay in L2; on structured tables only
+ * ~4 of 64 zones then need their 24 KiB float32 row (benchmarks/eldr_decision.py).
  *
  * Screening: centroid row k is stored as q_k (uint8) with scale a_k, c_k = a_k q_k + e_k; the
  * signature is quantized per call to int16, s = b p + f. Then
@@ -16,16 +17,19 @@
  *
  * Which zones can matter (gateway/band.py, `choose`): the band {s_k >= s* - tau} and the
  * min-candidates admission, which walks zones in descending similarity until `m` distinct
- * workers are in. With z = the most zones any one worker serves, the r = m z zones with the
- * largest lower bounds span at least m workers and all have s >= lo_(r), so the walk never
- * admits a zone below lo_(r); and every band member has s >= s* - tau >= max lo - tau. A zone
- * with hi_k < T = min(max lo - tau, lo_(r)) is therefore neither in the band, nor admitted, nor
- * more similar than the chosen zone (which fixes its rank). Every other zone gets its exact
- * float32 similarity, and the caller runs the band over those only: the same choice, band
- * size, rank and similarity as the band over all zones.
+ * workers are in. With z = the most zones any one worker serves, the r = m z most similar zones
+ * span at least m workers, so the walk never admits a zone less similar than the r-th largest
+ * similarity; and every band member has s >= s* - tau. Zones are given exact products in
+ * descending order of their upper bounds while T = min(best exact so far - tau, r-th largest
+ * exact so far) is kept: T only rises and stays below both quantities, so once the next upper
+ * bound is under T no remaining zone is in the band, admitted, or more similar than the chosen
+ * zone (which fixes its rank). The caller runs the band over the visited zones only: the same
+ * choice, band size, rank and similarity as the band over all zones, up to float32 rounding
+ * ties (the exact products here sum in another order than BLAS does).
  *
- * The screening product runs on AVX2 (vpmaddwd) where the CPU has it and in plain C otherwise;
- * both give identical integer sums, so results do not depend on the CPU.
+ * The screening sum runs on AVX-512 VNNI or AVX2 where the CPU has them and in plain C
+ * otherwise; the exact products use the same lane order on AVX2 and in C. All paths give
+ * bit-identical results, so decisions do not depend on the CPU.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -447,8 +451,10 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None
+/* candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False
  *
+ * False: more than half of the zones (of at least 8) may lie within tau of the best, so the
+ * caller's full product is cheaper than visiting them one by one.
  * signature: C-contiguous float32 buffer of length dim. rank_depth: min candidates x the most
  * zones one worker serves. Returns the zones (row indices) that can affect the band decision,
  * most similar first with ties in zone order, and their exact float32 similarities NEGATED (the
@@ -497,12 +503,25 @@ Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
      * covers float32 rounding in the exact pass (at most dim * 2^-24 of the sum of |terms|,
      * which |c_k| |s| bounds). */
     const double rel = 1e-5 + (double)dim * 6e-8;
+    double best_lo = -INFINITY;
     for (Py_ssize_t k = 0; k < rows; k++) {
         double coarse = self->scale[k] * b * (double)qdot(self, self->q + k * dim);
         double eps = self->err_norm[k] * s_norm + self->deq_norm[k] * f_norm +
                      rel * (fabs(coarse) + (self->deq_norm[k] + self->err_norm[k]) * s_norm) +
                      1e-7;
         self->hi[k] = coarse + eps;
+        if (coarse - eps > best_lo)
+            best_lo = coarse - eps;
+    }
+    /* When most zones may be within tau of the best (unstructured signatures), visiting them one
+     * by one costs more than one sgemv over all of them: tell the caller to do that instead. */
+    Py_ssize_t near = 0;
+    for (Py_ssize_t k = 0; k < rows; k++)
+        if (self->hi[k] >= best_lo - tau)
+            near++;
+    if (rows >= 8 && 2 * near > rows) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
     }
 
     /* Exact pass, zones in descending upper bound. The threshold T is a lower bound on both
@@ -621,7 +640,7 @@ Index_get_isa(Index *self, void *closure)
 
 static PyMethodDef Index_methods[] = {
     {"candidates", (PyCFunction)(void (*)(void))Index_candidates, METH_FASTCALL,
-     "candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None"},
+     "candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False"},
     {"exact", (PyCFunction)Index_exact, METH_O, "exact(signature) -> list of similarities"},
     {NULL, NULL, 0, NULL},
 };

@@ -138,9 +138,9 @@ class BandPlan:
             raise ValueError("kernel 'c' needs finite, non-negative centroids")
         if kernel != "numpy" and _simkernel is not None and usable and rows.size:
             self._index = _simkernel.Index(rows, rows.shape[0], rows.shape[1])
-            self.neg_centroids: FloatArray | None = None
-        else:
-            self.neg_centroids = np.ascontiguousarray(-rows)
+        # Kept with the C kernel too: it hands unstructured signatures (most zones within tau
+        # of the best) back to the one-sgemv path, which is cheaper for them.
+        self.neg_centroids: FloatArray = np.ascontiguousarray(-rows)
         self._buffer: FloatArray = np.empty(len(self.zones), dtype=np.float32)
 
     @property
@@ -164,7 +164,9 @@ class BandPlan:
         reaches the band, the min-candidates admission or the chosen zone's rank.
         """
         if self._index is not None:
-            return self._index.candidates(signature, tau, min_candidates * self.rank_depth)
+            got = self._index.candidates(signature, tau, min_candidates * self.rank_depth)
+            if got is not False:
+                return got  # type: ignore[return-value]
         # Four numpy calls (product, argsort, gather, two tolist): each extra numpy call on a
         # 64-vector costs about a microsecond of overhead, more than the work it does.
         neg = self.negated_similarities(signature)
@@ -178,15 +180,9 @@ class BandPlan:
         """`-(c_k . s)` for every available zone, written into the plan's buffer.
 
         The buffer is reused by the next call. Callers run on one event loop thread, so a plan
-        is never used concurrently. With the C kernel this is its exact pass over every zone
-        (for inspection; decisions use `ranked`).
+        is never used concurrently.
         """
-        if self.neg_centroids is not None:
-            np.dot(self.neg_centroids, signature, out=self._buffer)
-        else:
-            assert self._index is not None
-            self._buffer[:] = self._index.exact(signature)
-            np.negative(self._buffer, out=self._buffer)
+        np.dot(self.neg_centroids, signature, out=self._buffer)
         return self._buffer
 
     def similarities(self, signature: FloatArray) -> FloatArray:

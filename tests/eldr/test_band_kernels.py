@@ -140,14 +140,32 @@ def test_candidates_are_sorted_and_exact() -> None:
     from gateway import _simkernel
 
     rng = np.random.default_rng(11)
-    centroids, sigs = _instance(rng, "ties", 12, 256)
+    centroids, sigs = _instance(rng, "ties", 7, 256)  # < 8 zones: never handed back
     index = _simkernel.Index(centroids, *centroids.shape)
     for sig in sigs:
-        negated, zones = index.candidates(sig, 1.0, 2)  # tau 1: every zone can matter
-        assert sorted(zones) == list(range(12))
+        got = index.candidates(sig, 1.0, 2)  # tau 1: every zone can matter
+        assert got is not None and got is not False
+        negated, zones = got
+        assert sorted(zones) == list(range(7))
         exact = index.exact(sig)
         assert negated == [-exact[z] for z in zones]
         assert list(zip(negated, zones, strict=True)) == sorted(zip(negated, zones, strict=True))
+
+
+@needs_c
+def test_unstructured_signatures_are_handed_to_the_full_product() -> None:
+    # Uniform tables put most zones within tau of the best; visiting them one by one would cost
+    # more than one sgemv, so the screening pass says so and the plan uses the numpy product.
+    from gateway import _simkernel
+
+    rng = np.random.default_rng(13)
+    centroids, sigs = _instance(rng, "uniform", 32, 512)
+    index = _simkernel.Index(centroids, *centroids.shape)
+    assert all(index.candidates(sig, 1.0, 2) is False for sig in sigs)
+    plan = build_plan(centroids, [f"w{k}" for k in range(32)], [(f"w{k}",) for k in range(32)],
+                      kernel="c")
+    got = plan.ranked(sigs[0], 1.0, 2)
+    assert got is not None and len(got[1]) == 32  # every zone, from the full product
 
 
 @needs_c
