@@ -1,6 +1,6 @@
 """App factory: `create_app(settings) -> aiohttp.web.Application`.
 
-Everything stateful (HTTP client session, worker registry, policies, metrics registry,
+Everything stateful (HTTP clients, worker registry, policies, metrics registry,
 background health/load tasks, the Prometheus site, the optional zone runtime) is built in the
 app's cleanup context and torn down with it: no module-level state, so tests build apps freely.
 State lives under typed `web.AppKey`s; `STATE` holds the `GatewayState` (its `.registry` is the
@@ -29,6 +29,7 @@ from gateway.config import Settings
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthChecker
+from gateway.http1 import Http1Pool
 from gateway.loads import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policies.registry import make_policy
@@ -46,7 +47,8 @@ class GatewayState:
     registry: CollectorRegistry  # Prometheus registry of this app
     metrics: GatewayMetrics
     workers: WorkerRegistry
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # health checks, load polls, info fan-out
+    client: Http1Pool | None = None  # generation legs (gateway/http1.py)
     dispatcher: Dispatcher | None = None
     health: HealthChecker | None = None
     zone_runtime: Any = None
@@ -206,11 +208,12 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
         state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               json_serialize=lambda o: orjson.dumps(o).decode())
+        state.client = Http1Pool()
         await _start_zones(app, state)
         deps = {"rng": rng, "zone_runtime": state.zone_runtime,
                 "eldr_metrics": state.eldr_metrics}
         state.dispatcher = Dispatcher(
-            settings, state.workers, state.session, state.metrics,
+            settings, state.workers, state.client, state.metrics,
             prefill_policy=make_policy(settings.effective_prefill_policy, settings, **deps),
             decode_policy=make_policy(settings.effective_decode_policy, settings, **deps),
             regular_policy=make_policy(settings.policy if settings.policy != "eldr"
@@ -247,6 +250,7 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             hook = state.dispatcher.hook if state.dispatcher is not None else None
             if hook is not None:
                 await asyncio.to_thread(hook.close)  # flushes queued records (bounded)
+            await state.client.close()
             await state.session.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -37,7 +37,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -49,6 +48,7 @@ from gateway.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from gateway.http1 import Http1Pool, Response
 from gateway.limiter import ConcurrencyLimiter
 from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
@@ -83,7 +83,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class Opened:
     """A 2xx decode/regular answer ready to relay, plus what the relay needs around it."""
 
-    response: aiohttp.ClientResponse
+    response: Response
     worker: Worker
     selection: Selection | None
     prefill_task: asyncio.Task[LegResult] | None = None  # dual flow: may still be running
@@ -93,14 +93,14 @@ class Opened:
 
 class Dispatcher:
     def __init__(self, settings: Settings, registry: WorkerRegistry,
-                 session: aiohttp.ClientSession, metrics: GatewayMetrics,
+                 client: Http1Pool, metrics: GatewayMetrics,
                  prefill_policy: Policy, decode_policy: Policy,
                  regular_policy: Policy, resolver: RoutingResolver | None = None,
                  rng: random.Random | None = None, hook: ResultHook | None = None,
                  eldr_metrics: EldrMetrics | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.session = session
+        self.client = client  # keep-alive HTTP/1.1 pool for the worker legs
         self.metrics = metrics
         self.policies = {"prefill": prefill_policy, "decode": decode_policy,
                          "regular": regular_policy}
@@ -117,7 +117,7 @@ class Dispatcher:
         )
         self.limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.queue_size,
                                           settings.queue_timeout_secs)
-        self.timeout = aiohttp.ClientTimeout(total=settings.request_timeout_secs)
+        self.timeout = settings.request_timeout_secs  # connect + whole answer, per leg
         self._id_headers = tuple(h.lower() for h in settings.request_id_headers)
         self._urls = UrlCache()
 
@@ -281,7 +281,7 @@ class Dispatcher:
         worker, selection = self._select("regular", NO_ROUTING_INPUT)
         stack.enter_context(InFlight(worker, self.metrics))
         body = _encode(_outgoing(ctx))
-        resp = await post_open(self.session, worker, self._urls.get(worker, ctx.endpoint), body,
+        resp = await post_open(self.client, worker, self._urls.get(worker, ctx.endpoint), body,
                                headers, self.timeout)
         stack.callback(close_response, resp)
         opened = Opened(resp, worker, selection)
@@ -303,11 +303,11 @@ class Dispatcher:
         prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
         stack.enter_context(InFlight(decode, self.metrics))
         prefill_task = asyncio.ensure_future(
-            post_read(self.session, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
+            post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
                       self.timeout))
         stack.push_async_callback(_cancel, prefill_task)
         decode_task = asyncio.ensure_future(
-            post_open(self.session, decode, self._urls.get(decode, ctx.endpoint), body, headers,
+            post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body, headers,
                       self.timeout))
         stack.push_async_callback(_discard_response_task, decode_task)
 
@@ -338,7 +338,7 @@ class Dispatcher:
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
         prefill_body = dict(injected, prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
-            result = await post_read(self.session, prefill, self._urls.get(prefill, ctx.endpoint),
+            result = await post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint),
                                      _encode(prefill_body), headers, self.timeout)
         self._check_prefill(prefill, result)
         released = False
@@ -359,7 +359,7 @@ class Dispatcher:
         ctx.extras["signature_source"] = routing.signature_source
         decode, selection = self._select("decode", routing)
         stack.enter_context(InFlight(decode, self.metrics))
-        resp = await post_open(self.session, decode, self._urls.get(decode, ctx.endpoint),
+        resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
                                _encode(injected),
                                headers, self.timeout)
         released = True  # the decode connected: the room is consumed by it
@@ -373,9 +373,9 @@ class Dispatcher:
                             headers: dict[str, str]) -> None:
         body = orjson.dumps({"bootstrap_room": room})
         with contextlib.suppress(AttemptFailed):
-            await post_read(self.session, prefill,
+            await post_read(self.client, prefill,
                             self._urls.get(prefill, "/disaggregation/release"), body, headers,
-                            aiohttp.ClientTimeout(total=self.settings.health_check_timeout_secs))
+                            self.settings.health_check_timeout_secs)
 
     def _check_prefill(self, prefill: Worker, result: LegResult) -> None:
         if not 200 <= result.status < 300:
@@ -418,8 +418,8 @@ class Dispatcher:
     async def _read_first(self, opened: Opened, merge: bool) -> bytes:
         try:
             if merge:
-                return await opened.response.content.readline()
-            return await opened.response.content.readany()
+                return await opened.response.readline()
+            return await opened.response.readany()
         except TRANSPORT_ERRORS as exc:
             raise AttemptFailed.from_exception(opened.worker, exc) from exc
 
@@ -499,8 +499,7 @@ class Dispatcher:
                     self.metrics.record_itl(endpoint, now - last)
                 last = now
                 await out.write(transform(chunk) if transform else chunk)
-                chunk = await (resp.content.readline() if transform
-                               else resp.content.readany())
+                chunk = await (resp.readline() if transform else resp.readany())
         except TRANSPORT_ERRORS as exc:
             failure = AttemptFailed.from_exception(opened.worker, exc)
             self._record_failure(failure)
@@ -546,7 +545,7 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
         await task
 
 
-async def _discard_response_task(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+async def _discard_response_task(task: asyncio.Future[Response]) -> None:
     if not task.done():
         task.cancel()
         with contextlib.suppress(BaseException):

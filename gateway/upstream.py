@@ -1,7 +1,8 @@
 """Calls to workers: the one place where transport failures become domain errors.
 
-Every leg raises `AttemptFailed` for anything other than a usable answer: an aiohttp transport
-error (502, retryable), a timeout (504, retryable) or an HTTP error status from the worker
+The generation legs go through `gateway.http1.Http1Pool` (a lean keep-alive HTTP/1.1 client).
+Every leg raises `AttemptFailed` for anything other than a usable answer: a transport or
+protocol error (502, retryable), a timeout (504, retryable) or an HTTP error status from the worker
 (returned to the client as is when it is final; retryable per `retry.is_retryable_status`).
 """
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
+from gateway.http1 import Http1Pool, Response, Target
 from gateway.retry import is_retryable_status
 from gateway.workers import Worker
 
@@ -62,55 +63,59 @@ class AttemptFailed(Exception):
                             content_type=self.content_type or "application/json")
 
 
+# `Http1Error` (the worker legs' client, gateway/http1.py) is a ConnectionError; aiohttp's errors
+# stay listed for the calls that still go through the aiohttp session.
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
 
 class UrlCache:
-    """Parsed upstream URLs, one per (worker URL, path).
+    """Parsed upstream URLs, one `Target` per (worker URL, path).
 
-    aiohttp parses a `str` URL with yarl on every request; profiling the gateway showed that
-    parse as a visible share of each upstream call (two per PD request), so worker URLs are
-    parsed once. Bounded: workers come and go through the admin API, so the cache is dropped
-    whenever it reaches `max_entries` rather than growing without limit.
+    Each upstream call needs the pool key, request path and Host header of `worker.url + path`;
+    they are parsed once per (worker, path) instead of on every call (two per PD request).
+    Bounded: workers come and go through the admin API, so the cache is dropped whenever it
+    reaches `max_entries` rather than growing without limit.
     """
 
     __slots__ = ("_urls", "max_entries")
 
     def __init__(self, max_entries: int = 4096) -> None:
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._urls: dict[tuple[str, str], Target] = {}
         self.max_entries = max_entries
 
-    def get(self, worker: Worker, path: str) -> URL:
+    def get(self, worker: Worker, path: str) -> Target:
         key = (worker.url, path)
         url = self._urls.get(key)
         if url is None:
             if len(self._urls) >= self.max_entries:
                 self._urls.clear()
-            url = self._urls[key] = URL(worker.url + path)
+            url = self._urls[key] = Target(worker.url + path)
         return url
 
 
-async def post_read(session: aiohttp.ClientSession, worker: Worker, url: URL | str, body: bytes,
-                    headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> LegResult:
+async def post_read(client: Http1Pool, worker: Worker, url: Target | str, body: bytes,
+                    headers: dict[str, str], timeout_s: float) -> LegResult:
     """POST and read the whole answer; any status is returned (the caller judges it)."""
     try:
-        async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
+        resp = await client.request("POST", url, body, headers, timeout_s)
+        try:
             data = await resp.read()
-            return LegResult(resp.status, data, resp.content_type)
+        finally:
+            resp.release()
+        return LegResult(resp.status, data, resp.content_type)
     except TRANSPORT_ERRORS as exc:
         raise AttemptFailed.from_exception(worker, exc) from exc
 
 
-async def post_open(session: aiohttp.ClientSession, worker: Worker, url: URL | str, body: bytes,
-                    headers: dict[str, str], timeout: aiohttp.ClientTimeout,
-                    ) -> aiohttp.ClientResponse:
+async def post_open(client: Http1Pool, worker: Worker, url: Target | str, body: bytes,
+                    headers: dict[str, str], timeout_s: float) -> Response:
     """POST and return once the status line and headers arrived (body still unread).
 
     A non-2xx answer is read and raised as AttemptFailed, so callers only ever get a response
     they can relay.
     """
     try:
-        resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+        resp = await client.request("POST", url, body, headers, timeout_s)
     except TRANSPORT_ERRORS as exc:
         raise AttemptFailed.from_exception(worker, exc) from exc
     if resp.status >= 300:
@@ -124,9 +129,7 @@ async def post_open(session: aiohttp.ClientSession, worker: Worker, url: URL | s
     return resp
 
 
-def close_response(resp: aiohttp.ClientResponse) -> None:
-    """Return a fully read connection to the pool; drop one with unread body bytes."""
-    if resp.content.at_eof():
-        resp.release()
-    else:
-        resp.close()
+def close_response(resp: Response) -> None:
+    """Done with an answer: a fully read one already went back to the pool (no-op); one with
+    unread body bytes has its connection closed."""
+    resp.release()
