@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,24 +42,27 @@ def is_admin_request(request: web.Request) -> bool:
     return any(path.startswith(p) for p in ADMIN_PREFIXES)
 
 
-def auth_middleware_for(settings: Settings) -> Any:
+def auth_check_for(settings: Settings) -> Callable[[web.Request], web.Response | None] | None:
+    """The admin bearer-token check run by the app's middleware before any handler: returns
+    the 401 answer for an admin request without the right token, else None. None (no check at
+    all) when no admin token is configured."""
     token = settings.admin_token
+    if not token:
+        return None
+    expected = f"Bearer {token}".encode()
 
-    @web.middleware
-    async def admin_auth(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                         ) -> web.StreamResponse:
-        if token and is_admin_request(request):
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                body = {"error": {"message": "admin endpoint: missing or wrong bearer token "
-                                  "(Authorization: Bearer <admin token>)",
-                                  "type": UnauthorizedError.code, "code": 401}}
-                return _json(body, 401)
-        return await handler(request)
+    def check(request: web.Request) -> web.Response | None:
+        if not is_admin_request(request):
+            return None
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), expected):
+            return None
+        body = {"error": {"message": "admin endpoint: missing or wrong bearer token "
+                          "(Authorization: Bearer <admin token>)",
+                          "type": UnauthorizedError.code, "code": 401}}
+        return _json(body, 401)
 
-    return admin_auth
+    return check
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:

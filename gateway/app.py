@@ -100,6 +100,27 @@ async def error_middleware(request: web.Request,
                               "internal_error")
 
 
+def _middlewares(settings: Settings) -> list[Any]:
+    """One middleware for every request: the JSON error mapping, preceded by the admin
+    bearer-token check when an admin token is set (aiohttp runs each middleware as an extra
+    coroutine per request, generation requests included, so no-op layers are left out)."""
+    check = admin.auth_check_for(settings)
+    if check is None:
+        return [error_middleware]
+
+    @web.middleware
+    async def admin_auth_then_errors(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        denied = check(request)
+        if denied is not None:
+            return denied
+        return await error_middleware(request, handler)
+
+    return [admin_auth_then_errors]
+
+
 def _build_state(settings: Settings) -> GatewayState:
     registry = CollectorRegistry()
     breaker = BreakerConfig(
@@ -197,7 +218,7 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
     settings.validate()
     state = _build_state(settings)
     app = web.Application(client_max_size=settings.max_payload_size,
-                          middlewares=[admin.auth_middleware_for(settings), error_middleware])
+                          middlewares=_middlewares(settings))
     app[STATE] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -308,3 +308,28 @@ async def test_circuit_opens_after_failures_and_takes_worker_out(session):
     finally:
         await prefill.close()
         await decode.close()
+
+
+async def test_admin_guard_runs_before_routing_and_only_with_a_token(pd_cluster, session):
+    prefills, decodes = pd_cluster
+    auth = {"Authorization": "Bearer tok"}
+    async with running_gateway(pd_settings(prefills, decodes, admin_token="tok")) as (url, _):
+        for method, path in (("GET", "/workers"), ("GET", "/workers/nope/extra"),
+                             ("PATCH", "/workers"), ("POST", "/admin/unknown")):
+            async with session.request(method, url + path) as r:
+                assert r.status == 401, (method, path)
+                assert (await r.json())["error"]["type"] == "unauthorized"
+        async with session.get(url + "/workers", headers={"Authorization": "Bearer no"}) as r:
+            assert r.status == 401
+        async with session.get(url + "/workers", headers=auth) as r:
+            assert r.status == 200
+        async with session.post(url + "/admin/unknown", headers=auth) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["type"] == "http_error"
+        async with session.post(url + "/generate", json={"text": "x"}) as r:
+            assert r.status == 200  # generation needs no admin token
+        async with session.post(url + "/generate", data=b"{bad") as r:
+            assert r.status == 400  # the JSON error mapping still runs behind the guard
+    async with running_gateway(pd_settings(prefills, decodes)) as (url, _), \
+            session.get(url + "/workers") as r:
+        assert r.status == 200  # no token configured: admin endpoints are open
