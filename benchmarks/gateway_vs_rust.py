@@ -22,7 +22,9 @@ arrival; this gives added latency at a fixed moderate load). `--duration` second
 (requests/s, SSE chunks/s). Added latency = router p50/p99 minus direct p50/p99 of the same
 round. `--repeat N` runs N interleaved rounds of direct/gateway/rust and prints per-round rows,
 medians and the gateway/Rust throughput ratio per round; the 1-minute load average is printed
-per phase, since on a shared machine the numbers move with other jobs.
+per phase, since on a shared machine the numbers move with other jobs. `cpu us` is the router
+process's CPU time (user + system, its children and threads included) per answered request
+over the phase, warm-up included: it moves much less with other jobs than latency does.
 
 Run:  python benchmarks/gateway_vs_rust.py [--duration 8] [--concurrency 64] [--rate 0]
       [--repeat 1] [--processes 1] [--upstream fake|emulator]
@@ -178,6 +180,7 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
         chunks = 0
         errors = 0
         skipped = 0
+        completed = 0  # every answered request, warm-up included (CPU per request)
         t_measure = time.perf_counter() + warmup
         t_end = t_measure + duration
 
@@ -210,7 +213,8 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
                 return r.status == 200, data.count(b"data:")
 
         def record(t0: float, t1: float, ok: bool, n: int) -> None:
-            nonlocal chunks, errors
+            nonlocal chunks, errors, completed
+            completed += 1
             if t0 >= t_measure and t1 <= t_end:
                 if ok:
                     latencies.append(t1 - t0)
@@ -263,7 +267,7 @@ def _load(target: dict[str, Any], stream: bool, concurrency: int, warmup: float,
             "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"),
             "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3 if latencies
             else float("nan"),
-            "errors": errors, "ok": len(latencies), "skipped": skipped,
+            "errors": errors, "ok": len(latencies), "skipped": skipped, "completed": completed,
         }
 
     out.put(uvloop.run(main()))
@@ -359,12 +363,18 @@ def main(argv: list[str] | None = None) -> int:
                                     "round_robin", "--prometheus-port", str(_free_port()),
                                     "--log-level", "warn"],
                                    os.path.join(args.log_dir, "bench_rust.log"))
-                with ctx:
+                with ctx as router_proc:
                     if target["mode"] == "router":
                         _wait_http(target["url"] + "/health", 60)
                     for stream in (False, True):
+                        ticks = _cpu_ticks(router_proc.pid) if router_proc else None
                         r = run_load(target, stream, args)
-                        r.update(name=name, stream=stream, round=round_, loadavg=_loadavg())
+                        cpu_us = float("nan")
+                        if ticks is not None and r.get("completed"):
+                            used = _cpu_ticks(router_proc.pid) - ticks
+                            cpu_us = 1e6 * used / os.sysconf("SC_CLK_TCK") / r["completed"]
+                        r.update(name=name, stream=stream, round=round_, loadavg=_loadavg(),
+                                 cpu_us=cpu_us)
                         results.append(r)
                         if args.json:
                             print(orjson.dumps(r).decode(), flush=True)
@@ -380,6 +390,26 @@ def _terminating(proc: Any) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.join(10)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU ticks of a router process and its direct children (gateway
+    `--processes N` forks its servers), all threads included; 0 where /proc is missing."""
+    def stat(p: int | str) -> list[str] | None:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        fields = stat(entry)
+        if fields is not None and (int(entry) == pid or int(fields[1]) == pid):
+            total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def _port_free(port: int) -> bool:
@@ -402,7 +432,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     rounds = sorted({r["round"] for r in results})
     head = (f"{'round':>5s} {'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} "
             f"{'p50 ms':>7s} {'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'err':>4s} "
-            f"{'skip':>4s} {'load':>5s}")
+            f"{'skip':>4s} {'load':>5s} {'cpu us':>6s}")
     print(head)
     derived: list[dict[str, Any]] = []
     for rnd in rounds:
@@ -420,10 +450,11 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             print(f"{rnd:5d} {r['name']:8s} {'stream' if r['stream'] else 'non-strm':9s} "
                   f"{r['rps']:7.0f} {r['chunks_per_s']:8.0f} {r['p50_ms']:7.2f} "
                   f"{r['p99_ms']:7.2f} {add50:7.2f} {add99:7.2f} {r['errors']:4d} "
-                  f"{r.get('skipped', 0):4d} {r['loadavg']:5.2f}")
+                  f"{r.get('skipped', 0):4d} {r['loadavg']:5.2f} "
+                  f"{r.get('cpu_us', float('nan')):6.0f}")
     print(f"# medians over {len(rounds)} round(s)")
     print(f"{'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} {'p50 ms':>7s} "
-          f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s}")
+          f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s} {'cpu us':>6s}")
     for name in ("direct", "gateway", "rust"):
         for stream in (False, True):
             rows = [d for d in derived if d["name"] == name and d["stream"] == stream]
@@ -431,10 +462,11 @@ def _print_table(results: list[dict[str, Any]]) -> None:
                 continue
             med = {k: _median([float(d[k]) for d in rows])
                    for k in ("rps", "chunks_per_s", "p50_ms", "p99_ms", "add50", "add99",
-                             "ratio")}
+                             "ratio", "cpu_us")}
             print(f"{name:8s} {'stream' if stream else 'non-strm':9s} {med['rps']:7.0f} "
                   f"{med['chunks_per_s']:8.0f} {med['p50_ms']:7.2f} {med['p99_ms']:7.2f} "
-                  f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio']:7.2f}")
+                  f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio']:7.2f} "
+                  f"{med['cpu_us']:6.0f}")
     for stream in (False, True):
         ratios = [d["ratio"] for d in derived
                   if d["name"] == "gateway" and d["stream"] == stream and d["ratio"] == d["ratio"]]
