@@ -223,9 +223,9 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        # DummyCookieJar: workers are not cookie-based and the Rust router keeps no cookie state;
-        # the default jar filters and stores cookies on every upstream call (measurable per
-        # request in profiles of the dispatch path).
+        # The aiohttp session serves health checks, load polls and the info/flush fan-out; the
+        # generation legs use `state.client` (gateway/http1.py). DummyCookieJar: workers are not
+        # cookie-based and the Rust router keeps no cookie state.
         state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               json_serialize=lambda o: orjson.dumps(o).decode())
