@@ -65,6 +65,15 @@ typedef struct {
     double *top;        /* rows (scratch): the largest exact values so far */
     double *values;     /* rows (scratch): exact values of visited zones, sorted */
     Py_ssize_t *picked; /* rows (scratch): their zone indices */
+    Py_ssize_t *band;   /* rows (scratch): indices into picked that form the band */
+    /* set_workers: the candidate serving each row, the zone-less candidates, and per-candidate
+     * scratch; rank_depth = the most rows one candidate serves. */
+    Py_ssize_t *positions;
+    Py_ssize_t *zoneless;
+    unsigned char *seen;
+    Py_ssize_t n_zoneless;
+    Py_ssize_t n_candidates;
+    Py_ssize_t rank_depth;
     int use_avx2;
     int use_vnni;  /* AVX-512 VNNI for the screening sum (implies use_avx2) */
 } Index;
@@ -356,6 +365,10 @@ Index_dealloc(Index *self)
     PyMem_Free(self->top);
     PyMem_Free(self->values);
     PyMem_Free(self->picked);
+    PyMem_Free(self->band);
+    PyMem_Free(self->positions);
+    PyMem_Free(self->zoneless);
+    PyMem_Free(self->seen);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -386,7 +399,9 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
         PyMem_Free(self->q); PyMem_Free(self->exact); PyMem_Free(self->scale);
         PyMem_Free(self->err_norm); PyMem_Free(self->deq_norm); PyMem_Free(self->p);
         PyMem_Free(self->hi); PyMem_Free(self->top);
-        PyMem_Free(self->values); PyMem_Free(self->picked);
+        PyMem_Free(self->values); PyMem_Free(self->picked); PyMem_Free(self->band);
+        PyMem_Free(self->positions); PyMem_Free(self->zoneless); PyMem_Free(self->seen);
+        self->positions = NULL; self->zoneless = NULL; self->seen = NULL;
         self->q = NULL;
     }
     Py_ssize_t cells = rows * dim;
@@ -403,8 +418,9 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
     self->top = PyMem_Malloc(sizeof(double) * nrows);
     self->values = PyMem_Malloc(sizeof(double) * nrows);
     self->picked = PyMem_Malloc(sizeof(Py_ssize_t) * nrows);
+    self->band = PyMem_Malloc(sizeof(Py_ssize_t) * nrows);
     if (!self->q || !self->exact || !self->scale || !self->err_norm || !self->deq_norm ||
-        !self->p || !self->hi || !self->top || !self->values || !self->picked) {
+        !self->p || !self->hi || !self->top || !self->values || !self->picked || !self->band) {
         PyBuffer_Release(&view);
         PyErr_NoMemory();
         return -1;
@@ -451,38 +467,18 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False
- *
- * False: more than half of the zones (of at least 8) may lie within tau of the best, so the
- * caller's full product is cheaper than visiting them one by one.
- * signature: C-contiguous float32 buffer of length dim. rank_depth: min candidates x the most
- * zones one worker serves. Returns the zones (row indices) that can affect the band decision,
- * most similar first with ties in zone order, and their exact float32 similarities NEGATED (the
- * ascending list gateway/band.py walks), as Python lists; None when the signature is not
- * finite. */
-static PyObject *
-Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
+#define VISIT_NOT_FINITE (-1)
+#define VISIT_HAND_BACK (-2)
+
+/* Screen every zone, then visit the zones that can matter (see the top of this file), leaving
+ * them in self->picked / self->values sorted by descending similarity, ties by ascending zone.
+ * Returns how many, VISIT_NOT_FINITE when the signature has a NaN or inf, or VISIT_HAND_BACK when
+ * more than half of the zones (of at least 8) may lie within tau of the best: visiting them one
+ * by one would cost more than the caller's single product over all of them. */
+static Py_ssize_t
+visit(Index *self, const float *s, double tau, Py_ssize_t depth)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "candidates(signature, tau, rank_depth)");
-        return NULL;
-    }
-    double tau = PyFloat_AsDouble(args[1]);
-    if (tau == -1.0 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t depth = PyLong_AsSsize_t(args[2]);
-    if (depth == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
     const Py_ssize_t dim = self->dim, rows = self->rows;
-    if (view.len != dim * (Py_ssize_t)sizeof(float) || (view.itemsize != 4)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "signature must be float32 of the table's dimension");
-        return NULL;
-    }
-    const float *s = (const float *)view.buf;
 
     /* Quantize the signature: b = max|s| / 32767, p = round(s / b), f = s - b p. */
     double b, s2, f2;
@@ -493,10 +489,8 @@ Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
     else
 #endif
         ok = quantize_scalar(s, dim, self->p, &b, &s2, &f2);
-    if (ok < 0) {
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE;
-    }
+    if (ok < 0)
+        return VISIT_NOT_FINITE;
     const double s_norm = sqrt(s2), f_norm = sqrt(f2);
 
     /* Screening pass: an interval for every zone. The integer sum is exact; the relative margin
@@ -513,21 +507,16 @@ Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
         if (coarse - eps > best_lo)
             best_lo = coarse - eps;
     }
-    /* When most zones may be within tau of the best (unstructured signatures), visiting them one
-     * by one costs more than one sgemv over all of them: tell the caller to do that instead. */
     Py_ssize_t near = 0;
     for (Py_ssize_t k = 0; k < rows; k++)
         if (self->hi[k] >= best_lo - tau)
             near++;
-    if (rows >= 8 && 2 * near > rows) {
-        PyBuffer_Release(&view);
-        Py_RETURN_FALSE;
-    }
+    if (rows >= 8 && 2 * near > rows)
+        return VISIT_HAND_BACK;
 
     /* Exact pass, zones in descending upper bound. The threshold T is a lower bound on both
      * s* - tau and the depth-th largest similarity, tightened by every exact value found, so
      * it only rises; once the next upper bound is below it, no remaining zone can matter. */
-    PyObject *zones = NULL, *sims = NULL;
     Py_ssize_t *picked = self->picked;
     double *values = self->values;
     const int limited = depth >= 1 && depth <= rows;
@@ -575,12 +564,58 @@ Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
         picked[i] = k;
         found++;
     }
-    zones = PyList_New(found);
-    sims = PyList_New(found);
+    return found;
+}
+
+/* The signature argument as a float32 buffer of the table's dimension. */
+static int
+get_signature(Index *self, PyObject *arg, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(arg, view, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (view->len != self->dim * (Py_ssize_t)sizeof(float) || view->itemsize != 4) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "signature must be float32 of the table's dimension");
+        return -1;
+    }
+    return 0;
+}
+
+/* candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False
+ *
+ * signature: C-contiguous float32 buffer of length dim. rank_depth: min candidates x the most
+ * zones one worker serves. Returns the zones (row indices) that can affect the band decision,
+ * most similar first with ties in zone order, and their exact float32 similarities NEGATED (the
+ * ascending list gateway/band.py walks), as Python lists; None when the signature is not
+ * finite; False when the caller's full product is cheaper (see `visit`). */
+static PyObject *
+Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "candidates(signature, tau, rank_depth)");
+        return NULL;
+    }
+    double tau = PyFloat_AsDouble(args[1]);
+    if (tau == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t depth = PyLong_AsSsize_t(args[2]);
+    if (depth == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (get_signature(self, args[0], &view) < 0)
+        return NULL;
+    Py_ssize_t found = visit(self, (const float *)view.buf, tau, depth);
+    PyBuffer_Release(&view);
+    if (found == VISIT_NOT_FINITE)
+        Py_RETURN_NONE;
+    if (found == VISIT_HAND_BACK)
+        Py_RETURN_FALSE;
+    PyObject *zones = PyList_New(found), *sims = PyList_New(found);
     if (!zones || !sims)
         goto fail;
     for (Py_ssize_t i = 0; i < found; i++) {
-        PyObject *zk = PyLong_FromSsize_t(picked[i]), *sk = PyFloat_FromDouble(-values[i]);
+        PyObject *zk = PyLong_FromSsize_t(self->picked[i]);
+        PyObject *sk = PyFloat_FromDouble(-self->values[i]);
         if (!zk || !sk) {
             Py_XDECREF(zk);
             Py_XDECREF(sk);
@@ -589,14 +624,189 @@ Index_candidates(Index *self, PyObject *const *args, Py_ssize_t nargs)
         PyList_SET_ITEM(zones, i, zk);
         PyList_SET_ITEM(sims, i, sk);
     }
-    PyBuffer_Release(&view);
     return Py_BuildValue("(NN)", sims, zones);
 
 fail:
     Py_XDECREF(zones);
     Py_XDECREF(sims);
-    PyBuffer_Release(&view);
     return NULL;
+}
+
+/* set_workers(positions, zoneless, candidates): which candidate serves each row (zone) of this
+ * index, which candidates serve no zone, and how many candidates there are. Needed by choose. */
+static PyObject *
+Index_set_workers(Index *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_workers(positions: tuple, zoneless: tuple, candidates)");
+        return NULL;
+    }
+    Py_ssize_t candidates = PyLong_AsSsize_t(args[2]);
+    if (candidates == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t npos = PyTuple_GET_SIZE(args[0]), nzl = PyTuple_GET_SIZE(args[1]);
+    if (npos != self->rows || candidates < 0) {
+        PyErr_SetString(PyExc_ValueError, "one position per zone row is needed");
+        return NULL;
+    }
+    Py_ssize_t *positions = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(npos + 1));
+    Py_ssize_t *zoneless = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(nzl + 1));
+    unsigned char *seen = PyMem_Malloc((size_t)candidates + 1);
+    if (!positions || !zoneless || !seen) {
+        PyMem_Free(positions);
+        PyMem_Free(zoneless);
+        PyMem_Free(seen);
+        return PyErr_NoMemory();
+    }
+    for (int which = 0; which < 2; which++) {
+        PyObject *tuple = args[which];
+        Py_ssize_t *out = which == 0 ? positions : zoneless;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++) {
+            Py_ssize_t v = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, i));
+            if (v == -1 && PyErr_Occurred())
+                goto bad;
+            if (v < 0 || v >= candidates) {
+                PyErr_SetString(PyExc_ValueError, "candidate position out of range");
+                goto bad;
+            }
+            out[i] = v;
+        }
+    }
+    Py_ssize_t most = 1;  /* rank_depth: the most rows one candidate serves */
+    Py_ssize_t *counts = PyMem_Calloc((size_t)candidates + 1, sizeof(Py_ssize_t));
+    if (!counts) {
+        PyErr_NoMemory();
+        goto bad;
+    }
+    for (Py_ssize_t i = 0; i < npos; i++)
+        if (++counts[positions[i]] > most)
+            most = counts[positions[i]];
+    PyMem_Free(counts);
+    PyMem_Free(self->positions);
+    PyMem_Free(self->zoneless);
+    PyMem_Free(self->seen);
+    self->rank_depth = most;
+    self->positions = positions;
+    self->zoneless = zoneless;
+    self->seen = seen;
+    self->n_zoneless = nzl;
+    self->n_candidates = candidates;
+    Py_RETURN_NONE;
+
+bad:
+    PyMem_Free(positions);
+    PyMem_Free(zoneless);
+    PyMem_Free(seen);
+    return NULL;
+}
+
+static int
+load_at(PyObject *in_flight, Py_ssize_t position, long *out)
+{
+    PyObject *item = PyList_GET_ITEM(in_flight, position);
+    long v = PyLong_AsLong(item);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* choose(signature, in_flight, tau, min_candidates)
+ *     -> (position, row, band_size, rank, similarity) | None | False
+ *
+ * gateway/band.py `choose` (the band, min-candidates, least in-flight with ties to the more
+ * similar then lower zone, zone-less overflow) over the visited zones, in one call. `row` is -1
+ * (and rank 0, similarity NaN) when a zone-less candidate is chosen. None: signature not finite;
+ * False: hand back to the full product (see `visit`). in_flight: list of ints, one per
+ * candidate. */
+static PyObject *
+Index_choose(Index *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "choose(signature, in_flight, tau, min_candidates)");
+        return NULL;
+    }
+    if (self->positions == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "choose needs set_workers first");
+        return NULL;
+    }
+    PyObject *in_flight = args[1];
+    if (!PyList_Check(in_flight) || PyList_GET_SIZE(in_flight) != self->n_candidates) {
+        PyErr_SetString(PyExc_ValueError, "in_flight must be a list with one int per candidate");
+        return NULL;
+    }
+    double tau = PyFloat_AsDouble(args[2]);
+    if (tau == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t min_candidates = PyLong_AsSsize_t(args[3]);
+    if (min_candidates == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (get_signature(self, args[0], &view) < 0)
+        return NULL;
+    Py_ssize_t depth = min_candidates * self->rank_depth;
+    Py_ssize_t found = visit(self, (const float *)view.buf, tau, depth);
+    PyBuffer_Release(&view);
+    if (found == VISIT_NOT_FINITE || found == 0)
+        Py_RETURN_NONE;
+    if (found == VISIT_HAND_BACK)
+        Py_RETURN_FALSE;
+
+    /* The band walk on negated similarities, exactly as band.py does it in Python floats. */
+    const double *values = self->values;
+    const Py_ssize_t *picked = self->picked;
+    const double limit = tau + (-values[0]);
+    memset(self->seen, 0, (size_t)self->n_candidates);
+    Py_ssize_t workers = 0, j = 0, band_len = 0;
+    Py_ssize_t *band = self->band;
+    while (j < found && -values[j] <= limit) {
+        Py_ssize_t pos = self->positions[picked[j]];
+        band[band_len++] = j;
+        if (!self->seen[pos]) {
+            self->seen[pos] = 1;
+            workers++;
+        }
+        j++;
+    }
+    while (workers < min_candidates && j < found && isfinite(values[j])) {
+        Py_ssize_t pos = self->positions[picked[j]];
+        if (!self->seen[pos]) {
+            band[band_len++] = j;
+            self->seen[pos] = 1;
+            workers++;
+        }
+        j++;
+    }
+    long chosen_load = 0;
+    Py_ssize_t best_j = -1;
+    for (Py_ssize_t i = 0; i < band_len; i++) {
+        long load;
+        if (load_at(in_flight, self->positions[picked[band[i]]], &load) < 0)
+            return NULL;
+        if (best_j < 0 || load < chosen_load) {
+            chosen_load = load;
+            best_j = band[i];
+        }
+    }
+    Py_ssize_t overflow = -1;
+    for (Py_ssize_t i = 0; i < self->n_zoneless; i++) {
+        long load;
+        if (load_at(in_flight, self->zoneless[i], &load) < 0)
+            return NULL;
+        if (load < chosen_load) {
+            chosen_load = load;
+            overflow = self->zoneless[i];
+        }
+    }
+    Py_ssize_t band_size = workers + self->n_zoneless;
+    if (overflow >= 0)
+        return Py_BuildValue("(nnnnd)", overflow, (Py_ssize_t)-1, band_size, (Py_ssize_t)0,
+                             Py_NAN);
+    Py_ssize_t rank = 1;  /* zones strictly more similar than the chosen one */
+    while (rank - 1 < best_j && values[rank - 1] > values[best_j])
+        rank++;
+    return Py_BuildValue("(nnnnd)", self->positions[picked[best_j]], picked[best_j], band_size,
+                         rank, values[best_j]);
 }
 
 /* exact(signature) -> list[float]: float32 similarities of every zone by the same product the
@@ -642,10 +852,24 @@ static PyMethodDef Index_methods[] = {
     {"candidates", (PyCFunction)(void (*)(void))Index_candidates, METH_FASTCALL,
      "candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False"},
     {"exact", (PyCFunction)Index_exact, METH_O, "exact(signature) -> list of similarities"},
+    {"set_workers", (PyCFunction)(void (*)(void))Index_set_workers, METH_FASTCALL,
+     "set_workers(positions, zoneless, candidates)"},
+    {"choose", (PyCFunction)(void (*)(void))Index_choose, METH_FASTCALL,
+     "choose(signature, in_flight, tau, min_candidates) -> "
+     "(position, row, band_size, rank, similarity) | None | False"},
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+Index_get_candidates_count(Index *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->positions ? self->n_candidates : -1);
+}
+
 static PyGetSetDef Index_getset[] = {
+    {"candidates_count", (getter)Index_get_candidates_count, NULL,
+     "candidates given to set_workers (-1 before)", NULL},
     {"isa", (getter)Index_get_isa, NULL, "instruction set of the screening pass", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

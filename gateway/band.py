@@ -138,6 +138,8 @@ class BandPlan:
             raise ValueError("kernel 'c' needs finite, non-negative centroids")
         if kernel != "numpy" and _simkernel is not None and usable and rows.size:
             self._index = _simkernel.Index(rows, rows.shape[0], rows.shape[1])
+            candidates = 1 + max((*self.positions, *self.zoneless), default=-1)
+            self._index.set_workers(self.positions, self.zoneless, candidates)
         # Kept with the C kernel too: it hands unstructured signatures (most zones within tau
         # of the best) back to the one-sgemv path, which is cheaper for them.
         self.neg_centroids: FloatArray = np.ascontiguousarray(-rows)
@@ -166,7 +168,7 @@ class BandPlan:
         if self._index is not None:
             got = self._index.candidates(signature, tau, min_candidates * self.rank_depth)
             if got is not False:
-                return got  # type: ignore[return-value]
+                return got
         # Four numpy calls (product, argsort, gather, two tolist): each extra numpy call on a
         # 64-vector costs about a microsecond of overhead, more than the work it does.
         neg = self.negated_similarities(signature)
@@ -241,6 +243,19 @@ def choose(
     """
     if plan.size == 0:
         return None
+    index = plan._index
+    if index is not None and isinstance(in_flight, list) and \
+            len(in_flight) == index.candidates_count:
+        # The whole decision in one call (same walk as below, in C); False: the screening pass
+        # hands this signature to the one-sgemv path below.
+        decided = index.choose(signature, in_flight, tau, min_candidates)
+        if decided is None:
+            return None
+        if decided is not False:
+            position, row, band_size, rank, similarity = decided
+            if row < 0:
+                return BandChoice(position, None, band_size, None, None)
+            return BandChoice(position, plan.zones[row], band_size, rank, similarity)
     got = plan.ranked(signature, tau, min_candidates)
     if got is None:
         return None

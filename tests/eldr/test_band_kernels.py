@@ -213,3 +213,45 @@ def test_empty_plan_needs_no_kernel() -> None:
     plan = BandPlan(np.zeros((0, 5), dtype=np.float32), [], [], [0], "auto")
     assert plan.size == 0
     assert choose(plan, np.ones(5, dtype=np.float32), [0], 0.1, 2) is None
+
+
+@needs_c
+@pytest.mark.parametrize("layout", ["shared_workers", "zoneless"])
+def test_c_band_walk_matches_the_python_walk_over_the_same_zones(layout: str) -> None:
+    # `choose` runs the band walk inside the extension when given a list of loads, and in Python
+    # over `BandPlan.ranked` otherwise: both walks see the same zones and must agree exactly.
+    rng = np.random.default_rng(17)
+    centroids, sigs = _instance(rng, "clustered", 18, 200)
+    if layout == "shared_workers":
+        zone_workers = [f"w{k % 7}" for k in range(18)]
+        available = [f"w{k}" for k in range(7)]
+    else:
+        zone_workers = [f"w{k}" for k in range(18)]
+        available = [f"w{k}" for k in range(0, 18, 3)] + ["new"]
+    plan = build_plan(centroids, zone_workers, [(w,) for w in available], kernel="c")
+    for tau in (0.0, 0.1, 0.5):
+        for m in (1, 2, 3):
+            for sig in sigs:
+                loads = rng.integers(0, 3, len(available)).tolist()
+                in_c = choose(plan, sig, loads, tau, m)
+                in_python = choose(plan, sig, tuple(loads), tau, m)
+                assert in_c == in_python
+
+
+@needs_c
+def test_set_workers_rejects_inconsistent_input() -> None:
+    from gateway import _simkernel
+
+    index = _simkernel.Index(np.eye(3, dtype=np.float32), 3, 3)
+    assert index.candidates_count == -1
+    with pytest.raises(RuntimeError, match="set_workers"):
+        index.choose(np.ones(3, dtype=np.float32), [0, 0, 0], 0.1, 2)
+    with pytest.raises(ValueError, match="one position per zone row"):
+        index.set_workers((0, 1), (), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        index.set_workers((0, 1, 5), (), 3)
+    index.set_workers((0, 1, 2), (), 3)
+    with pytest.raises(ValueError, match="one int per candidate"):
+        index.choose(np.ones(3, dtype=np.float32), [0, 0], 0.1, 2)
+    got = index.choose(np.array([0, 0, 1], dtype=np.float32), [0, 0, 0], 0.1, 1)
+    assert got == (2, 2, 1, 1, 1.0)
