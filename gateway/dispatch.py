@@ -21,8 +21,11 @@ upstream breaks after the client got the headers ends with an SSE `data: {"error
 (SGLang's own in-stream error shape), since the status line was already sent.
 
 Retries (new pair, new room) happen only before anything was sent to the client. In-flight counts
-are held by `InFlight` guards inside an `AsyncExitStack` that also cancels the other leg and
-closes upstream responses, so client disconnects (handler cancellation) release everything.
+are held by `InFlight` guards inside a per-attempt `Cleanup` (a lean exit stack) that also cancels
+the prefill leg and closes upstream responses, so client disconnects (handler cancellation)
+release everything. In the dual flow only the prefill leg is a task: the decode leg is awaited in
+the handler's own task, and a failing prefill interrupts it through a done-callback
+(`_PrefillWatch`) instead of an `asyncio.wait` over two tasks per request.
 """
 
 from __future__ import annotations
@@ -32,10 +35,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -71,6 +73,7 @@ if TYPE_CHECKING:  # only with --zones does the app build one (gateway/app.py)
     from gateway.eldr_metrics import EldrMetrics
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Client headers worth passing upstream (sgl-router `header_utils::should_forward_request_header`
 # forwards auth and tracing headers and drops hop-by-hop ones).
@@ -89,6 +92,87 @@ class Opened:
     prefill_task: asyncio.Task[LegResult] | None = None  # dual flow: may still be running
     prefill_result: LegResult | None = None  # prefill-first flow: already read
     first_chunk: bytes | None = None  # streams: read while racing the prefill
+
+
+class Cleanup:
+    """What one attempt must undo, run last-in first-out by `aclose()` on every exit path.
+
+    A lean `AsyncExitStack` for the fixed cleanup set of an attempt (in-flight guards, upstream
+    responses, leg tasks): plain callables, no per-entry wrapper closures. As with the stack,
+    every entry runs even when an earlier one raises, and the last exception raised propagates.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        # (callable, args, is_async); a task entry is (None, (task,), False)
+        self._items: list[tuple[Callable[..., Any] | None, tuple[Any, ...], bool]] = []
+
+    def enter(self, guard: InFlight) -> InFlight:
+        guard.__enter__()
+        self._items.append((guard.release, (), False))
+        return guard
+
+    def callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._items.append((fn, args, False))
+
+    def push_async(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._items.append((fn, args, True))
+
+    def task(self, task: asyncio.Future[Any]) -> None:
+        """Cancel `task` (and wait for it) unless it is done; a done one has its outcome
+        retrieved, so a failure nobody looked at is not logged as never retrieved."""
+        self._items.append((None, (task,), False))
+
+    async def aclose(self) -> None:
+        items = self._items
+        error: BaseException | None = None
+        while items:
+            fn, args, is_async = items.pop()
+            try:
+                if fn is None:
+                    task = args[0]
+                    if task.done():
+                        if not task.cancelled():
+                            task.exception()
+                    else:
+                        await _cancel(task)
+                elif is_async:
+                    await fn(*args)
+                else:
+                    fn(*args)
+            except BaseException as exc:
+                if error is not None and exc.__context__ is None:
+                    exc.__context__ = error
+                error = exc
+        if error is not None:
+            raise error
+
+
+class _PrefillWatch:
+    """Done-callback of the dual flow's prefill task. While armed (the handler task awaits a
+    decode step), a failed prefill (transport error, timeout, non-2xx status) cancels the handler
+    task; `Dispatcher._unless_prefill_fails` turns that cancellation into the prefill's error
+    (`Task.uncancel`, so a client disconnect at the same moment still cancels)."""
+
+    __slots__ = ("_handler", "armed", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[LegResult]) -> None:
+        self.task = task
+        self.armed = False
+        self.fired = False
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handler = handler
+        task.add_done_callback(self._on_done)
+
+    def uncancel(self) -> int:
+        return self._handler.uncancel()
+
+    def _on_done(self, task: asyncio.Task[LegResult]) -> None:
+        if self.armed and not self.fired and _leg_failed(task):
+            self.fired = True
+            self._handler.cancel()
 
 
 class Dispatcher:
@@ -119,6 +203,9 @@ class Dispatcher:
                                           settings.queue_timeout_secs)
         self.timeout = settings.request_timeout_secs  # connect + whole answer, per leg
         self._id_headers = tuple(h.lower() for h in settings.request_id_headers)
+        # Per-request header loops, built once.
+        self._request_id_names = (*self._id_headers, "x-request-id")
+        self._forwarded_names = (*FORWARDED_HEADERS, *self._id_headers)
         self._urls = UrlCache()
 
     # ------------------------------------------------------------------ entry point
@@ -183,7 +270,7 @@ class Dispatcher:
             raise BadRequestError(f"n: must be an integer in 1..{bootstrap.MAX_BATCH}")
         batch = bootstrap.batch_size(body) if self.settings.pd_disaggregation else None
         request_id = None
-        for name in (*self._id_headers, "x-request-id"):
+        for name in self._request_id_names:
             request_id = request.headers.get(name)
             if request_id:
                 break
@@ -193,7 +280,7 @@ class Dispatcher:
 
     def _headers(self, request: web.Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        for name in (*FORWARDED_HEADERS, *self._id_headers):
+        for name in self._forwarded_names:
             value = request.headers.get(name)
             if value is not None:
                 headers[name] = value
@@ -211,7 +298,7 @@ class Dispatcher:
             if attempt:
                 self.metrics.record_retry(ctx.endpoint)
                 await asyncio.sleep(self.retry.backoff_secs(attempt - 1, self.rng))
-            stack = AsyncExitStack()
+            stack = Cleanup()
             try:
                 opened = await self._open(ctx, headers, stack)
             except AttemptFailed as failure:
@@ -225,8 +312,10 @@ class Dispatcher:
             except BaseException:
                 await stack.aclose()
                 raise
-            async with stack:
+            try:
                 return await self._relay(request, ctx, opened)
+            finally:
+                await stack.aclose()
         raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
 
     def _record_failure(self, failure: AttemptFailed) -> None:
@@ -269,7 +358,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ flows
     async def _open(self, ctx: RequestContext, headers: dict[str, str],
-                    stack: AsyncExitStack) -> Opened:
+                    stack: Cleanup) -> Opened:
         if not self.settings.pd_disaggregation:
             return await self._open_regular(ctx, headers, stack)
         if self.settings.pd_flow == "prefill-first" and ctx.batch is None:
@@ -277,9 +366,9 @@ class Dispatcher:
         return await self._open_dual(ctx, headers, stack)
 
     async def _open_regular(self, ctx: RequestContext, headers: dict[str, str],
-                            stack: AsyncExitStack) -> Opened:
+                            stack: Cleanup) -> Opened:
         worker, selection = self._select("regular", NO_ROUTING_INPUT)
-        stack.enter_context(InFlight(worker, self.metrics))
+        stack.enter(InFlight(worker, self.metrics))
         body = _encode(_outgoing(ctx))
         resp = await post_open(self.client, worker, self._urls.get(worker, ctx.endpoint), body,
                                headers, self.timeout)
@@ -290,7 +379,7 @@ class Dispatcher:
         return opened
 
     async def _open_dual(self, ctx: RequestContext, headers: dict[str, str],
-                         stack: AsyncExitStack) -> Opened:
+                         stack: Cleanup) -> Opened:
         prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
         decode_policy = self.policies["decode"]
         routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
@@ -300,39 +389,64 @@ class Dispatcher:
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
         body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
                                         rooms))
-        prefill_guard = stack.enter_context(InFlight(prefill, self.metrics))
-        stack.enter_context(InFlight(decode, self.metrics))
+        prefill_guard = stack.enter(InFlight(prefill, self.metrics))
+        stack.enter(InFlight(decode, self.metrics))
         prefill_task = asyncio.ensure_future(
             post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
                       self.timeout))
-        stack.push_async_callback(_cancel, prefill_task)
-        decode_task = asyncio.ensure_future(
+        stack.task(prefill_task)
+        # The decode leg runs in this task; a failing prefill interrupts it (see _PrefillWatch).
+        watch = _PrefillWatch(prefill_task)
+        resp = await self._unless_prefill_fails(
             post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body, headers,
-                      self.timeout))
-        stack.push_async_callback(_discard_response_task, decode_task)
-
-        done, _ = await asyncio.wait({prefill_task, decode_task},
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if prefill_task in done:
-            self._check_prefill(prefill, prefill_task.result())  # raises: decode cancelled
-            prefill_guard.release()
-        resp = await decode_task  # AttemptFailed propagates; the stack cancels the prefill
+                      self.timeout), watch, prefill)
+        stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_task=prefill_task)
         if not ctx.stream or ctx.return_logprob:
             # The decode cannot finish without the prefill, and a merge needs its logprobs.
             self._check_prefill(prefill, await prefill_task)
             prefill_guard.release()
         if ctx.stream:
-            opened.first_chunk = await self._race_first_chunk(opened, prefill, ctx.return_logprob)
+            # The decode's headers arrive before it has anything to say; only the first body
+            # bytes prove the KV transfer happened. Waiting for them while the prefill may still
+            # fail keeps "prefill failed" a clean error response instead of a broken 200 stream.
+            opened.first_chunk = await self._unless_prefill_fails(
+                self._read_first(opened, ctx.return_logprob), watch, prefill)
             if prefill_task.done():
                 prefill_guard.release()
             else:
-                stack.push_async_callback(self._finish_prefill, prefill, prefill_task,
-                                          prefill_guard)
+                stack.push_async(self._finish_prefill, prefill, prefill_task, prefill_guard)
         return opened
 
+    async def _unless_prefill_fails(self, step: Coroutine[Any, Any, _T], watch: _PrefillWatch,
+                                    prefill: Worker) -> _T:
+        """Await a decode step (its headers, its first bytes) in this task unless the prefill
+        fails first: then the step is cancelled (which closes the decode connection) and the
+        prefill's error is raised instead."""
+        task = watch.task
+        if task.done():
+            if _leg_failed(task):  # failed before this step started: it never runs
+                step.close()
+                raise _prefill_error(prefill, task)
+            return await step
+        watch.armed = True
+        try:
+            result = await step
+        except asyncio.CancelledError:
+            if not watch.fired or watch.uncancel():
+                raise  # cancelled from outside too (client gone): not ours to swallow
+            raise _prefill_error(prefill, task) from None
+        finally:
+            watch.armed = False
+        if watch.fired:  # the step finished although it was cancelled (the cancel was absorbed)
+            watch.uncancel()
+            if isinstance(result, Response):
+                close_response(result)
+            raise _prefill_error(prefill, task)
+        return result
+
     async def _open_prefill_first(self, ctx: RequestContext, headers: dict[str, str],
-                                  stack: AsyncExitStack) -> Opened:
+                                  stack: Cleanup) -> Opened:
         prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
         room = bootstrap.new_rooms(None, self.rng)
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
@@ -347,7 +461,7 @@ class Dispatcher:
             if not released:
                 await self._release_room(prefill, room, headers)
 
-        stack.push_async_callback(release_room)
+        stack.push_async(release_room)
         decode_policy = self.policies["decode"]
         routing = NO_ROUTING_INPUT
         if decode_policy.needs_signature:
@@ -358,7 +472,7 @@ class Dispatcher:
             routing = self.resolver.from_prefill(ctx, parsed)
         ctx.extras["signature_source"] = routing.signature_source
         decode, selection = self._select("decode", routing)
-        stack.enter_context(InFlight(decode, self.metrics))
+        stack.enter(InFlight(decode, self.metrics))
         resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
                                _encode(injected),
                                headers, self.timeout)
@@ -392,28 +506,6 @@ class Dispatcher:
             self._record_failure(failure)
         finally:
             guard.release()
-
-    async def _race_first_chunk(self, opened: Opened, prefill: Worker, merge: bool) -> bytes:
-        """First stream bytes, unless the prefill fails first (then raise its error).
-
-        The decode's headers arrive before it has anything to say; only the first body bytes
-        prove the KV transfer happened. Waiting for them here keeps "prefill failed" a clean
-        error response instead of a broken 200 stream.
-        """
-        task = opened.prefill_task
-        first = asyncio.ensure_future(self._read_first(opened, merge))
-        try:
-            if task is not None and not task.done():
-                await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
-                if task.done() and (not first.done() or task.exception() is not None
-                                    or not 200 <= task.result().status < 300):
-                    self._check_prefill(prefill, task.result())
-            return await first
-        finally:
-            if not first.done():
-                first.cancel()
-                with contextlib.suppress(BaseException):
-                    await first
 
     async def _read_first(self, opened: Opened, merge: bool) -> bytes:
         try:
@@ -531,6 +623,22 @@ def _task_result(task: asyncio.Task[LegResult] | None) -> LegResult | None:
     return task.result()
 
 
+def _leg_failed(task: asyncio.Task[LegResult]) -> bool:
+    """A finished prefill task that failed (transport error, timeout, non-2xx status)."""
+    if task.cancelled():
+        return False
+    return task.exception() is not None or not 200 <= task.result().status < 300
+
+
+def _prefill_error(prefill: Worker, task: asyncio.Task[LegResult]) -> BaseException:
+    """What the client gets for a failed prefill (the exception `_check_prefill` raises)."""
+    exc = task.exception()
+    if exc is not None:
+        return exc
+    result = task.result()
+    return AttemptFailed.from_status(prefill, result.status, result.body, result.content_type)
+
+
 def _loads_or_none(data: bytes) -> Any:
     try:
         return orjson.loads(data)
@@ -543,13 +651,3 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
         task.cancel()
     with contextlib.suppress(BaseException):
         await task
-
-
-async def _discard_response_task(task: asyncio.Future[Response]) -> None:
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return
-    if not task.cancelled() and task.exception() is None:
-        close_response(task.result())

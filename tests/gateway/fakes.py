@@ -26,6 +26,7 @@ class FakeWorker:
     healthy: bool = True
     load: int | None = 7
     chunk_delay: float = 0.0
+    first_chunk_delay: float = 0.0  # streams: pause between the headers and the first chunk
     received: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,6 +108,8 @@ class FakeWorker:
         resp = web.StreamResponse()
         resp.content_type = "text/event-stream"
         await resp.prepare(request)
+        if self.first_chunk_delay:  # prepare() has sent the headers
+            await asyncio.sleep(self.first_chunk_delay)
         for i in range(self.chunks):
             if self.die_after is not None and i >= self.die_after:
                 assert request.transport is not None

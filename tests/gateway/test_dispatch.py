@@ -49,6 +49,53 @@ async def test_prefill_400_returned_at_once_while_decode_hangs(session):
         await decode.close()
 
 
+async def test_prefill_failure_retried_while_decode_hangs(session):
+    """Each attempt's failing prefill interrupts its pending decode; the retry loop goes on in
+    the same handler task (the interruption leaves no cancellation behind)."""
+    prefill = (await start_workers("prefill", status=503))[0]
+    decode = (await start_workers("decode", hang=True))[0]
+    try:
+        settings = pd_settings([prefill], [decode], retry_max_retries=3,
+                               disable_circuit_breaker=True)
+        async with running_gateway(settings) as (url, state):
+            t0 = time.perf_counter()
+            async with session.post(url + "/generate", json={"text": "x"}) as r:
+                assert r.status == 503
+                err = await r.json()
+            assert time.perf_counter() - t0 < 5.0  # request timeout is 10 s
+            assert "prefill says 503" in err["error"]["message"]
+            assert len(prefill.received) == 3
+            assert all(w.in_flight == 0 for w in state.workers)
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
+async def test_stream_prefill_failure_before_first_chunk_is_a_clean_error(session):
+    """The decode's headers are in but no body yet when the prefill fails: the client gets the
+    prefill's error status, not a 200 stream."""
+    prefill = (await start_workers("prefill", status=500, hang=True))[0]
+    decode = (await start_workers("decode", first_chunk_delay=5.0))[0]
+    try:
+        async with running_gateway(pd_settings([prefill], [decode], disable_retries=True)) \
+                as (url, state):
+            post = asyncio.ensure_future(session.post(url + "/generate",
+                                                      json={"text": "x", "stream": True}))
+            await asyncio.wait_for(decode.connected.wait(), 5)
+            await asyncio.sleep(0.2)  # the decode's headers reach the gateway
+            t0 = time.perf_counter()
+            prefill.released.set()
+            async with await post as r:
+                assert r.status == 500
+                err = await r.json()
+            assert time.perf_counter() - t0 < 2.0
+            assert "prefill says 500" in err["error"]["message"]
+            assert all(w.in_flight == 0 for w in state.workers)
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
 async def test_retry_moves_to_another_decode_on_503(session):
     prefill = (await start_workers("prefill"))[0]
     bad = (await start_workers("decode", status=503))[0]
