@@ -169,6 +169,11 @@ class BandPlan:
             got = self._index.candidates(signature, tau, min_candidates * self.rank_depth)
             if got is not False:
                 return got
+        return self.ranked_all(signature)
+
+    def ranked_all(self, signature: FloatArray) -> tuple[list[float], list[int]] | None:
+        """Every available zone, most similar first, from one BLAS product (the numpy kernel,
+        and the C kernel's hand-back for unstructured signatures)."""
         # Four numpy calls (product, argsort, gather, two tolist): each extra numpy call on a
         # 64-vector costs about a microsecond of overhead, more than the work it does.
         neg = self.negated_similarities(signature)
@@ -256,7 +261,9 @@ def choose(
             if row < 0:
                 return BandChoice(position, None, band_size, None, None)
             return BandChoice(position, plan.zones[row], band_size, rank, similarity)
-    got = plan.ranked(signature, tau, min_candidates)
+        got = plan.ranked_all(signature)  # screened already: do not screen again
+    else:
+        got = plan.ranked(signature, tau, min_candidates)
     if got is None:
         return None
     ranked, rows = got  # ascending -s_k, and the plan row of each
