@@ -146,6 +146,23 @@ fdot_scalar(const float *a, const float *b, Py_ssize_t dim)
     return total;
 }
 
+/* One signature element to int16 level round(v / b), half away from zero, clamped to +-32767
+ * (|v / b| <= 32767 by the choice of b); returns f^2 for f = v - b level. A plain conversion,
+ * not lround: a libm call per element made the whole pass several times slower. */
+static inline double
+quantize_one(float v, double b, double inv_b, int16_t *out)
+{
+    double x = (double)v * inv_b;
+    int32_t level = (int32_t)(x + (x >= 0.0 ? 0.5 : -0.5));
+    if (level > 32767)
+        level = 32767;
+    else if (level < -32767)
+        level = -32767;
+    *out = (int16_t)level;
+    double f = (double)v - b * (double)level;
+    return f * f;
+}
+
 /* Quantize the signature into p (see Index_candidates); returns 0, or -1 when it is not
  * finite. Writes |s|^2 and |f|^2. */
 static int
@@ -164,17 +181,8 @@ quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, double *b_out, doubl
         return -1;
     double b = (double)peak / (double)QMAX_SIGNATURE, f2 = 0.0;
     const double inv_b = b > 0.0 ? 1.0 / b : 0.0;
-    for (Py_ssize_t d = 0; d < dim; d++) {
-        double x = (double)s[d] * inv_b;
-        int32_t level = (int32_t)(x + (x >= 0.0 ? 0.5 : -0.5));
-        if (level > 32767)
-            level = 32767;
-        else if (level < -32767)
-            level = -32767;
-        p[d] = (int16_t)level;
-        double f = (double)s[d] - b * (double)level;
-        f2 += f * f;
-    }
+    for (Py_ssize_t d = 0; d < dim; d++)
+        f2 += quantize_one(s[d], b, inv_b, p + d);
     *b_out = b;
     *s2_out = s2;
     *f2_out = f2;
@@ -310,17 +318,8 @@ quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, double *b_out, double 
     }
     _mm256_storeu_pd(lanes, f2a);
     double f2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    for (; d < dim; d++) {
-        double x = (double)s[d] / b;
-        int32_t level = (int32_t)(x + (x >= 0.0 ? 0.5 : -0.5));
-        if (level > 32767)
-            level = 32767;
-        else if (level < -32767)
-            level = -32767;
-        p[d] = (int16_t)level;
-        double f = (double)s[d] - b * (double)level;
-        f2 += f * f;
-    }
+    for (; d < dim; d++)
+        f2 += quantize_one(s[d], b, 1.0 / b, p + d);
     *b_out = b;
     *s2_out = s2;
     *f2_out = f2;
@@ -815,13 +814,8 @@ static PyObject *
 Index_exact(Index *self, PyObject *arg)
 {
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_C_CONTIGUOUS) < 0)
+    if (get_signature(self, arg, &view) < 0)
         return NULL;
-    if (view.len != self->dim * (Py_ssize_t)sizeof(float) || view.itemsize != 4) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "signature must be float32 of the table's dimension");
-        return NULL;
-    }
     PyObject *out = PyList_New(self->rows);
     if (!out) {
         PyBuffer_Release(&view);
@@ -867,7 +861,16 @@ Index_get_candidates_count(Index *self, void *closure)
     return PyLong_FromSsize_t(self->positions ? self->n_candidates : -1);
 }
 
+static PyObject *
+Index_get_rank_depth(Index *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->positions ? self->rank_depth : 1);
+}
+
 static PyGetSetDef Index_getset[] = {
+    {"rank_depth", (getter)Index_get_rank_depth, NULL,
+     "the most zone rows one candidate serves (1 before set_workers)", NULL},
     {"candidates_count", (getter)Index_get_candidates_count, NULL,
      "candidates given to set_workers (-1 before)", NULL},
     {"isa", (getter)Index_get_isa, NULL, "instruction set of the screening pass", NULL},

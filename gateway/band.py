@@ -34,9 +34,11 @@ Two ways to get the similarities, same decisions:
 - `c` (default where the `gateway._simkernel` extension was built): a screening pass over 8-bit
   copies of the centroids gives every zone a provable interval around its float32 similarity;
   only zones whose interval reaches the band, the min-candidates admission or the chosen zone's
-  rank get an exact float32 product (usually 2-5 of 64). The band below then runs over those
-  zones only, which gives the same choice, band size, rank and similarity as running it over
-  all of them (the argument is in gateway/_simkernel.c).
+  rank get an exact float32 product (usually 2-5 of 64). The band then runs over those zones
+  only, which gives the same choice, band size, rank and similarity as running it over all of
+  them (the argument is in gateway/_simkernel.c). With loads given as a list, `choose` makes the
+  whole decision in one call of the extension (`Index.choose`, the walk below written in C);
+  otherwise it walks `BandPlan.ranked` here.
 - `numpy`: one BLAS matrix-vector product over every available zone into a preallocated buffer
   and one argsort. Used where the extension is missing, for centroids it cannot take (negative
   entries), and when `ELDR_BAND_KERNEL=numpy` is set (an operator's switch back).
@@ -51,7 +53,6 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -104,13 +105,12 @@ def normalize_worker_key(key: str) -> str:
 
 class BandPlan:
     """Everything about one (zone table, available candidate list) pair that does not change
-    per request: which candidate serves each available zone, the zone-less candidates, the
-    centroid rows of available zones in zone order and, per kernel, what the product needs:
-    the C screening index, or the rows NEGATED (so that one stable ascending argsort orders
-    zones by descending similarity with ties in zone order) plus the product's output buffer."""
+    per request: which candidate serves each available zone, the zone-less candidates, the C
+    screening index (C kernel), and the centroid rows of available zones NEGATED (so that one
+    stable ascending argsort orders zones by descending similarity with ties in zone order)
+    plus the product's output buffer (numpy kernel, and the C kernel's hand-back)."""
 
-    __slots__ = ("_buffer", "_index", "dim", "neg_centroids", "positions", "rank_depth",
-                 "zoneless", "zones")
+    __slots__ = ("_buffer", "_index", "dim", "neg_centroids", "positions", "zoneless", "zones")
 
     def __init__(
         self,
@@ -127,9 +127,6 @@ class BandPlan:
         self.positions: tuple[int, ...] = tuple(positions)
         self.zoneless: tuple[int, ...] = tuple(zoneless)
         self.dim = int(rows.shape[1])
-        # Min-candidates counts distinct workers; with at most z zones per worker, the top
-        # (min_candidates x z) zones span enough workers (see gateway/_simkernel.c).
-        self.rank_depth = max(Counter(self.positions).values(), default=1)
         self._index: _simkernel.Index | None = None
         usable = bool(np.all(rows >= 0)) and bool(np.all(np.isfinite(rows)))
         if kernel == "c" and _simkernel is None:
@@ -166,7 +163,10 @@ class BandPlan:
         reaches the band, the min-candidates admission or the chosen zone's rank.
         """
         if self._index is not None:
-            got = self._index.candidates(signature, tau, min_candidates * self.rank_depth)
+            # Min-candidates counts distinct workers: with at most z zones per worker (the
+            # index's rank_depth), the top min_candidates x z zones span enough of them.
+            got = self._index.candidates(signature, tau,
+                                         min_candidates * self._index.rank_depth)
             if got is not False:
                 return got
         return self.ranked_all(signature)

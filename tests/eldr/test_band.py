@@ -192,7 +192,7 @@ def test_matches_literal_reference(
     # (band edge, ties) must come out identically.
     values = plan.similarities(sig).tolist()
     index = plan._index  # the C kernel, when it decides this signature, uses its own products
-    if index is not None and index.candidates(sig, tau, min_candidates * plan.rank_depth) \
+    if index is not None and index.candidates(sig, tau, min_candidates * index.rank_depth) \
             is not False:
         values = index.exact(sig)
     sims = dict(zip(plan.zones, values, strict=True))

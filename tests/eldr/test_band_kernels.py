@@ -250,7 +250,10 @@ def test_set_workers_rejects_inconsistent_input() -> None:
         index.set_workers((0, 1), (), 3)
     with pytest.raises(ValueError, match="out of range"):
         index.set_workers((0, 1, 5), (), 3)
+    index.set_workers((0, 0, 1), (2,), 3)
+    assert (index.rank_depth, index.candidates_count) == (2, 3)  # candidate 0 serves two rows
     index.set_workers((0, 1, 2), (), 3)
+    assert index.rank_depth == 1
     with pytest.raises(ValueError, match="one int per candidate"):
         index.choose(np.ones(3, dtype=np.float32), [0, 0], 0.1, 2)
     got = index.choose(np.array([0, 0, 1], dtype=np.float32), [0, 0, 0], 0.1, 1)
