@@ -66,11 +66,11 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | No
     return head, body
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+Handler = Callable[["Server", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
 
 class Server:
-    """asyncio server on a loopback port; `handler(reader, writer, connection_index)`."""
+    """asyncio server on a loopback port; `handler(server, reader, writer, connection_index)`."""
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
@@ -96,7 +96,7 @@ class Server:
         index = self.accepted
         self.accepted += 1
         try:
-            await self.handler(reader, writer, index)
+            await self.handler(self, reader, writer, index)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -116,13 +116,12 @@ class Server:
         self.eof_seen.append(index)
 
 
-def scripted(server_ref: list[Server], responses: list[bytes], *, bytewise: bool = False,
-             hold_open: bool = True) -> Handler:
+def scripted(responses: list[bytes], *, bytewise: bool = False, hold_open: bool = True
+             ) -> Handler:
     """Answer each request (on any connection) with the next scripted response."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      index: int) -> None:
-        server = server_ref[0]
+    async def handler(server: Server, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, index: int) -> None:
         while True:
             request = await read_request(reader)
             if request is None:
@@ -147,10 +146,7 @@ def scripted(server_ref: list[Server], responses: list[bytes], *, bytewise: bool
 
 
 async def start_scripted(responses: list[bytes], host: str = "127.0.0.1", **kw: Any) -> Server:
-    ref: list[Server] = []
-    server = Server(scripted(ref, responses, **kw))
-    ref.append(server)
-    return await server.start(host)
+    return await Server(scripted(responses, **kw)).start(host)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -516,11 +512,8 @@ def test_stale_reused_connection_is_retried_once_on_a_fresh_one(run: Run) -> Non
     ok = CASES["content-length"][0]
 
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             while (request := await read_request(reader)) is not None:
                 server.requests.append((index, *request))
                 if index == 0 and len(server.requests) == 2:
@@ -529,7 +522,6 @@ def test_stale_reused_connection_is_retried_once_on_a_fresh_one(run: Run) -> Non
                 await writer.drain()
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -550,13 +542,11 @@ def test_stale_retry_uses_a_new_connection_not_another_idle_one(run: Run) -> Non
     ok = CASES["content-length"][0]
 
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             answered = 0
             while (request := await read_request(reader)) is not None:
-                ref[0].requests.append((index, *request))
+                server.requests.append((index, *request))
                 if index < 2 and answered:
                     return  # connections 0 and 1 went stale while idle
                 answered += 1
@@ -564,7 +554,6 @@ def test_stale_retry_uses_a_new_connection_not_another_idle_one(run: Run) -> Non
                 await writer.drain()
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -602,11 +591,8 @@ def test_stale_retry_happens_only_once(run: Run) -> None:
     ok = CASES["content-length"][0]
 
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             while (request := await read_request(reader)) is not None:
                 server.requests.append((index, *request))
                 if len(server.requests) > 1:
@@ -615,7 +601,6 @@ def test_stale_retry_happens_only_once(run: Run) -> None:
                 await writer.drain()
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -635,11 +620,8 @@ def test_bytes_arriving_on_an_idle_connection_take_it_out(run: Run) -> None:
     ok = CASES["content-length"][0]
 
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             while (request := await read_request(reader)) is not None:
                 server.requests.append((index, *request))
                 writer.write(ok)
@@ -650,7 +632,6 @@ def test_bytes_arriving_on_an_idle_connection_take_it_out(run: Run) -> None:
                     await writer.drain()
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -694,11 +675,8 @@ def test_idle_timeout_and_idle_cap(run: Run) -> None:
 
 def test_total_timeout_before_headers_closes_the_connection(run: Run) -> None:
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             request = await read_request(reader)
             assert request is not None
             server.requests.append((index, *request))
@@ -710,7 +688,6 @@ def test_total_timeout_before_headers_closes_the_connection(run: Run) -> None:
             await read_request(reader)
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         loop = asyncio.get_running_loop()
@@ -732,11 +709,8 @@ def test_total_timeout_before_headers_closes_the_connection(run: Run) -> None:
 
 def test_total_timeout_covers_the_body(run: Run) -> None:
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"6\r\ndata: \r\n")
@@ -744,7 +718,6 @@ def test_total_timeout_covers_the_body(run: Run) -> None:
             await server.wait_eof(reader, index)
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -768,11 +741,8 @@ worker(server.url), asyncio.TimeoutError())
 
 def test_cancellation_mid_body_closes_the_connection(run: Run) -> None:
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
-            server = ref[0]
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             while (request := await read_request(reader)) is not None:
                 server.requests.append((index, *request))
                 if index == 0:
@@ -784,7 +754,6 @@ def test_cancellation_mid_body_closes_the_connection(run: Run) -> None:
                 await writer.drain()
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
@@ -810,15 +779,12 @@ def test_cancellation_mid_body_closes_the_connection(run: Run) -> None:
 
 def test_cancellation_while_waiting_for_headers_closes_the_connection(run: Run) -> None:
     async def main() -> None:
-        ref: list[Server] = []
-
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          index: int) -> None:
+        async def handler(server: Server, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, index: int) -> None:
             await read_request(reader)
-            await ref[0].wait_eof(reader, index)
+            await server.wait_eof(reader, index)
 
         server = Server(handler)
-        ref.append(server)
         await server.start()
         pool = Http1Pool()
         try:
