@@ -653,7 +653,11 @@ class Http1Pool:
                     coro.close()
                     raise asyncio.TimeoutError(
                         f"{target.url}: no complete response within {timeout_s:g} s")
-                _, conn = await asyncio.wait_for(coro, remaining)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the connect completes, and the dual flow cancels
+                # this task to abandon a decode leg when its prefill fails.
+                async with asyncio.timeout(remaining):
+                    _, conn = await coro
         except asyncio.TimeoutError as exc:
             if deadline is not None and loop.time() >= deadline:
                 raise asyncio.TimeoutError(

@@ -550,6 +550,8 @@ def test_stale_retry_uses_a_new_connection_not_another_idle_one(run: Run) -> Non
                 if index < 2 and answered:
                     return  # connections 0 and 1 went stale while idle
                 answered += 1
+                if index == 1:  # answer connection 1 last: it is released last, LIFO picks it
+                    await asyncio.sleep(0.05)
                 writer.write(ok)
                 await writer.drain()
 
