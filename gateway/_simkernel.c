@@ -8,7 +8,8 @@
  * ~4 of 64 zones then need their 24 KiB float32 row (benchmarks/eldr_decision.py).
  *
  * Screening: centroid row k is stored as q_k (uint8) with scale a_k, c_k = a_k q_k + e_k; the
- * signature is quantized per call to int16, s = b p + f. Then
+ * signature is quantized per call to 13-bit levels with a power-of-two scale, s = b p + f (see
+ * "signature quantization" below). Then
  *     c_k . s = a_k b (q_k . p) + e_k . s + (a_k q_k) . f
  * and by Cauchy-Schwarz the last two terms are bounded by |e_k| |s| + |a_k q_k| |f|: |e_k| and
  * |a_k q_k| are known when the table is loaded, |s| and |f| are computed in the quantizing pass.
@@ -27,14 +28,23 @@
  * choice, band size, rank and similarity as the band over all zones, up to float32 rounding
  * ties (the exact products here sum in another order than BLAS does).
  *
- * The screening sum runs on AVX-512 VNNI or AVX2 where the CPU has them and in plain C
- * otherwise; the exact products use the same lane order on AVX2 and in C. All paths give
- * bit-identical results, so decisions do not depend on the CPU.
+ * The quantizing pass and the screening sum run on AVX-512 VNNI (four centroid rows per pass
+ * over the signature) or AVX2 where the CPU has them and in plain C otherwise; the exact
+ * products use the same lane order on AVX2 and in C. All paths give bit-identical results, so
+ * decisions do not depend on the CPU.
+ *
+ * Signatures the screening pass cannot narrow (more than half the zones within tau of the
+ * best: tables without structure) are decided load-first instead (`choose_by_load`, at the end
+ * of this file), which needs exact products only around the band's edge, the least-loaded
+ * workers' zones and the chosen zone's rank. Only when min-candidates must admit zones below
+ * such a band is the signature handed back to the caller's one sgemv over every zone, which
+ * `choose_all` then sorts and walks here.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,11 +55,20 @@
 #define SIMKERNEL_X86 1
 #endif
 
-/* Integer products are summed in int32 lanes: |q p| <= 255 * 32767 and vpmaddwd adds two per
- * lane, so a lane can take 64 such pair sums (< 2^31); with four accumulators advancing 64
- * elements per step, a block of 4,096 elements is 64 steps. Blocks are summed in int64. */
+/* Signature levels are 13-bit: |p_d| <= 8191. That leaves the bound's dominant term unchanged
+ * (the centroids' 8-bit error is ~30 times the signature's) and lets AVX-512 VNNI split p into
+ * two int8 halves, p = 128 hi + lo with hi in [-64, 63] and lo in [0, 127], so that
+ * q_k . p = 128 (q_k . hi) + q_k . lo is two vpdpbusd (64 uint8 x int8 products each) per 64
+ * elements, with no widening of q_k. */
+#define QMAX_SIGNATURE 8191.0f
+
+/* AVX2 / scalar integer sums run in int32 lanes: |q p| <= 255 * 8191 and vpmaddwd adds two per
+ * lane, so with four accumulators advancing 64 elements per step a block of 4,096 elements is
+ * 64 steps per lane, far from 2^31. Blocks are summed in int64. */
 #define BLOCK 4096
-#define QMAX_SIGNATURE 32767.0f
+/* VNNI lanes take 4 products per vpdpbusd, at most 4 * 255 * 127 = 129,540; a block of 65,536
+ * elements is 1,024 instructions per lane (1.3e8). Lanes are summed in int64. */
+#define VNNI_BLOCK 65536
 
 typedef struct {
     PyObject_HEAD
@@ -60,8 +79,15 @@ typedef struct {
     double *scale;      /* a_k */
     double *err_norm;   /* |e_k| */
     double *deq_norm;   /* |a_k q_k| */
-    int16_t *p;         /* dim, the quantized signature (scratch) */
-    double *hi;         /* rows (scratch) */
+    int16_t *p;         /* dim, the quantized signature (scratch; AVX2 and scalar paths) */
+    int8_t *p_hi;       /* dim, its high and low parts (scratch; VNNI path) */
+    int8_t *p_lo;
+    int64_t *sums;      /* rows (scratch): q_k . p */
+    double *hi;         /* rows (scratch): upper bounds (INFINITY once visited) */
+    double *lo;         /* rows (scratch): lower bounds */
+    double *xval;       /* rows (scratch): exact values, where flags has FLAG_KNOWN */
+    long *zload;        /* rows (scratch): in-flight load of each band zone's candidate */
+    unsigned char *flags; /* rows (scratch): FLAG_* bits of `choose_by_load` */
     double *top;        /* rows (scratch): the largest exact values so far */
     double *values;     /* rows (scratch): exact values of visited zones, sorted */
     Py_ssize_t *picked; /* rows (scratch): their zone indices */
@@ -71,12 +97,167 @@ typedef struct {
     Py_ssize_t *positions;
     Py_ssize_t *zoneless;
     unsigned char *seen;
+    PyObject *ids;      /* tuple: the worker id of each candidate (see Index_matches) */
     Py_ssize_t n_zoneless;
     Py_ssize_t n_candidates;
     Py_ssize_t rank_depth;
     int use_avx2;
-    int use_vnni;  /* AVX-512 VNNI for the screening sum (implies use_avx2) */
+    int use_vnni;  /* AVX-512 VNNI for quantizing and screening (implies use_avx2) */
 } Index;
+
+/* ---------------------------------------------------------------- signature quantization */
+
+/* Identical on every path, bit for bit:
+ *   peak = max_d |s_d| = m 2^e with m in [0.5, 1);  b = 2^(e - 13), so peak / b < 8192;
+ *   x_d = s_d / b;  p_d = x_d rounded half to even, clamped to +-8191;  f_d = b (x_d - p_d).
+ * Because b is a power of two, x_d is exact, and so is x_d - p_d: below 1/2, p_d = 0; above,
+ * both are multiples of ulp(x_d) >= 2^-11 and the difference is at most 1. The sums of squares
+ * are taken in that scaled domain (|x_d| <= 8192, so nothing overflows whatever the signature's
+ * magnitude) in float32, 16 lanes (lane j takes d = j mod 16, folded in a fixed tree), then the
+ * tail in order; each is inflated by its worst-case rounding (see `inflate`) and multiplied by
+ * b^2 in double. Peaks under 2^-100 (where 1 / b would leave the normal floats, or the signature
+ * is all zeros) take `quantize_degenerate`: p = 0, f = s, slow but exact. */
+#define TINY_PEAK 7.888609052210118e-31f /* 2^-100 */
+
+typedef struct {
+    double b;   /* the signature's scale (0 when degenerate) */
+    double s2;  /* upper bounds on |s|^2 and |f|^2 */
+    double f2;
+} Quantized;
+
+static float
+reduce8(const float *v)
+{
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+/* A float32 sum of n non-negative rounded squares in 16 lanes plus a fold and a tail errs by
+ * at most (n / 16 + 24) 2^-24 relative (one rounding per square, per addition along a lane,
+ * per fold level, per tail addition), plus up to 2^-126 per square lost to underflow. Doubled
+ * for slack, then scaled back by b^2. */
+static double
+inflate(float sum, Py_ssize_t n, double b)
+{
+    const double gamma = ((double)n / 16.0 + 24.0) * 5.960464477539063e-08;
+    return ((double)sum * (1.0 + 2.0 * gamma) + (double)n * 1.1754943508222875e-38) * b * b;
+}
+
+/* Round half to even for |x| < 2^22 in the default rounding mode: adding 1.5 * 2^23 pushes the
+ * fraction out of the significand. Matches vroundps / vrndscaleps with TO_NEAREST_INT. */
+static inline float
+round_even(float x)
+{
+    const float magic = 12582912.0f;
+    return (x + magic) - magic;
+}
+
+static inline float
+clamp_level(float r)
+{
+    return r > QMAX_SIGNATURE ? QMAX_SIGNATURE : (r < -QMAX_SIGNATURE ? -QMAX_SIGNATURE : r);
+}
+
+/* max |s_d|, or -1 when any element is NaN or infinite. */
+static float
+peak_scalar(const float *s, Py_ssize_t dim)
+{
+    float peak = 0.0f;
+    for (Py_ssize_t d = 0; d < dim; d++) {
+        float m = fabsf(s[d]);
+        if (!(m <= FLT_MAX))
+            return -1.0f;
+        if (m > peak)
+            peak = m;
+    }
+    return peak;
+}
+
+static void
+quantize_degenerate(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
+                    Quantized *out)
+{
+    double sum = 0.0;
+    for (Py_ssize_t d = 0; d < dim; d++) {
+        sum += (double)s[d] * (double)s[d];
+        if (p)
+            p[d] = 0;
+        if (hi) {
+            hi[d] = 0;
+            lo[d] = 0;
+        }
+    }
+    out->b = 0.0;
+    out->s2 = sum * (1.0 + (double)dim * 2.220446049250313e-16) + (double)dim * 1e-300;
+    out->f2 = out->s2;
+}
+
+/* b and 1 / b for a peak at least TINY_PEAK (both powers of two, normal floats). */
+static void
+scale_for(float peak, float *b, float *inv_b)
+{
+    int e;
+    (void)frexpf(peak, &e);
+    *b = ldexpf(1.0f, e - 13);
+    *inv_b = ldexpf(1.0f, 13 - e);
+}
+
+/* One element on the scalar path (also the SIMD paths' tails): writes p (or hi / lo), adds the
+ * rounded squares of x and x - p to *s2 and *f2. */
+static inline void
+quantize_element(float v, float inv_b, int16_t *p, int8_t *hi, int8_t *lo, Py_ssize_t d,
+                 float *s2, float *f2)
+{
+    float x = v * inv_b;
+    float r = clamp_level(round_even(x));
+    float f = x - r;
+    int level = (int)r;
+    if (p)
+        p[d] = (int16_t)level;
+    if (hi) {
+        hi[d] = (int8_t)(level >> 7);  /* arithmetic shift: floor(level / 128) */
+        lo[d] = (int8_t)(level & 127);
+    }
+    *s2 += x * x;
+    *f2 += f * f;
+}
+
+/* Fold 16 lanes the way every path does: (lane j + lane 8 + j), then reduce8. */
+static float
+fold16(const float *acc)
+{
+    float v[8];
+    for (int j = 0; j < 8; j++)
+        v[j] = acc[j] + acc[8 + j];
+    return reduce8(v);
+}
+
+/* Returns 0, or -1 when the signature is not finite. Writes p (and, when hi is given, hi / lo). */
+static int
+quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
+                Quantized *out)
+{
+    float peak = peak_scalar(s, dim);
+    if (peak < 0.0f)
+        return -1;
+    if (peak < TINY_PEAK) {
+        quantize_degenerate(s, dim, p, hi, lo, out);
+        return 0;
+    }
+    float b, inv_b;
+    scale_for(peak, &b, &inv_b);
+    float acc_s[16] = {0}, acc_f[16] = {0};
+    const Py_ssize_t body = dim - dim % 16;
+    for (Py_ssize_t d = 0; d < body; d += 16)
+        for (int j = 0; j < 16; j++)
+            quantize_element(s[d + j], inv_b, p, hi, lo, d + j, &acc_s[j], &acc_f[j]);
+    float s2 = fold16(acc_s), f2 = fold16(acc_f);
+    for (Py_ssize_t d = body; d < dim; d++)
+        quantize_element(s[d], inv_b, p, hi, lo, d, &s2, &f2);
+    out->b = (double)b;
+    out->s2 = inflate(s2, dim, b);
+    out->f2 = inflate(f2, dim, b);
+    return 0;
+}
 
 /* ---------------------------------------------------------------- screening products */
 
@@ -89,46 +270,9 @@ qdot_scalar(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
     return total;
 }
 
-#ifdef SIMKERNEL_X86
-/* The same integer sum with AVX-512 VNNI (vpdpwssd: 32 int16 products per instruction), where
- * the CPU has it: Ice Lake / Zen 4 and later. */
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-static int64_t
-qdot_vnni(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
-{
-    int64_t total = 0;
-    Py_ssize_t d = 0;
-    while (d + 64 <= dim) {
-        Py_ssize_t end = d + BLOCK;
-        if (end > dim)
-            end = dim;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-        for (; d + 64 <= end; d += 64) {
-            a0 = _mm512_dpwssd_epi32(
-                a0, _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + d))),
-                _mm512_loadu_si512((const void *)(p + d)));
-            a1 = _mm512_dpwssd_epi32(
-                a1, _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + d + 32))),
-                _mm512_loadu_si512((const void *)(p + d + 32)));
-        }
-        /* each lane took at most BLOCK / 64 pair sums: no overflow */
-        total += (int64_t)_mm512_reduce_add_epi32(a0) + (int64_t)_mm512_reduce_add_epi32(a1);
-    }
-    for (; d < dim; d++)
-        total += (int32_t)q[d] * (int32_t)p[d];
-    return total;
-}
-#endif
-
 /* float32 dot products: 32 running sums (lane j takes elements d = j mod 32), combined in a
  * fixed tree, then the tail in order. The AVX2 version keeps the same lanes in four vectors and
  * combines them in the same order, and neither uses FMA, so both give bit-identical results. */
-static float
-reduce8(const float *v)
-{
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
 static float
 fdot_scalar(const float *a, const float *b, Py_ssize_t dim)
 {
@@ -144,49 +288,6 @@ fdot_scalar(const float *a, const float *b, Py_ssize_t dim)
     for (; d < dim; d++)
         total += a[d] * b[d];
     return total;
-}
-
-/* One signature element to int16 level round(v / b), half away from zero, clamped to +-32767
- * (|v / b| <= 32767 by the choice of b); returns f^2 for f = v - b level. A plain conversion,
- * not lround: a libm call per element made the whole pass several times slower. */
-static inline double
-quantize_one(float v, double b, double inv_b, int16_t *out)
-{
-    double x = (double)v * inv_b;
-    int32_t level = (int32_t)(x + (x >= 0.0 ? 0.5 : -0.5));
-    if (level > 32767)
-        level = 32767;
-    else if (level < -32767)
-        level = -32767;
-    *out = (int16_t)level;
-    double f = (double)v - b * (double)level;
-    return f * f;
-}
-
-/* Quantize the signature into p (see Index_candidates); returns 0, or -1 when it is not
- * finite. Writes |s|^2 and |f|^2. */
-static int
-quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, double *b_out, double *s2_out,
-                double *f2_out)
-{
-    float peak = 0.0f;
-    double s2 = 0.0;
-    for (Py_ssize_t d = 0; d < dim; d++) {
-        float m = fabsf(s[d]);
-        if (m > peak)
-            peak = m;
-        s2 += (double)s[d] * (double)s[d];
-    }
-    if (!isfinite(s2))
-        return -1;
-    double b = (double)peak / (double)QMAX_SIGNATURE, f2 = 0.0;
-    const double inv_b = b > 0.0 ? 1.0 / b : 0.0;
-    for (Py_ssize_t d = 0; d < dim; d++)
-        f2 += quantize_one(s[d], b, inv_b, p + d);
-    *b_out = b;
-    *s2_out = s2;
-    *f2_out = f2;
-    return 0;
 }
 
 #ifdef SIMKERNEL_X86
@@ -216,7 +317,7 @@ qdot_avx2(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
 #undef QSTEP
         }
         int32_t lanes[8];
-        /* each lane holds at most BLOCK / 64 pair sums of |2 * 255 * 32767|: no overflow */
+        /* each lane holds at most BLOCK / 64 pair sums of |2 * 255 * 8191|: no overflow */
         _mm256_storeu_si256((__m256i *)lanes, a0);
         for (int j = 0; j < 8; j++)
             total += lanes[j];
@@ -258,85 +359,262 @@ fdot_avx2(const float *a, const float *b, Py_ssize_t dim)
     return total;
 }
 
+/* quantize_scalar with the 16 lanes in two 8-float vectors. */
 __attribute__((target("avx2")))
 static int
-quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, double *b_out, double *s2_out,
-              double *f2_out)
+quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, Quantized *out)
 {
-    /* Same quantization as quantize_scalar up to the rounding of ties (round-half-even here),
-     * which the bound does not depend on: f is measured from the p actually written. */
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 peak = _mm256_setzero_ps();
-    __m256d s2a = _mm256_setzero_pd(), s2b = s2a;
-    Py_ssize_t d = 0;
-    for (; d + 8 <= dim; d += 8) {
-        __m256 v = _mm256_loadu_ps(s + d);
-        peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v));
-        __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-        __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        s2a = _mm256_add_pd(s2a, _mm256_mul_pd(lo, lo));
-        s2b = _mm256_add_pd(s2b, _mm256_mul_pd(hi, hi));
+    const __m256 sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(FLT_MAX);
+    __m256 peak8 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    const Py_ssize_t body = dim - dim % 16;
+    for (Py_ssize_t d = 0; d < body; d += 8) {
+        __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(s + d));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(m, big, _CMP_NLE_UQ));  /* NaN or inf */
+        peak8 = _mm256_max_ps(peak8, m);
     }
-    double lanes[4];
-    _mm256_storeu_pd(lanes, _mm256_add_pd(s2a, s2b));
-    double s2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    float peaks[8];
-    _mm256_storeu_ps(peaks, peak);
-    float top = 0.0f;
-    for (int j = 0; j < 8; j++)
-        if (peaks[j] > top)
-            top = peaks[j];
-    for (Py_ssize_t t = d; t < dim; t++) {
-        float m = fabsf(s[t]);
-        if (m > top)
-            top = m;
-        s2 += (double)s[t] * (double)s[t];
-    }
-    if (!isfinite(s2))  /* a NaN or inf anywhere makes the sum non-finite */
+    if (_mm256_movemask_ps(bad))
         return -1;
-    double b = (double)top / (double)QMAX_SIGNATURE;
-    if (!(b > 0.0))
-        return quantize_scalar(s, dim, p, b_out, s2_out, f2_out);  /* all zeros */
-    const __m256d inv = _mm256_set1_pd(1.0 / b), bb = _mm256_set1_pd(b);
-    const __m256d cap = _mm256_set1_pd(32767.0), floor_ = _mm256_set1_pd(-32767.0);
-    __m256d f2a = _mm256_setzero_pd();
-    for (d = 0; d + 8 <= dim; d += 8) {
-        __m256 v = _mm256_loadu_ps(s + d);
-        __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-        __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-        __m256d r0 = _mm256_round_pd(_mm256_mul_pd(x0, inv),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256d r1 = _mm256_round_pd(_mm256_mul_pd(x1, inv),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r0 = _mm256_max_pd(_mm256_min_pd(r0, cap), floor_);
-        r1 = _mm256_max_pd(_mm256_min_pd(r1, cap), floor_);
-        __m128i i0 = _mm256_cvtpd_epi32(r0), i1 = _mm256_cvtpd_epi32(r1);
-        _mm_storeu_si128((__m128i *)(p + d), _mm_packs_epi32(i0, i1));
-        __m256d e0 = _mm256_sub_pd(x0, _mm256_mul_pd(bb, r0));
-        __m256d e1 = _mm256_sub_pd(x1, _mm256_mul_pd(bb, r1));
-        f2a = _mm256_add_pd(f2a, _mm256_add_pd(_mm256_mul_pd(e0, e0), _mm256_mul_pd(e1, e1)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, peak8);
+    float peak = 0.0f;
+    for (int j = 0; j < 8; j++)
+        if (lanes[j] > peak)
+            peak = lanes[j];
+    float tail = peak_scalar(s + body, dim - body);
+    if (tail < 0.0f)
+        return -1;
+    if (tail > peak)
+        peak = tail;
+    if (peak < TINY_PEAK) {
+        quantize_degenerate(s, dim, p, NULL, NULL, out);
+        return 0;
     }
-    _mm256_storeu_pd(lanes, f2a);
-    double f2 = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    for (; d < dim; d++)
-        f2 += quantize_one(s[d], b, 1.0 / b, p + d);
-    *b_out = b;
-    *s2_out = s2;
-    *f2_out = f2;
+    float b, inv_b;
+    scale_for(peak, &b, &inv_b);
+    const __m256 iv = _mm256_set1_ps(inv_b);
+    const __m256 cap = _mm256_set1_ps(QMAX_SIGNATURE), floor_ = _mm256_set1_ps(-QMAX_SIGNATURE);
+    __m256 s2a = _mm256_setzero_ps(), s2b = s2a, f2a = s2a, f2b = s2a;
+    for (Py_ssize_t d = 0; d < body; d += 16) {
+        __m256 x0 = _mm256_mul_ps(_mm256_loadu_ps(s + d), iv);
+        __m256 x1 = _mm256_mul_ps(_mm256_loadu_ps(s + d + 8), iv);
+        __m256 r0 = _mm256_round_ps(x0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r1 = _mm256_round_ps(x1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r0 = _mm256_max_ps(_mm256_min_ps(r0, cap), floor_);
+        r1 = _mm256_max_ps(_mm256_min_ps(r1, cap), floor_);
+        /* packs works within 128-bit halves; the permute puts elements back in order */
+        __m256i packed = _mm256_packs_epi32(_mm256_cvttps_epi32(r0), _mm256_cvttps_epi32(r1));
+        _mm256_storeu_si256((__m256i *)(p + d), _mm256_permute4x64_epi64(packed, 0xD8));
+        __m256 e0 = _mm256_sub_ps(x0, r0), e1 = _mm256_sub_ps(x1, r1);
+        s2a = _mm256_add_ps(s2a, _mm256_mul_ps(x0, x0));
+        s2b = _mm256_add_ps(s2b, _mm256_mul_ps(x1, x1));
+        f2a = _mm256_add_ps(f2a, _mm256_mul_ps(e0, e0));
+        f2b = _mm256_add_ps(f2b, _mm256_mul_ps(e1, e1));
+    }
+    float acc[16];
+    _mm256_storeu_ps(acc, s2a);
+    _mm256_storeu_ps(acc + 8, s2b);
+    float s2 = fold16(acc);
+    _mm256_storeu_ps(acc, f2a);
+    _mm256_storeu_ps(acc + 8, f2b);
+    float f2 = fold16(acc);
+    for (Py_ssize_t d = body; d < dim; d++)
+        quantize_element(s[d], inv_b, p, NULL, NULL, d, &s2, &f2);
+    out->b = (double)b;
+    out->s2 = inflate(s2, dim, b);
+    out->f2 = inflate(f2, dim, b);
     return 0;
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* quantize_scalar with the 16 lanes in one vector, writing hi / lo instead of p. */
+VNNI_TARGET
+static int
+quantize_vnni(const float *s, Py_ssize_t dim, int8_t *hi, int8_t *lo, Quantized *out)
+{
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512 peak16 = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    const Py_ssize_t body = dim - dim % 16;
+    for (Py_ssize_t d = 0; d < body; d += 16) {
+        __m512 m = _mm512_abs_ps(_mm512_loadu_ps(s + d));
+        bad |= _mm512_cmp_ps_mask(m, big, _CMP_NLE_UQ);  /* NaN or inf */
+        peak16 = _mm512_max_ps(peak16, m);
+    }
+    if (bad)
+        return -1;
+    float peak = _mm512_reduce_max_ps(peak16);
+    float tail = peak_scalar(s + body, dim - body);
+    if (tail < 0.0f)
+        return -1;
+    if (tail > peak)
+        peak = tail;
+    if (peak < TINY_PEAK) {
+        quantize_degenerate(s, dim, NULL, hi, lo, out);
+        return 0;
+    }
+    float b, inv_b;
+    scale_for(peak, &b, &inv_b);
+    const __m512 iv = _mm512_set1_ps(inv_b);
+    const __m512 cap = _mm512_set1_ps(QMAX_SIGNATURE), floor_ = _mm512_set1_ps(-QMAX_SIGNATURE);
+    const __m512i low7 = _mm512_set1_epi32(127);
+    __m512 s2v = _mm512_setzero_ps(), f2v = s2v;
+    for (Py_ssize_t d = 0; d < body; d += 16) {
+        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + d), iv);
+        __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_max_ps(_mm512_min_ps(r, cap), floor_);
+        __m512i level = _mm512_cvttps_epi32(r);
+        _mm_storeu_si128((__m128i *)(hi + d), _mm512_cvtepi32_epi8(_mm512_srai_epi32(level, 7)));
+        _mm_storeu_si128((__m128i *)(lo + d),
+                         _mm512_cvtepi32_epi8(_mm512_and_si512(level, low7)));
+        __m512 e = _mm512_sub_ps(x, r);
+        s2v = _mm512_add_ps(s2v, _mm512_mul_ps(x, x));
+        f2v = _mm512_add_ps(f2v, _mm512_mul_ps(e, e));
+    }
+    float acc[16];
+    _mm512_storeu_ps(acc, s2v);
+    float s2 = fold16(acc);
+    _mm512_storeu_ps(acc, f2v);
+    float f2 = fold16(acc);
+    for (Py_ssize_t d = body; d < dim; d++)
+        quantize_element(s[d], inv_b, NULL, hi, lo, d, &s2, &f2);
+    out->b = (double)b;
+    out->s2 = inflate(s2, dim, b);
+    out->f2 = inflate(f2, dim, b);
+    return 0;
+}
+
+/* Sum of 16 int32 lanes, in int64. */
+VNNI_TARGET
+static inline int64_t
+lanes_i64(__m512i v)
+{
+    __m512i wide = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+    return _mm512_reduce_add_epi64(wide);
+}
+
+/* q_k . p for `n` consecutive rows (n is 1 or 4, a constant once inlined) from the hi / lo
+ * halves: each signature chunk is loaded once for all n rows. The last partial chunk is read
+ * with a byte mask rather than a scalar loop. */
+VNNI_TARGET
+static inline __attribute__((always_inline)) void
+screen_rows_vnni(const uint8_t *q, Py_ssize_t dim, const int8_t *hi, const int8_t *lo,
+                 const int n, int64_t *out)
+{
+    int64_t total_hi[4] = {0, 0, 0, 0}, total_lo[4] = {0, 0, 0, 0};
+    for (Py_ssize_t start = 0; start < dim; start += VNNI_BLOCK) {
+        const Py_ssize_t end = start + VNNI_BLOCK < dim ? start + VNNI_BLOCK : dim;
+        __m512i ah[4], al[4];
+        for (int r = 0; r < n; r++) {
+            ah[r] = _mm512_setzero_si512();
+            al[r] = _mm512_setzero_si512();
+        }
+        Py_ssize_t d = start;
+        for (; d + 64 <= end; d += 64) {
+            const __m512i ph = _mm512_loadu_si512((const void *)(hi + d));
+            const __m512i pl = _mm512_loadu_si512((const void *)(lo + d));
+            for (int r = 0; r < n; r++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(q + r * dim + d));
+                ah[r] = _mm512_dpbusd_epi32(ah[r], x, ph);
+                al[r] = _mm512_dpbusd_epi32(al[r], x, pl);
+            }
+        }
+        if (d < end) {
+            const __mmask64 mask = ((__mmask64)1 << (end - d)) - 1;  /* end - d < 64 */
+            const __m512i ph = _mm512_maskz_loadu_epi8(mask, hi + d);
+            const __m512i pl = _mm512_maskz_loadu_epi8(mask, lo + d);
+            for (int r = 0; r < n; r++) {
+                const __m512i x = _mm512_maskz_loadu_epi8(mask, q + r * dim + d);
+                ah[r] = _mm512_dpbusd_epi32(ah[r], x, ph);
+                al[r] = _mm512_dpbusd_epi32(al[r], x, pl);
+            }
+        }
+        for (int r = 0; r < n; r++) {
+            total_hi[r] += lanes_i64(ah[r]);
+            total_lo[r] += lanes_i64(al[r]);
+        }
+    }
+    for (int r = 0; r < n; r++)
+        out[r] = 128 * total_hi[r] + total_lo[r];
+}
+
+VNNI_TARGET
+static void
+screen_vnni(const uint8_t *q, Py_ssize_t rows, Py_ssize_t dim, const int8_t *hi,
+            const int8_t *lo, int64_t *sums)
+{
+    Py_ssize_t k = 0;
+    for (; k + 4 <= rows; k += 4)
+        screen_rows_vnni(q + k * dim, dim, hi, lo, 4, sums + k);
+    for (; k < rows; k++)
+        screen_rows_vnni(q + k * dim, dim, hi, lo, 1, sums + k);
+}
+
+/* fdot_avx2 for four rows at once (the signature is loaded once for all four, and four rows
+ * stream in parallel): the same 32 lanes per row, as two 16-float vectors, folded in the same
+ * order, so each result is bit-identical to fdot_avx2's. */
+VNNI_TARGET
+static void
+fdot4_avx512(const float *const rows[4], const float *s, Py_ssize_t dim, float out[4])
+{
+    __m512 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) {
+        lo[r] = _mm512_setzero_ps();
+        hi[r] = _mm512_setzero_ps();
+    }
+    Py_ssize_t d = 0;
+    for (; d + 32 <= dim; d += 32) {
+        const __m512 s0 = _mm512_loadu_ps(s + d), s1 = _mm512_loadu_ps(s + d + 16);
+        for (int r = 0; r < 4; r++) {
+            lo[r] = _mm512_add_ps(lo[r], _mm512_mul_ps(_mm512_loadu_ps(rows[r] + d), s0));
+            hi[r] = _mm512_add_ps(hi[r], _mm512_mul_ps(_mm512_loadu_ps(rows[r] + d + 16), s1));
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        /* (a0 + a1) + (a2 + a3) of fdot_avx2, with a0 | a1 = lo and a2 | a3 = hi */
+        __m256 a01 = _mm256_add_ps(_mm512_castps512_ps256(lo[r]),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                       _mm512_castps_pd(lo[r]), 1)));
+        __m256 a23 = _mm256_add_ps(_mm512_castps512_ps256(hi[r]),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                       _mm512_castps_pd(hi[r]), 1)));
+        float v[8];
+        _mm256_storeu_ps(v, _mm256_add_ps(a01, a23));
+        float total = reduce8(v);
+        for (Py_ssize_t t = d; t < dim; t++)
+            total += rows[r][t] * s[t];
+        out[r] = total;
+    }
 }
 #endif
 
-static int64_t
-qdot(const Index *self, const uint8_t *q)
+/* Quantize the signature and compute q_k . p for every row into self->sums. Returns 0, or -1
+ * when the signature is not finite. */
+static int
+screen(Index *self, const float *s, Quantized *out)
 {
+    const Py_ssize_t dim = self->dim, rows = self->rows;
 #ifdef SIMKERNEL_X86
-    if (self->use_vnni)
-        return qdot_vnni(q, self->p, self->dim);
-    if (self->use_avx2)
-        return qdot_avx2(q, self->p, self->dim);
+    if (self->use_vnni) {
+        if (quantize_vnni(s, dim, self->p_hi, self->p_lo, out) < 0)
+            return -1;
+        screen_vnni(self->q, rows, dim, self->p_hi, self->p_lo, self->sums);
+        return 0;
+    }
+    if (self->use_avx2) {
+        if (quantize_avx2(s, dim, self->p, out) < 0)
+            return -1;
+        for (Py_ssize_t k = 0; k < rows; k++)
+            self->sums[k] = qdot_avx2(self->q + k * dim, self->p, dim);
+        return 0;
+    }
 #endif
-    return qdot_scalar(q, self->p, self->dim);
+    if (quantize_scalar(s, dim, self->p, NULL, NULL, out) < 0)
+        return -1;
+    for (Py_ssize_t k = 0; k < rows; k++)
+        self->sums[k] = qdot_scalar(self->q + k * dim, self->p, dim);
+    return 0;
 }
 
 static float
@@ -349,25 +627,52 @@ fdot(const Index *self, const float *row, const float *s)
     return fdot_scalar(row, s, self->dim);
 }
 
+/* out[i] = fdot of row ks[i], for n rows: four at a time where AVX-512 is there (same
+ * results; independent rows stream in parallel, ~2x the throughput of one at a time). */
+static void
+fdot_many(const Index *self, const float *s, const Py_ssize_t *ks, Py_ssize_t n, float *out)
+{
+    Py_ssize_t i = 0;
+#ifdef SIMKERNEL_X86
+    if (self->use_vnni)
+        for (; i + 4 <= n; i += 4) {
+            const float *rows[4] = {
+                self->exact + ks[i] * self->dim, self->exact + ks[i + 1] * self->dim,
+                self->exact + ks[i + 2] * self->dim, self->exact + ks[i + 3] * self->dim,
+            };
+            fdot4_avx512(rows, s, self->dim, out + i);
+        }
+#endif
+    for (; i < n; i++)
+        out[i] = fdot(self, self->exact + ks[i] * self->dim, s);
+}
+
 /* ---------------------------------------------------------------- object */
+
+/* Frees every buffer and leaves the pointers NULL (dealloc, and __init__ called again). */
+static void
+free_buffers(Index *self)
+{
+    void **buffers[] = {
+        (void **)&self->q, (void **)&self->exact, (void **)&self->scale,
+        (void **)&self->err_norm, (void **)&self->deq_norm, (void **)&self->p,
+        (void **)&self->p_hi, (void **)&self->p_lo, (void **)&self->sums, (void **)&self->hi,
+        (void **)&self->lo, (void **)&self->xval, (void **)&self->zload, (void **)&self->flags,
+        (void **)&self->top, (void **)&self->values, (void **)&self->picked,
+        (void **)&self->band, (void **)&self->positions, (void **)&self->zoneless,
+        (void **)&self->seen,
+    };
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) {
+        PyMem_Free(*buffers[i]);
+        *buffers[i] = NULL;
+    }
+    Py_CLEAR(self->ids);
+}
 
 static void
 Index_dealloc(Index *self)
 {
-    PyMem_Free(self->q);
-    PyMem_Free(self->exact);
-    PyMem_Free(self->scale);
-    PyMem_Free(self->err_norm);
-    PyMem_Free(self->deq_norm);
-    PyMem_Free(self->p);
-    PyMem_Free(self->hi);
-    PyMem_Free(self->top);
-    PyMem_Free(self->values);
-    PyMem_Free(self->picked);
-    PyMem_Free(self->band);
-    PyMem_Free(self->positions);
-    PyMem_Free(self->zoneless);
-    PyMem_Free(self->seen);
+    free_buffers(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -394,15 +699,7 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "centroids buffer does not hold rows x dim float32");
         return -1;
     }
-    if (self->q != NULL) {  /* __init__ called again: start over */
-        PyMem_Free(self->q); PyMem_Free(self->exact); PyMem_Free(self->scale);
-        PyMem_Free(self->err_norm); PyMem_Free(self->deq_norm); PyMem_Free(self->p);
-        PyMem_Free(self->hi); PyMem_Free(self->top);
-        PyMem_Free(self->values); PyMem_Free(self->picked); PyMem_Free(self->band);
-        PyMem_Free(self->positions); PyMem_Free(self->zoneless); PyMem_Free(self->seen);
-        self->positions = NULL; self->zoneless = NULL; self->seen = NULL;
-        self->q = NULL;
-    }
+    free_buffers(self);  /* __init__ may be called again: start over */
     Py_ssize_t cells = rows * dim;
     size_t nrows = (size_t)(rows > 0 ? rows : 1);
     self->rows = rows;
@@ -413,13 +710,22 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
     self->err_norm = PyMem_Malloc(sizeof(double) * nrows);
     self->deq_norm = PyMem_Malloc(sizeof(double) * nrows);
     self->p = PyMem_Malloc(sizeof(int16_t) * (size_t)dim);
+    self->p_hi = PyMem_Malloc((size_t)dim);
+    self->p_lo = PyMem_Malloc((size_t)dim);
+    self->sums = PyMem_Malloc(sizeof(int64_t) * nrows);
     self->hi = PyMem_Malloc(sizeof(double) * nrows);
+    self->lo = PyMem_Malloc(sizeof(double) * nrows);
+    self->xval = PyMem_Malloc(sizeof(double) * nrows);
+    self->zload = PyMem_Malloc(sizeof(long) * nrows);
+    self->flags = PyMem_Malloc(nrows);
     self->top = PyMem_Malloc(sizeof(double) * nrows);
     self->values = PyMem_Malloc(sizeof(double) * nrows);
     self->picked = PyMem_Malloc(sizeof(Py_ssize_t) * nrows);
     self->band = PyMem_Malloc(sizeof(Py_ssize_t) * nrows);
     if (!self->q || !self->exact || !self->scale || !self->err_norm || !self->deq_norm ||
-        !self->p || !self->hi || !self->top || !self->values || !self->picked || !self->band) {
+        !self->p || !self->p_hi || !self->p_lo || !self->sums || !self->hi || !self->top ||
+        !self->lo || !self->xval || !self->zload || !self->flags ||
+        !self->values || !self->picked || !self->band) {
         PyBuffer_Release(&view);
         PyErr_NoMemory();
         return -1;
@@ -473,36 +779,30 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
  * them in self->picked / self->values sorted by descending similarity, ties by ascending zone.
  * Returns how many, VISIT_NOT_FINITE when the signature has a NaN or inf, or VISIT_HAND_BACK when
  * more than half of the zones (of at least 8) may lie within tau of the best: visiting them one
- * by one would cost more than the caller's single product over all of them. */
+ * by one would cost more than one product over all of them. The screening intervals are left in
+ * self->lo / self->hi either way (`choose_by_load` uses them after a hand-back). */
 static Py_ssize_t
 visit(Index *self, const float *s, double tau, Py_ssize_t depth)
 {
     const Py_ssize_t dim = self->dim, rows = self->rows;
 
-    /* Quantize the signature: b = max|s| / 32767, p = round(s / b), f = s - b p. */
-    double b, s2, f2;
-    int ok;
-#ifdef SIMKERNEL_X86
-    if (self->use_avx2)
-        ok = quantize_avx2(s, dim, self->p, &b, &s2, &f2);
-    else
-#endif
-        ok = quantize_scalar(s, dim, self->p, &b, &s2, &f2);
-    if (ok < 0)
+    Quantized quant;
+    if (screen(self, s, &quant) < 0)
         return VISIT_NOT_FINITE;
-    const double s_norm = sqrt(s2), f_norm = sqrt(f2);
+    const double b = quant.b, s_norm = sqrt(quant.s2), f_norm = sqrt(quant.f2);
 
-    /* Screening pass: an interval for every zone. The integer sum is exact; the relative margin
-     * covers float32 rounding in the exact pass (at most dim * 2^-24 of the sum of |terms|,
-     * which |c_k| |s| bounds). */
+    /* An interval for every zone. The integer sum is exact; the relative margin covers float32
+     * rounding in the exact pass (at most dim * 2^-24 of the sum of |terms|, which |c_k| |s|
+     * bounds). */
     const double rel = 1e-5 + (double)dim * 6e-8;
     double best_lo = -INFINITY;
     for (Py_ssize_t k = 0; k < rows; k++) {
-        double coarse = self->scale[k] * b * (double)qdot(self, self->q + k * dim);
+        double coarse = self->scale[k] * b * (double)self->sums[k];
         double eps = self->err_norm[k] * s_norm + self->deq_norm[k] * f_norm +
                      rel * (fabs(coarse) + (self->deq_norm[k] + self->err_norm[k]) * s_norm) +
                      1e-7;
         self->hi[k] = coarse + eps;
+        self->lo[k] = coarse - eps;
         if (coarse - eps > best_lo)
             best_lo = coarse - eps;
     }
@@ -570,9 +870,10 @@ visit(Index *self, const float *s, double tau, Py_ssize_t depth)
 static int
 get_signature(Index *self, PyObject *arg, Py_buffer *view)
 {
-    if (PyObject_GetBuffer(arg, view, PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(arg, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return -1;
-    if (view->len != self->dim * (Py_ssize_t)sizeof(float) || view->itemsize != 4) {
+    if (view->len != self->dim * (Py_ssize_t)sizeof(float) || view->format == NULL ||
+        strcmp(view->format, "f") != 0) {
         PyBuffer_Release(view);
         PyErr_SetString(PyExc_ValueError, "signature must be float32 of the table's dimension");
         return -1;
@@ -631,18 +932,32 @@ fail:
     return NULL;
 }
 
-/* set_workers(positions, zoneless, candidates): which candidate serves each row (zone) of this
- * index, which candidates serve no zone, and how many candidates there are. Needed by choose. */
+/* set_workers(positions, zoneless, candidates, ids=None): which candidate serves each row
+ * (zone) of this index, which candidates serve no zone, how many candidates there are, and
+ * optionally each candidate's worker id (a tuple of str, for `matches`). Needed by choose. */
 static PyObject *
 Index_set_workers(Index *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "set_workers(positions: tuple, zoneless: tuple, candidates)");
+    if ((nargs != 3 && nargs != 4) || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "set_workers(positions: tuple, zoneless: tuple, candidates, ids=None)");
         return NULL;
     }
     Py_ssize_t candidates = PyLong_AsSsize_t(args[2]);
     if (candidates == -1 && PyErr_Occurred())
         return NULL;
+    PyObject *ids = nargs == 4 ? args[3] : Py_None;
+    if (ids != Py_None) {
+        if (!PyTuple_Check(ids) || PyTuple_GET_SIZE(ids) != candidates) {
+            PyErr_SetString(PyExc_ValueError, "ids must be a tuple with one id per candidate");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < candidates; i++)
+            if (!PyUnicode_Check(PyTuple_GET_ITEM(ids, i))) {
+                PyErr_SetString(PyExc_TypeError, "ids must be str");
+                return NULL;
+            }
+    }
     Py_ssize_t npos = PyTuple_GET_SIZE(args[0]), nzl = PyTuple_GET_SIZE(args[1]);
     if (npos != self->rows || candidates < 0) {
         PyErr_SetString(PyExc_ValueError, "one position per zone row is needed");
@@ -690,6 +1005,8 @@ Index_set_workers(Index *self, PyObject *const *args, Py_ssize_t nargs)
     self->seen = seen;
     self->n_zoneless = nzl;
     self->n_candidates = candidates;
+    Py_XINCREF(ids == Py_None ? NULL : ids);
+    Py_XSETREF(self->ids, ids == Py_None ? NULL : ids);
     Py_RETURN_NONE;
 
 bad:
@@ -699,16 +1016,96 @@ bad:
     return NULL;
 }
 
+/* Interned attribute names, set at module init. */
+static PyObject *str_worker_id, *str_in_flight;
+
+/* matches(candidates: list) -> bool: whether the list has one object per candidate whose
+ * `worker_id` is the id given to set_workers, in order. Callers keep one index per available
+ * worker list and ask this on every decision, so it is a pointer comparison per candidate in the
+ * common case (the registry hands out the same str objects); equal strings also match. */
+static PyObject *
+Index_matches(Index *self, PyObject *candidates)
+{
+    if (self->ids == NULL || !PyList_Check(candidates) ||
+        PyList_GET_SIZE(candidates) != self->n_candidates)
+        Py_RETURN_FALSE;
+    for (Py_ssize_t i = 0; i < self->n_candidates; i++) {
+        PyObject *wid = PyObject_GetAttr(PyList_GET_ITEM(candidates, i), str_worker_id);
+        if (wid == NULL)
+            return NULL;
+        PyObject *want = PyTuple_GET_ITEM(self->ids, i);
+        int same = wid == want;
+        if (!same) {
+            same = PyUnicode_Check(wid) ? PyUnicode_Compare(wid, want) == 0 : 0;
+            if (PyErr_Occurred()) {
+                Py_DECREF(wid);
+                return NULL;
+            }
+        }
+        Py_DECREF(wid);
+        if (!same)
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* The load of candidate `position`: the list item itself when it is an int, else its
+ * `in_flight` attribute (a WorkerView). Only band members and zone-less candidates are read. */
 static int
 load_at(PyObject *in_flight, Py_ssize_t position, long *out)
 {
     PyObject *item = PyList_GET_ITEM(in_flight, position);
-    long v = PyLong_AsLong(item);
+    long v;
+    if (PyLong_Check(item)) {
+        v = PyLong_AsLong(item);
+    } else {
+        PyObject *attr = PyObject_GetAttr(item, str_in_flight);
+        if (attr == NULL)
+            return -1;
+        v = PyLong_AsLong(attr);
+        Py_DECREF(attr);
+    }
     if (v == -1 && PyErr_Occurred())
         return -1;
     *out = v;
     return 0;
 }
+
+/* Parsed (in_flight, tau, min_candidates) of choose / choose_all. */
+typedef struct {
+    PyObject *in_flight;
+    double tau;
+    Py_ssize_t min_candidates;
+} ChooseArgs;
+
+static int
+parse_choose(Index *self, PyObject *const *args, Py_ssize_t nargs, const char *usage,
+             ChooseArgs *out)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (self->positions == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "choose needs set_workers first");
+        return -1;
+    }
+    out->in_flight = args[1];
+    if (!PyList_Check(out->in_flight) || PyList_GET_SIZE(out->in_flight) != self->n_candidates) {
+        PyErr_SetString(PyExc_ValueError, "in_flight must be a list with one item per candidate");
+        return -1;
+    }
+    out->tau = PyFloat_AsDouble(args[2]);
+    if (out->tau == -1.0 && PyErr_Occurred())
+        return -1;
+    out->min_candidates = PyLong_AsSsize_t(args[3]);
+    if (out->min_candidates == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+static PyObject *walk_band(Index *self, Py_ssize_t found, const ChooseArgs *a);
+static PyObject *choose_by_load(Index *self, const float *s, const ChooseArgs *a);
 
 /* choose(signature, in_flight, tau, min_candidates)
  *     -> (position, row, band_size, rank, similarity) | None | False
@@ -716,42 +1113,83 @@ load_at(PyObject *in_flight, Py_ssize_t position, long *out)
  * gateway/band.py `choose` (the band, min-candidates, least in-flight with ties to the more
  * similar then lower zone, zone-less overflow) over the visited zones, in one call. `row` is -1
  * (and rank 0, similarity NaN) when a zone-less candidate is chosen. None: signature not finite;
- * False: hand back to the full product (see `visit`). in_flight: list of ints, one per
- * candidate. */
+ * False: hand back to the full product (see `visit`). in_flight: a list with one item per
+ * candidate, each an int or an object with an int `in_flight` attribute. */
 static PyObject *
 Index_choose(Index *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "choose(signature, in_flight, tau, min_candidates)");
-        return NULL;
-    }
-    if (self->positions == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "choose needs set_workers first");
-        return NULL;
-    }
-    PyObject *in_flight = args[1];
-    if (!PyList_Check(in_flight) || PyList_GET_SIZE(in_flight) != self->n_candidates) {
-        PyErr_SetString(PyExc_ValueError, "in_flight must be a list with one int per candidate");
-        return NULL;
-    }
-    double tau = PyFloat_AsDouble(args[2]);
-    if (tau == -1.0 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t min_candidates = PyLong_AsSsize_t(args[3]);
-    if (min_candidates == -1 && PyErr_Occurred())
+    ChooseArgs a;
+    if (parse_choose(self, args, nargs, "choose(signature, in_flight, tau, min_candidates)",
+                     &a) < 0)
         return NULL;
     Py_buffer view;
     if (get_signature(self, args[0], &view) < 0)
         return NULL;
-    Py_ssize_t depth = min_candidates * self->rank_depth;
-    Py_ssize_t found = visit(self, (const float *)view.buf, tau, depth);
-    PyBuffer_Release(&view);
+    Py_ssize_t depth = a.min_candidates * self->rank_depth;
+    Py_ssize_t found = visit(self, (const float *)view.buf, a.tau, depth);
+    PyObject *result;
     if (found == VISIT_NOT_FINITE || found == 0)
-        Py_RETURN_NONE;
-    if (found == VISIT_HAND_BACK)
-        Py_RETURN_FALSE;
+        result = Py_NewRef(Py_None);
+    else if (found == VISIT_HAND_BACK)
+        result = choose_by_load(self, (const float *)view.buf, &a);
+    else
+        result = walk_band(self, found, &a);
+    PyBuffer_Release(&view);
+    return result;
+}
 
-    /* The band walk on negated similarities, exactly as band.py does it in Python floats. */
+/* choose_all(negated_similarities, in_flight, tau, min_candidates) -> as choose, never False
+ *
+ * The same decision from similarities the caller computed for every zone (the one-sgemv path
+ * `choose` hands unstructured signatures to): a float32 buffer of -s_k, one per row. Sorting
+ * and walking 64 zones here costs a few microseconds; in Python it cost ~15. A NaN
+ * similarity is never admitted; None when none is finite. */
+static PyObject *
+Index_choose_all(Index *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ChooseArgs a;
+    if (parse_choose(self, args, nargs,
+                     "choose_all(negated_similarities, in_flight, tau, min_candidates)", &a) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (view.len != self->rows * (Py_ssize_t)sizeof(float) || view.format == NULL ||
+        strcmp(view.format, "f") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "similarities must be float32, one per zone row");
+        return NULL;
+    }
+    const float *neg = (const float *)view.buf;
+    double *values = self->values;
+    Py_ssize_t *picked = self->picked;
+    for (Py_ssize_t k = 0; k < self->rows; k++) {  /* insertion: descending, ties by zone */
+        double v = -(double)neg[k];
+        if (isnan(v))
+            v = -INFINITY;
+        Py_ssize_t i = k;
+        while (i > 0 && values[i - 1] < v) {
+            values[i] = values[i - 1];
+            picked[i] = picked[i - 1];
+            i--;
+        }
+        values[i] = v;
+        picked[i] = k;
+    }
+    PyBuffer_Release(&view);
+    if (self->rows == 0 || !isfinite(values[0]))
+        Py_RETURN_NONE;
+    return walk_band(self, self->rows, &a);
+}
+
+/* The band walk over the first `found` entries of (values, picked), as band.py does it in
+ * Python floats on negated similarities. */
+static PyObject *
+walk_band(Index *self, Py_ssize_t found, const ChooseArgs *a)
+{
+    PyObject *in_flight = a->in_flight;
+    const double tau = a->tau;
+    const Py_ssize_t min_candidates = a->min_candidates;
     const double *values = self->values;
     const Py_ssize_t *picked = self->picked;
     const double limit = tau + (-values[0]);
@@ -816,23 +1254,26 @@ Index_exact(Index *self, PyObject *arg)
     Py_buffer view;
     if (get_signature(self, arg, &view) < 0)
         return NULL;
-    PyObject *out = PyList_New(self->rows);
-    if (!out) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    for (Py_ssize_t k = 0; k < self->rows; k++) {
-        float v = fdot(self, self->exact + k * self->dim, (const float *)view.buf);
-        PyObject *item = PyFloat_FromDouble((double)v);
-        if (!item) {
-            Py_DECREF(out);
-            PyBuffer_Release(&view);
-            return NULL;
+    Py_ssize_t *ks = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(self->rows + 1));
+    float *out = PyMem_Malloc(sizeof(float) * (size_t)(self->rows + 1));
+    PyObject *list = (ks && out) ? PyList_New(self->rows) : PyErr_NoMemory();
+    if (list) {
+        for (Py_ssize_t k = 0; k < self->rows; k++)
+            ks[k] = k;
+        fdot_many(self, (const float *)view.buf, ks, self->rows, out);
+        for (Py_ssize_t k = 0; k < self->rows; k++) {
+            PyObject *item = PyFloat_FromDouble((double)out[k]);
+            if (!item) {
+                Py_CLEAR(list);
+                break;
+            }
+            PyList_SET_ITEM(list, k, item);
         }
-        PyList_SET_ITEM(out, k, item);
     }
+    PyMem_Free(ks);
+    PyMem_Free(out);
     PyBuffer_Release(&view);
-    return out;
+    return list;
 }
 
 static PyObject *
@@ -846,8 +1287,12 @@ static PyMethodDef Index_methods[] = {
     {"candidates", (PyCFunction)(void (*)(void))Index_candidates, METH_FASTCALL,
      "candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False"},
     {"exact", (PyCFunction)Index_exact, METH_O, "exact(signature) -> list of similarities"},
+    {"matches", (PyCFunction)Index_matches, METH_O,
+     "matches(candidates) -> whether their worker_id attributes are the ids given to set_workers"},
     {"set_workers", (PyCFunction)(void (*)(void))Index_set_workers, METH_FASTCALL,
-     "set_workers(positions, zoneless, candidates)"},
+     "set_workers(positions, zoneless, candidates, ids=None)"},
+    {"choose_all", (PyCFunction)(void (*)(void))Index_choose_all, METH_FASTCALL,
+     "choose_all(negated_similarities, in_flight, tau, min_candidates) -> as choose"},
     {"choose", (PyCFunction)(void (*)(void))Index_choose, METH_FASTCALL,
      "choose(signature, in_flight, tau, min_candidates) -> "
      "(position, row, band_size, rank, similarity) | None | False"},
@@ -902,6 +1347,10 @@ PyInit__simkernel(void)
 {
     if (PyType_Ready(&IndexType) < 0)
         return NULL;
+    str_worker_id = PyUnicode_InternFromString("worker_id");
+    str_in_flight = PyUnicode_InternFromString("in_flight");
+    if (!str_worker_id || !str_in_flight)
+        return NULL;
     PyObject *module = PyModule_Create(&simkernel_module);
     if (!module)
         return NULL;
@@ -912,4 +1361,166 @@ PyInit__simkernel(void)
         return NULL;
     }
     return module;
+}
+
+/* ---------------------------------------------------------------- load-first decisions */
+
+/* When the screening pass cannot narrow the zones (most lie within tau of the best: `visit`
+ * hands back), the decision is still cheap if it is taken load-first. With every zone's
+ * interval [lo_k, hi_k] known, exact products are needed only for
+ *   1. the best similarity s*: zones whose upper bound exceeds the best exact value so far;
+ *   2. band membership (-s_k <= tau - s*, as the walk computes it): zones whose interval
+ *      straddles the limit;
+ *   3. the chosen zone: among band members on the least-loaded workers, the most similar (ties
+ *      to the lower zone), again only zones whose upper bound reaches the best so far;
+ *   4. its rank: zones whose interval straddles its similarity.
+ * That is the walk's choice: the band in (descending similarity, ascending zone) order and
+ * the first member with the fewest in-flight requests. When the band spans fewer than
+ * min_candidates workers the walk would admit zones below it in similarity order, which needs
+ * them all ranked: then this returns False and the caller takes the one-sgemv path. */
+
+#define FLAG_KNOWN 1
+#define FLAG_BAND 2
+#define FLAG_TRIED 4
+
+static double
+exact_of(Index *self, const float *s, Py_ssize_t k)
+{
+    if (!(self->flags[k] & FLAG_KNOWN)) {
+        self->xval[k] = (double)fdot(self, self->exact + k * self->dim, s);
+        self->flags[k] |= FLAG_KNOWN;
+    }
+    return self->xval[k];
+}
+
+/* exact_of for n zones at once (fdot_many's batches). */
+static void
+exact_many(Index *self, const float *s, const Py_ssize_t *ks, Py_ssize_t n)
+{
+    float out[4];
+    for (Py_ssize_t i = 0; i < n; i += 4) {
+        Py_ssize_t m = n - i < 4 ? n - i : 4;
+        fdot_many(self, s, ks + i, m, out);
+        for (Py_ssize_t j = 0; j < m; j++) {
+            self->xval[ks[i + j]] = (double)out[j];
+            self->flags[ks[i + j]] |= FLAG_KNOWN;
+        }
+    }
+}
+
+static PyObject *
+choose_by_load(Index *self, const float *s, const ChooseArgs *a)
+{
+    const Py_ssize_t rows = self->rows;
+    const double *hi = self->hi, *lo = self->lo;
+    unsigned char *flags = self->flags;
+    memset(flags, 0, (size_t)rows);
+
+    /* 1. s*, visiting zones in descending upper bound while one can still beat the best. */
+    double best = -INFINITY;
+    for (;;) {
+        Py_ssize_t k = -1;
+        for (Py_ssize_t j = 0; j < rows; j++)
+            if (!(flags[j] & FLAG_KNOWN) && hi[j] > best && (k < 0 || hi[j] > hi[k]))
+                k = j;
+        if (k < 0)
+            break;
+        double v = exact_of(self, s, k);
+        if (v > best)
+            best = v;
+    }
+    if (!isfinite(best))
+        Py_RETURN_FALSE;  /* let the general path sort it out */
+
+    /* 2. The band, and its distinct workers. */
+    const double limit = a->tau + (-best);
+    Py_ssize_t *todo = self->band, n_todo = 0;  /* scratch: zones whose interval straddles */
+    for (Py_ssize_t k = 0; k < rows; k++)
+        if (-lo[k] > limit && -hi[k] <= limit && !(flags[k] & FLAG_KNOWN))
+            todo[n_todo++] = k;
+    exact_many(self, s, todo, n_todo);
+    memset(self->seen, 0, (size_t)self->n_candidates);
+    Py_ssize_t workers = 0;
+    long least = 0;
+    int any = 0;
+    for (Py_ssize_t k = 0; k < rows; k++) {
+        int in;
+        if (-lo[k] <= limit)
+            in = 1;
+        else if (-hi[k] > limit)
+            in = 0;
+        else
+            in = -exact_of(self, s, k) <= limit;
+        if (!in)
+            continue;
+        flags[k] |= FLAG_BAND;
+        Py_ssize_t pos = self->positions[k];
+        if (!self->seen[pos]) {
+            self->seen[pos] = 1;
+            workers++;
+        }
+        if (load_at(a->in_flight, pos, &self->zload[k]) < 0)
+            return NULL;
+        if (!any || self->zload[k] < least) {
+            least = self->zload[k];
+            any = 1;
+        }
+    }
+    if (!any || workers < a->min_candidates)
+        Py_RETURN_FALSE;  /* min-candidates would admit zones below the band */
+    const Py_ssize_t band_size = workers + self->n_zoneless;
+
+    /* Zone-less overflow: strictly fewer in flight than every band member. */
+    Py_ssize_t overflow = -1;
+    long chosen_load = least;
+    for (Py_ssize_t i = 0; i < self->n_zoneless; i++) {
+        long load;
+        if (load_at(a->in_flight, self->zoneless[i], &load) < 0)
+            return NULL;
+        if (load < chosen_load) {
+            chosen_load = load;
+            overflow = self->zoneless[i];
+        }
+    }
+    if (overflow >= 0)
+        return Py_BuildValue("(nnnnd)", overflow, (Py_ssize_t)-1, band_size, (Py_ssize_t)0,
+                             Py_NAN);
+
+    /* 3. The most similar band zone on a least-loaded worker; ties to the lower zone, so a zone
+     * whose upper bound only equals the best so far is still tried. */
+    Py_ssize_t chosen = -1;
+    double chosen_s = -INFINITY;
+    for (;;) {
+        Py_ssize_t k = -1;
+        for (Py_ssize_t j = 0; j < rows; j++)
+            if ((flags[j] & (FLAG_BAND | FLAG_TRIED)) == FLAG_BAND && self->zload[j] == least &&
+                (chosen < 0 || hi[j] >= chosen_s) && (k < 0 || hi[j] > hi[k]))
+                k = j;
+        if (k < 0)
+            break;
+        flags[k] |= FLAG_TRIED;
+        double v = exact_of(self, s, k);
+        if (chosen < 0 || v > chosen_s || (v == chosen_s && k < chosen)) {
+            chosen = k;
+            chosen_s = v;
+        }
+    }
+
+    if (chosen < 0)  /* cannot happen: some band member has the least load */
+        Py_RETURN_FALSE;
+
+    /* 4. Rank: 1 + the zones strictly more similar. */
+    n_todo = 0;
+    for (Py_ssize_t k = 0; k < rows; k++)
+        if (k != chosen && hi[k] > chosen_s && lo[k] <= chosen_s && !(flags[k] & FLAG_KNOWN))
+            todo[n_todo++] = k;
+    exact_many(self, s, todo, n_todo);
+    Py_ssize_t rank = 1;
+    for (Py_ssize_t k = 0; k < rows; k++) {
+        if (k == chosen || hi[k] <= chosen_s)
+            continue;
+        if (lo[k] > chosen_s || exact_of(self, s, k) > chosen_s)
+            rank++;
+    }
+    return Py_BuildValue("(nnnnd)", self->positions[chosen], chosen, band_size, rank, chosen_s);
 }

@@ -36,12 +36,15 @@ Two ways to get the similarities, same decisions:
   only zones whose interval reaches the band, the min-candidates admission or the chosen zone's
   rank get an exact float32 product (usually 2-5 of 64). The band then runs over those zones
   only, which gives the same choice, band size, rank and similarity as running it over all of
-  them (the argument is in gateway/_simkernel.c). With loads given as a list, `choose` makes the
-  whole decision in one call of the extension (`Index.choose`, the walk below written in C);
-  otherwise it walks `BandPlan.ranked` here.
+  them (the argument is in gateway/_simkernel.c). With loads (or the candidates themselves)
+  given as a list, `choose` makes the whole decision in one call of the extension
+  (`Index.choose`, the walk below written in C; signatures the screening cannot narrow are
+  decided load-first there, or, when min-candidates must widen their band, through one sgemv
+  and `Index.choose_all`); otherwise it walks `BandPlan.ranked` here.
 - `numpy`: one BLAS matrix-vector product over every available zone into a preallocated buffer
-  and one argsort. Used where the extension is missing, for centroids it cannot take (negative
-  entries), and when `ELDR_BAND_KERNEL=numpy` is set (an operator's switch back).
+  and one argsort. Used where the extension is missing, on CPUs without AVX2 (where its plain-C
+  loops lose to BLAS), for centroids it cannot take (negative entries), and when
+  `ELDR_BAND_KERNEL=numpy` is set (an operator's switch back).
 Why two: at 64 zones x 6,144 dimensions the float32 centroids are 1.5 MiB and the product is
 bound by cache bandwidth (p50 ~24 us, p99 ~50 us on the 2-core CI machine); the 8-bit copy is
 384 KiB. Everything else (row gather, quantization, worker matching) is done once per (table,
@@ -55,6 +58,7 @@ import math
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -87,6 +91,16 @@ def c_kernel_available() -> bool:
     return _simkernel is not None
 
 
+class _Candidate(Protocol):
+    """What the band reads of a candidate worker (a `WorkerView` has both)."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BandChoice:
     """The outcome of one band decision, in terms of the candidate list the plan was built for."""
@@ -110,7 +124,8 @@ class BandPlan:
     stable ascending argsort orders zones by descending similarity with ties in zone order)
     plus the product's output buffer (numpy kernel, and the C kernel's hand-back)."""
 
-    __slots__ = ("_buffer", "_index", "dim", "neg_centroids", "positions", "zoneless", "zones")
+    __slots__ = ("_buffer", "_index", "dim", "ids", "neg_centroids", "positions", "zoneless",
+                 "zones")
 
     def __init__(
         self,
@@ -119,6 +134,7 @@ class BandPlan:
         positions: Sequence[int],
         zoneless: Sequence[int],
         kernel: str = "auto",
+        ids: Sequence[str] | None = None,
     ) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -126,6 +142,8 @@ class BandPlan:
         self.zones: tuple[int, ...] = tuple(zones)
         self.positions: tuple[int, ...] = tuple(positions)
         self.zoneless: tuple[int, ...] = tuple(zoneless)
+        # The worker id of each candidate the plan was built for, when known: `matches`.
+        self.ids: tuple[str, ...] | None = None if ids is None else tuple(ids)
         self.dim = int(rows.shape[1])
         self._index: _simkernel.Index | None = None
         usable = bool(np.all(rows >= 0)) and bool(np.all(np.isfinite(rows)))
@@ -135,10 +153,18 @@ class BandPlan:
             raise ValueError("kernel 'c' needs finite, non-negative centroids")
         if kernel != "numpy" and _simkernel is not None and usable and rows.size:
             self._index = _simkernel.Index(rows, rows.shape[0], rows.shape[1])
+            if kernel == "auto" and self._index.isa == "scalar":
+                # Without AVX2 the extension's plain-C loops were 2.5x slower than the sgemv
+                # (select p50 75 vs 30 us at 64 x 6,144, docs/eldr.md): auto means numpy there.
+                self._index = None
+        if self._index is not None:
             candidates = 1 + max((*self.positions, *self.zoneless), default=-1)
-            self._index.set_workers(self.positions, self.zoneless, candidates)
-        # Kept with the C kernel too: it hands unstructured signatures (most zones within tau
-        # of the best) back to the one-sgemv path, which is cheaper for them.
+            if self.ids is not None:
+                candidates = max(candidates, len(self.ids))
+            self._index.set_workers(self.positions, self.zoneless, candidates, self.ids)
+        # Kept with the C kernel too: it hands back signatures that need every zone ranked
+        # (most zones within tau of the best, and a band min-candidates must widen), for which
+        # one sgemv is cheaper than exact products one by one.
         self.neg_centroids: FloatArray = np.ascontiguousarray(-rows)
         self._buffer: FloatArray = np.empty(len(self.zones), dtype=np.float32)
 
@@ -146,6 +172,17 @@ class BandPlan:
     def size(self) -> int:
         """Number of available zones."""
         return len(self.zones)
+
+    def matches(self, candidates: Sequence[_Candidate]) -> bool:
+        """Whether `candidates` is the worker list this plan was built for (same ids, same
+        order), so that its positions are valid for it. Dispatch builds a fresh list for every
+        request while the available set rarely changes, so this runs on every decision: in the
+        extension, a pointer comparison per candidate."""
+        if self.ids is None:
+            return False
+        if self._index is not None and isinstance(candidates, list):
+            return self._index.matches(candidates)
+        return tuple([c.worker_id for c in candidates]) == self.ids
 
     @property
     def kernel(self) -> str:
@@ -202,14 +239,18 @@ def build_plan(
     zone_workers: Sequence[str | None],
     candidate_keys: Sequence[Collection[str]],
     kernel: str | None = None,
+    ids: Sequence[str] | None = None,
 ) -> BandPlan:
     """Precompute the band plan for one table and one ordered list of available candidates.
 
     `zone_workers[k]` is the worker serving zone k (an id or URL; None when the zone has no
     worker). `candidate_keys[i]` holds the names candidate i answers to (its id and URL). A zone
     joins the plan when its worker is among the candidates; candidates that serve no zone become
-    zone-less overflow workers.
+    zone-less overflow workers. `ids[i]`, when given, is candidate i's worker id, which
+    `BandPlan.matches` checks later lists against.
     """
+    if ids is not None and len(ids) != len(candidate_keys):
+        raise ValueError(f"{len(ids)} ids for {len(candidate_keys)} candidates")
     matrix = np.asarray(centroids)
     if matrix.ndim != 2 or matrix.shape[0] != len(zone_workers):
         raise ValueError(
@@ -231,41 +272,46 @@ def build_plan(
     served = set(positions)
     zoneless = [p for p in range(len(candidate_keys)) if p not in served]
     return BandPlan(matrix[zones], zones, positions, zoneless,
-                    default_kernel() if kernel is None else kernel)
+                    default_kernel() if kernel is None else kernel, ids)
 
 
 def choose(
     plan: BandPlan,
     signature: FloatArray,
-    in_flight: Sequence[int],
+    in_flight: Sequence[int] | Sequence[_Candidate],
     tau: float,
     min_candidates: int,
 ) -> BandChoice | None:
     """Pick a worker for `signature` (a float32 vector of length `plan.dim`).
 
-    `in_flight[i]` is candidate i's in-flight decode count. Returns None when no available zone
-    exists or the similarities are not finite; the caller then falls back to least-load.
+    `in_flight[i]` is candidate i's in-flight decode count, or candidate i itself (anything
+    with an int `in_flight`, such as a `WorkerView`: then only the loads the band needs are
+    read). Returns None when no available zone exists or the similarities are not finite; the
+    caller then falls back to least-load.
     """
     if plan.size == 0:
         return None
     index = plan._index
     if index is not None and isinstance(in_flight, list) and \
             len(in_flight) == index.candidates_count:
-        # The whole decision in one call (same walk as below, in C); False: the screening pass
-        # hands this signature to the one-sgemv path below.
+        # The whole decision in one call (same walk as below, in C). False: most zones are near
+        # the best and min-candidates must widen the band, so every zone needs ranking; one
+        # sgemv over all of them is cheaper than exact products one by one, and the extension
+        # then sorts and walks its result.
         decided = index.choose(signature, in_flight, tau, min_candidates)
+        if decided is False:
+            decided = index.choose_all(plan.negated_similarities(signature), in_flight, tau,
+                                       min_candidates)
         if decided is None:
             return None
-        if decided is not False:
-            position, row, band_size, rank, similarity = decided
-            if row < 0:
-                return BandChoice(position, None, band_size, None, None)
-            return BandChoice(position, plan.zones[row], band_size, rank, similarity)
-        got = plan.ranked_all(signature)  # screened already: do not screen again
-    else:
-        got = plan.ranked(signature, tau, min_candidates)
+        position, row, band_size, rank, similarity = decided
+        if row < 0:
+            return BandChoice(position, None, band_size, None, None)
+        return BandChoice(position, plan.zones[row], band_size, rank, similarity)
+    got = plan.ranked(signature, tau, min_candidates)
     if got is None:
         return None
+    loads = _loads(in_flight)
     ranked, rows = got  # ascending -s_k, and the plan row of each
     best_neg = ranked[0]
     limit = tau + best_neg  # s_k >= s* - tau  <=>  -s_k <= tau - s*
@@ -285,13 +331,13 @@ def choose(
         j += 1
     # `band` is in (descending similarity, ascending zone) order, so the first member with the
     # fewest in-flight requests is exactly the (load, -similarity, zone) minimum.
-    loads = [in_flight[positions[rows[j]]] for j in band]
-    chosen_load = min(loads)
-    best_j = band[loads.index(chosen_load)]
+    band_loads = [loads[positions[rows[j]]] for j in band]
+    chosen_load = min(band_loads)
+    best_j = band[band_loads.index(chosen_load)]
     chosen = rows[best_j]
     overflow: int | None = None
     for position in plan.zoneless:
-        load = in_flight[position]
+        load = loads[position]
         if load < chosen_load:
             chosen_load = load
             overflow = position
@@ -301,3 +347,9 @@ def choose(
     similarity = -ranked[best_j]
     rank = 1 + bisect.bisect_left(ranked, ranked[best_j])  # zones strictly more similar
     return BandChoice(positions[chosen], plan.zones[chosen], band_size, rank, similarity)
+
+
+def _loads(in_flight: Sequence[int] | Sequence[_Candidate]) -> Sequence[int]:
+    if len(in_flight) and hasattr(in_flight[0], "in_flight"):
+        return [c.in_flight for c in in_flight]  # type: ignore[union-attr]
+    return in_flight  # type: ignore[return-value]

@@ -192,9 +192,15 @@ def test_matches_literal_reference(
     # (band edge, ties) must come out identically.
     values = plan.similarities(sig).tolist()
     index = plan._index  # the C kernel, when it decides this signature, uses its own products
-    if index is not None and index.candidates(sig, tau, min_candidates * index.rank_depth) \
-            is not False:
-        values = index.exact(sig)
+    if index is not None:
+        exact = index.exact(sig)
+        screened = index.candidates(sig, tau, min_candidates * index.rank_depth) is not False
+        # A signature the screening cannot narrow is decided load-first on the same products,
+        # unless the band is short of min_candidates workers (one worker per zone here): then
+        # it goes to the one-sgemv path.
+        band = [v for v in exact if -v <= tau + (-max(exact))]
+        if screened or len(band) >= min_candidates:
+            values = exact
     sims = dict(zip(plan.zones, values, strict=True))
     got = choose(plan, sig, loads, tau, min_candidates)
     zone, rank = reference_choice(sims, workers, available, loads, tau, min_candidates)

@@ -101,6 +101,24 @@ def test_plan_cache_follows_snapshot_and_available_set() -> None:
     assert sel.zone == 0 and sel.worker.worker_id == "w3"
 
 
+def test_plan_reused_for_equal_lists_and_rebuilt_for_reordered_ones() -> None:
+    policy = EldrPolicy(Source(snapshot()))
+    full = [view("w0", 0), view("w1", 0), view("w2", 0), view("w3", 0)]
+    assert policy.select(full, routed([0, 0, 1])).worker.worker_id == "w3"
+    plan = policy._last_plan
+    # dispatch builds a fresh list of fresh views for every request: the plan is kept
+    fresh = [view("w0", 1), view("w1", 1), view("w2", 1), view("w3", 1)]
+    assert policy.select(fresh, routed([0, 0, 1])).worker.worker_id == "w3"
+    assert policy._last_plan is plan
+    # the same workers in another order: positions change, so does the plan
+    sel = policy.select(full[::-1], routed([0, 0, 1]))
+    assert sel.worker.worker_id == "w3" and sel.zone == 3
+    assert policy._last_plan is not plan
+    # and back: the first plan again, from the cache
+    policy.select(full, routed([0, 0, 1]))
+    assert policy._last_plan is plan
+
+
 def test_remapped_zone_worker_is_used() -> None:
     snap = snapshot()
     remapped = ActiveZones(snap.table, (None, "w1", "w2", "new"), 1, snap.loaded_at, "t")
