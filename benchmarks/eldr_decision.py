@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         # Clustered like real traffic: each zone's requests favour their own 16 experts per
         # layer (rate 3.0 vs 0.3 elsewhere); centroids are the zones' expected signatures.
         pref = np.zeros((args.workers, g.num_layers, g.num_experts), dtype=bool)
-        for k in range(args.workers):
+        for zone in range(args.workers):
             for layer in range(g.num_layers):
-                pref[k, layer, rng.choice(g.num_experts, size=16, replace=False)] = True
+                pref[zone, layer, rng.choice(g.num_experts, size=16, replace=False)] = True
         rates = np.where(pref, 3.0, 0.3)
         centroids, valid = spec.build_many((rates * 100).astype(np.int64))
         zone_of = rng.integers(0, args.workers, size=args.signatures)
@@ -207,16 +207,22 @@ def main(argv: list[str] | None = None) -> int:
             out[i] = time.perf_counter_ns() - t0
         return out
 
-    # Same decisions from both kernels (a sanity check, not a test: tests/eldr has those).
-    for i in range(min(len(sigs), 500)):
-        got = {k: choose(plans[k], sigs[i], loads[i], args.tau, 2) for k in kernels}
-        first = got[kernels[0]]
-        for k in kernels[1:]:
-            other = got[k]
+    # Same decisions from both kernels (a sanity check, not a test: tests/eldr has those). The
+    # kernels sum float32 products in different orders, so two zones within rounding of each
+    # other may swap: a few differences are expected on tables where many zones tie.
+    differing = 0
+    checked = min(len(sigs), 500)
+    for i in range(checked):
+        decided = [choose(plans[kern], sigs[i], loads[i], args.tau, 2) for kern in kernels]
+        for other in decided[1:]:
+            first = decided[0]
             assert (first is None) == (other is None)
-            if first is not None and other is not None:
-                assert (first.position, first.zone, first.band_size, first.rank) == (
-                    other.position, other.zone, other.band_size, other.rank), (i, first, other)
+            if first is not None and other is not None and (
+                    first.position, first.zone, first.band_size, first.rank) != (
+                    other.position, other.zone, other.band_size, other.rank):
+                differing += 1
+    if differing > checked // 20:
+        raise SystemExit(f"the kernels disagree on {differing} of {checked} decisions")
     band_sizes = np.array([
         c.band_size for i in range(min(len(sigs), 2000))
         if (c := choose(plans[default], sigs[i], loads[i], args.tau, 2)) is not None
@@ -225,23 +231,29 @@ def main(argv: list[str] | None = None) -> int:
     if default == "c":
         index = plans["c"]._index
         for i in range(min(len(sigs), 2000)):
-            got = index.candidates(sigs[i], args.tau, 2)  # type: ignore[union-attr]
-            # False: handed to the full product (most zones within tau): all of them
-            examined.append(args.workers if got is False else len(got[1]))
+            screened = index.candidates(sigs[i], args.tau, 2)  # type: ignore[union-attr]
+            # False: the screening could not narrow it (most zones within tau); `choose` then
+            # decides load-first (see gateway/_simkernel.c), counted here as not narrowed
+            examined.append(
+                -1 if screened is False or screened is None else len(screened[1]))
+    narrowed = [n for n in examined if n >= 0]
     for k in kernels:
         run_policy(policies[k], args.warmup, 0)
         run_band(plans[k], args.warmup, 0)
     run_product(args.warmup)
     gc.collect()
-    # Interleave kernels in rounds so that machine noise hits both alike.
-    rounds = 5
+    # Interleave kernels and measurements in short rounds (~1,000 decisions, tens of ms each) so
+    # that a burst of machine noise lands on all of them alike rather than on whichever one
+    # happened to be running (with 5 long rounds, one run's select p99 came out at 62 us while
+    # its band_core p99 was 19 us and the neighbouring runs' select p99 was 25-38 us).
+    rounds = 50
     per = max(1, args.decisions // rounds)
     policy_parts: dict[str, list[np.ndarray]] = {k: [] for k in kernels}
     band_parts: dict[str, list[np.ndarray]] = {k: [] for k in kernels}
-    for r in range(rounds):
+    for rnd in range(rounds):
         for k in kernels:
-            policy_parts[k].append(run_policy(policies[k], per, args.warmup + r * per))
-            band_parts[k].append(run_band(plans[k], per, args.warmup + r * per))
+            policy_parts[k].append(run_policy(policies[k], per, args.warmup + rnd * per))
+            band_parts[k].append(run_band(plans[k], per, args.warmup + rnd * per))
     product_ns = run_product(args.decisions)
     resolve = _resolve_costs(active, g, rng, min(args.decisions, 5_000))
     result: dict[str, Any] = {
@@ -263,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "numpy_sgemv_alone": _percentiles(product_ns),
         "zones_examined_exactly": (
-            {"mean": float(np.mean(examined)), "p99": float(np.percentile(examined, 99))}
-            if examined else None
+            {"mean": float(np.mean(narrowed)), "p99": float(np.percentile(narrowed, 99)),
+             "not_narrowed_fraction": 1.0 - len(narrowed) / len(examined)}
+            if narrowed else None
         ),
         "resolve": resolve,
         "target_p99_us": 50.0,
@@ -291,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in resolve.items():
         print(f"{'resolve ' + name:>28}: p50 {r['p50_us']:.1f} us  p99 {r['p99_us']:.1f}")
     print(f"band size: mean {band_sizes.mean():.1f}, p99 {np.percentile(band_sizes, 99):.0f}")
+    if narrowed:
+        print(f"zones given an exact product by the c kernel's screening pass: mean "
+              f"{np.mean(narrowed):.2f}, p99 {np.percentile(narrowed, 99):.0f} of {args.workers}")
     if examined:
-        print(f"zones given an exact product by the c kernel: mean {np.mean(examined):.2f}, "
-              f"p99 {np.percentile(examined, 99):.0f} of {args.workers}")
+        print(f"signatures the screening could not narrow (decided load-first): "
+              f"{100.0 * (1.0 - len(narrowed) / len(examined)):.0f}%")
     select = result["kernels"][plans[default].kernel]["select"]
     p99 = select["p99_us"]
     print(f"target p99 < 50 us: {'met' if p99 < 50.0 else 'NOT met'} "
