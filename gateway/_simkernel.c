@@ -231,31 +231,54 @@ fold16(const float *acc)
     return reduce8(v);
 }
 
-/* Returns 0, or -1 when the signature is not finite. Writes p (and, when hi is given, hi / lo). */
+/* Every path's first steps once it has the peak of s[0, body): the tail's peak, the
+ * finiteness check, the degenerate case and the scale. Returns -1 (not finite), 1 (degenerate,
+ * *out written) or 0 (go on with *b and *inv_b). */
 static int
-quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
-                Quantized *out)
+quantize_start(const float *s, Py_ssize_t dim, Py_ssize_t body, float peak, int16_t *p,
+               int8_t *hi, int8_t *lo, Quantized *out, float *b, float *inv_b)
 {
-    float peak = peak_scalar(s, dim);
-    if (peak < 0.0f)
+    float tail = peak_scalar(s + body, dim - body);
+    if (tail < 0.0f)
         return -1;
+    if (tail > peak)
+        peak = tail;
     if (peak < TINY_PEAK) {
         quantize_degenerate(s, dim, p, hi, lo, out);
-        return 0;
+        return 1;
     }
-    float b, inv_b;
-    scale_for(peak, &b, &inv_b);
-    float acc_s[16] = {0}, acc_f[16] = {0};
-    const Py_ssize_t body = dim - dim % 16;
-    for (Py_ssize_t d = 0; d < body; d += 16)
-        for (int j = 0; j < 16; j++)
-            quantize_element(s[d + j], inv_b, p, hi, lo, d + j, &acc_s[j], &acc_f[j]);
-    float s2 = fold16(acc_s), f2 = fold16(acc_f);
+    scale_for(peak, b, inv_b);
+    return 0;
+}
+
+/* Every path's last steps once the folded lane sums of s[0, body) are known: the tail in
+ * order, then the bounds. */
+static void
+quantize_finish(const float *s, Py_ssize_t dim, Py_ssize_t body, float b, float inv_b,
+                int16_t *p, int8_t *hi, int8_t *lo, float s2, float f2, Quantized *out)
+{
     for (Py_ssize_t d = body; d < dim; d++)
         quantize_element(s[d], inv_b, p, hi, lo, d, &s2, &f2);
     out->b = (double)b;
     out->s2 = inflate(s2, dim, b);
     out->f2 = inflate(f2, dim, b);
+}
+
+/* Returns 0, or -1 when the signature is not finite. Writes p (and, when hi is given, hi / lo). */
+static int
+quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
+                Quantized *out)
+{
+    float b, inv_b;
+    int started = quantize_start(s, dim, 0, 0.0f, p, hi, lo, out, &b, &inv_b);
+    if (started != 0)
+        return started < 0 ? -1 : 0;
+    float acc_s[16] = {0}, acc_f[16] = {0};
+    const Py_ssize_t body = dim - dim % 16;
+    for (Py_ssize_t d = 0; d < body; d += 16)
+        for (int j = 0; j < 16; j++)
+            quantize_element(s[d + j], inv_b, p, hi, lo, d + j, &acc_s[j], &acc_f[j]);
+    quantize_finish(s, dim, body, b, inv_b, p, hi, lo, fold16(acc_s), fold16(acc_f), out);
     return 0;
 }
 
@@ -380,17 +403,10 @@ quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, Quantized *out)
     for (int j = 0; j < 8; j++)
         if (lanes[j] > peak)
             peak = lanes[j];
-    float tail = peak_scalar(s + body, dim - body);
-    if (tail < 0.0f)
-        return -1;
-    if (tail > peak)
-        peak = tail;
-    if (peak < TINY_PEAK) {
-        quantize_degenerate(s, dim, p, NULL, NULL, out);
-        return 0;
-    }
     float b, inv_b;
-    scale_for(peak, &b, &inv_b);
+    int started = quantize_start(s, dim, body, peak, p, NULL, NULL, out, &b, &inv_b);
+    if (started != 0)
+        return started < 0 ? -1 : 0;
     const __m256 iv = _mm256_set1_ps(inv_b);
     const __m256 cap = _mm256_set1_ps(QMAX_SIGNATURE), floor_ = _mm256_set1_ps(-QMAX_SIGNATURE);
     __m256 s2a = _mm256_setzero_ps(), s2b = s2a, f2a = s2a, f2b = s2a;
@@ -416,12 +432,7 @@ quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, Quantized *out)
     float s2 = fold16(acc);
     _mm256_storeu_ps(acc, f2a);
     _mm256_storeu_ps(acc + 8, f2b);
-    float f2 = fold16(acc);
-    for (Py_ssize_t d = body; d < dim; d++)
-        quantize_element(s[d], inv_b, p, NULL, NULL, d, &s2, &f2);
-    out->b = (double)b;
-    out->s2 = inflate(s2, dim, b);
-    out->f2 = inflate(f2, dim, b);
+    quantize_finish(s, dim, body, b, inv_b, p, NULL, NULL, s2, fold16(acc), out);
     return 0;
 }
 
@@ -443,18 +454,11 @@ quantize_vnni(const float *s, Py_ssize_t dim, int8_t *hi, int8_t *lo, Quantized 
     }
     if (bad)
         return -1;
-    float peak = _mm512_reduce_max_ps(peak16);
-    float tail = peak_scalar(s + body, dim - body);
-    if (tail < 0.0f)
-        return -1;
-    if (tail > peak)
-        peak = tail;
-    if (peak < TINY_PEAK) {
-        quantize_degenerate(s, dim, NULL, hi, lo, out);
-        return 0;
-    }
     float b, inv_b;
-    scale_for(peak, &b, &inv_b);
+    int started = quantize_start(s, dim, body, _mm512_reduce_max_ps(peak16), NULL, hi, lo, out,
+                                 &b, &inv_b);
+    if (started != 0)
+        return started < 0 ? -1 : 0;
     const __m512 iv = _mm512_set1_ps(inv_b);
     const __m512 cap = _mm512_set1_ps(QMAX_SIGNATURE), floor_ = _mm512_set1_ps(-QMAX_SIGNATURE);
     const __m512i low7 = _mm512_set1_epi32(127);
@@ -475,12 +479,7 @@ quantize_vnni(const float *s, Py_ssize_t dim, int8_t *hi, int8_t *lo, Quantized 
     _mm512_storeu_ps(acc, s2v);
     float s2 = fold16(acc);
     _mm512_storeu_ps(acc, f2v);
-    float f2 = fold16(acc);
-    for (Py_ssize_t d = body; d < dim; d++)
-        quantize_element(s[d], inv_b, NULL, hi, lo, d, &s2, &f2);
-    out->b = (double)b;
-    out->s2 = inflate(s2, dim, b);
-    out->f2 = inflate(f2, dim, b);
+    quantize_finish(s, dim, body, b, inv_b, NULL, hi, lo, s2, fold16(acc), out);
     return 0;
 }
 
