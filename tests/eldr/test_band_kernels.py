@@ -433,6 +433,12 @@ def test_signature_quantization_edge_cases(case: str, zones: int) -> None:
                for isa in ("auto", "avx2", "scalar")]
     got = [ix.candidates(sig, 0.05, 2) for ix in indexes]
     assert got[0] == got[1] == got[2]
+    bounds = [ix.bounds(sig) for ix in indexes]
+    assert bounds[0] == bounds[1] == bounds[2] and bounds[0] is not None
+    exact = np.array(indexes[0].exact(sig))
+    lo, hi, lo2, hi2 = (np.array(v) for v in bounds[0])
+    assert np.all(lo <= exact) and np.all(exact <= hi)
+    assert np.all(lo2 <= exact) and np.all(exact <= hi2)
     ids = [f"w{k}" for k in range(zones)]
     c_plan = build_plan(centroids, ids, [(w,) for w in ids], kernel="c")
     np_plan = build_plan(centroids, ids, [(w,) for w in ids], kernel="numpy")
@@ -486,3 +492,28 @@ def test_auto_prefers_numpy_where_the_extension_has_no_simd(
     ids = ["a", "b", "c", "d"]
     assert build_plan(centroids, ids, [(w,) for w in ids], kernel="auto").kernel == "numpy"
     assert build_plan(centroids, ids, [(w,) for w in ids], kernel="c").kernel == "c-scalar"
+
+
+@needs_c
+@pytest.mark.parametrize("kind", ["clustered", "uniform", "ties", "sparse"])
+def test_screening_intervals_hold_the_exact_products(kind: str) -> None:
+    # Both levels of the screening (uint8 centroids; then their int8 residual) must bound the
+    # float32 product the extension would compute, on every instruction-set path identically;
+    # the second level is what makes load-first decisions cheap, so it must also be narrower.
+    from gateway import _simkernel
+
+    rng = np.random.default_rng(zlib.crc32(kind.encode()))
+    centroids, sigs = _instance(rng, kind, 12, 1500 + 37)
+    indexes = [_simkernel.Index(centroids, *centroids.shape, isa=isa)
+               for isa in ("auto", "avx2", "scalar")]
+    widths: list[float] = []
+    for sig in sigs:
+        got = [ix.bounds(sig) for ix in indexes]
+        assert got[0] == got[1] == got[2]
+        assert got[0] is not None
+        lo, hi, lo2, hi2 = (np.array(v) for v in got[0])
+        exact = np.array(indexes[0].exact(sig))
+        assert np.all(lo <= exact) and np.all(exact <= hi)
+        assert np.all(lo2 <= exact) and np.all(exact <= hi2)
+        widths.append(float(np.mean(hi - lo) / np.mean(hi2 - lo2)))
+    assert min(widths) > 5.0
