@@ -24,6 +24,7 @@ from gateway.band import (
     default_kernel,
 )
 from gateway.errors import ConfigError
+from gateway.policies.base import WorkerView
 from gateway.policies.eldr import make_eldr_policy
 from tests.eldr.helpers import view
 
@@ -517,3 +518,49 @@ def test_screening_intervals_hold_the_exact_products(kind: str) -> None:
         assert np.all(lo2 <= exact) and np.all(exact <= hi2)
         widths.append(float(np.mean(hi - lo) / np.mean(hi2 - lo2)))
     assert min(widths) > 5.0
+
+
+@needs_c
+def test_candidate_attributes_read_in_c_follow_python_semantics() -> None:
+    # The extension reads `worker_id` / `in_flight` straight from a slots class's slots; the
+    # result must stay what attribute access gives, also after the class is changed, for
+    # subclasses and plain objects, and an unset slot must raise as Python would.
+    from dataclasses import dataclass
+
+    from gateway import _simkernel
+
+    @dataclass(slots=True)
+    class Cand:
+        worker_id: str
+        in_flight: int
+
+    index = _simkernel.Index(np.eye(2, dtype=np.float32), 2, 2)
+    index.set_workers((0, 1), (), 2, ("a", "b"))
+    sig = np.array([1.0, 0.0], dtype=np.float32)
+    cands = [Cand("a", 5), Cand("b", 1)]
+    assert index.matches(cands)
+    assert index.choose(sig, cands, 1.0, 2)[0] == 1  # type: ignore[index]
+    Cand.in_flight = property(lambda self: 0 if self.worker_id == "a" else 9)  # type: ignore[assignment,method-assign]
+    assert index.choose(sig, cands, 1.0, 2)[0] == 0  # type: ignore[index]
+    Cand.worker_id = property(lambda self: "x")  # type: ignore[assignment,method-assign]
+    assert not index.matches(cands)
+
+    class Sub(WorkerView):  # another type with the same slots: the cache follows the type
+        __slots__ = ()
+
+    mixed = [Sub("a", "http://a", 3, None), WorkerView("b", "http://b", 2, None)]
+    assert index.matches(mixed)
+    assert index.choose(sig, mixed, 1.0, 2)[0] == 1  # type: ignore[index]
+    mixed = [WorkerView("a", "http://a", 1, None), Sub("b", "http://b", 2, None)]
+    assert index.choose(sig, mixed, 1.0, 2)[0] == 0  # type: ignore[index]
+
+    class Plain:
+        def __init__(self, worker_id: str, in_flight: int) -> None:
+            self.worker_id = worker_id
+            self.in_flight = in_flight
+
+    assert index.matches([Plain("a", 0), Plain("b", 0)])
+    assert index.choose(sig, [Plain("a", 4), Plain("b", 2)], 1.0, 2)[0] == 1  # type: ignore[index]
+    unset = WorkerView.__new__(WorkerView)
+    with pytest.raises(AttributeError):
+        index.choose(sig, [unset, unset], 1.0, 2)
