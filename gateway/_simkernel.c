@@ -294,12 +294,15 @@ quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *
 
 /* ---------------------------------------------------------------- screening products */
 
+/* q . p in plain C for a row of uint8 (the centroid copy) or int8 (its second level). */
 static int64_t
-qdot_scalar(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
+qdot_scalar(const void *row, const int16_t *p, Py_ssize_t dim, int row_signed)
 {
+    const uint8_t *u = (const uint8_t *)row;
+    const int8_t *v = (const int8_t *)row;
     int64_t total = 0;
     for (Py_ssize_t d = 0; d < dim; d++)
-        total += (int32_t)q[d] * (int32_t)p[d];
+        total += (row_signed ? (int32_t)v[d] : (int32_t)u[d]) * (int32_t)p[d];
     return total;
 }
 
@@ -324,49 +327,56 @@ fdot_scalar(const float *a, const float *b, Py_ssize_t dim)
 }
 
 #ifdef SIMKERNEL_X86
+/* q . p on AVX2 for a row of uint8 (the centroid copy) or int8 (its second level): the row is
+ * widened to int16 and vpmaddwd adds pairs of products into int32 lanes. Four independent
+ * accumulators keep the multiply units busy (one ran at less than half this speed). Each
+ * lane takes BLOCK / 64 = 64 pair sums of at most 2 * 255 * 8191 per block, and the four
+ * accumulators together stay under 2^31 before they are summed in int64. */
 __attribute__((target("avx2")))
-static int64_t
-qdot_avx2(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
+static inline __attribute__((always_inline)) int64_t
+qdot_rows_avx2(const void *row, const int16_t *p, Py_ssize_t dim, const int row_signed)
 {
-    /* Four independent accumulators (one vpmaddwd chain each) keep the multiply units busy;
-     * one accumulator ran at less than half this speed. */
+    const uint8_t *u = (const uint8_t *)row;
+    const int8_t *v = (const int8_t *)row;
     int64_t total = 0;
     Py_ssize_t d = 0;
     while (d + 64 <= dim) {
-        Py_ssize_t end = d + BLOCK;
-        if (end > dim)
-            end = dim;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-        for (; d + 64 <= end; d += 64) {
-#define QSTEP(acc, off)                                                                     \
-    acc = _mm256_add_epi32(                                                                 \
-        acc, _mm256_madd_epi16(                                                             \
-                 _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + d + (off)))),   \
-                 _mm256_loadu_si256((const __m256i *)(p + d + (off)))))
-            QSTEP(a0, 0);
-            QSTEP(a1, 16);
-            QSTEP(a2, 32);
-            QSTEP(a3, 48);
-#undef QSTEP
-        }
+        Py_ssize_t end = d + BLOCK < dim ? d + BLOCK : dim;
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (; d + 64 <= end; d += 64)
+            for (int j = 0; j < 4; j++) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(u + d + 16 * j));
+                __m256i wide = row_signed ? _mm256_cvtepi8_epi16(bytes)
+                                          : _mm256_cvtepu8_epi16(bytes);
+                acc[j] = _mm256_add_epi32(
+                    acc[j], _mm256_madd_epi16(
+                                wide, _mm256_loadu_si256((const __m256i *)(p + d + 16 * j))));
+            }
         int32_t lanes[8];
-        /* each lane holds at most BLOCK / 64 pair sums of |2 * 255 * 8191|: no overflow */
-        _mm256_storeu_si256((__m256i *)lanes, a0);
-        for (int j = 0; j < 8; j++)
-            total += lanes[j];
-        _mm256_storeu_si256((__m256i *)lanes, a1);
-        for (int j = 0; j < 8; j++)
-            total += lanes[j];
-        _mm256_storeu_si256((__m256i *)lanes, a2);
-        for (int j = 0; j < 8; j++)
-            total += lanes[j];
-        _mm256_storeu_si256((__m256i *)lanes, a3);
+        _mm256_storeu_si256((__m256i *)lanes,
+                            _mm256_add_epi32(_mm256_add_epi32(acc[0], acc[1]),
+                                             _mm256_add_epi32(acc[2], acc[3])));
         for (int j = 0; j < 8; j++)
             total += lanes[j];
     }
     for (; d < dim; d++)
-        total += (int32_t)q[d] * (int32_t)p[d];
+        total += (row_signed ? (int32_t)v[d] : (int32_t)u[d]) * (int32_t)p[d];
     return total;
+}
+
+__attribute__((target("avx2")))
+static int64_t
+qdot_avx2(const uint8_t *q, const int16_t *p, Py_ssize_t dim)
+{
+    return qdot_rows_avx2(q, p, dim, 0);
+}
+
+__attribute__((target("avx2")))
+static int64_t
+qdot2_avx2(const int8_t *q2, const int16_t *p, Py_ssize_t dim)
+{
+    return qdot_rows_avx2(q2, p, dim, 1);
 }
 
 __attribute__((target("avx2")))
@@ -621,50 +631,6 @@ fdot4_avx512(const float *const rows[4], const float *s, Py_ssize_t dim, float o
 }
 #endif
 
-/* q2_k . p, the second level's integer sum (see `refine`). */
-static int64_t
-qdot2_scalar(const int8_t *q2, const int16_t *p, Py_ssize_t dim)
-{
-    int64_t total = 0;
-    for (Py_ssize_t d = 0; d < dim; d++)
-        total += (int32_t)q2[d] * (int32_t)p[d];
-    return total;
-}
-
-#ifdef SIMKERNEL_X86
-/* Lanes take pair sums of |2 * 127 * 8191| (~2.1e6), 64 per block of 4,096: no overflow. */
-__attribute__((target("avx2")))
-static int64_t
-qdot2_avx2(const int8_t *q2, const int16_t *p, Py_ssize_t dim)
-{
-    int64_t total = 0;
-    Py_ssize_t d = 0;
-    while (d + 64 <= dim) {
-        Py_ssize_t end = d + BLOCK < dim ? d + BLOCK : dim;
-        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-        for (; d + 64 <= end; d += 64) {
-#define QSTEP2(acc, off)                                                                    \
-    acc = _mm256_add_epi32(                                                                 \
-        acc, _mm256_madd_epi16(                                                             \
-                 _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q2 + d + (off)))),  \
-                 _mm256_loadu_si256((const __m256i *)(p + d + (off)))))
-            QSTEP2(a0, 0);
-            QSTEP2(a1, 16);
-            QSTEP2(a2, 32);
-            QSTEP2(a3, 48);
-#undef QSTEP2
-        }
-        int32_t lanes[8];
-        _mm256_storeu_si256((__m256i *)lanes,
-                            _mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
-        for (int j = 0; j < 8; j++)
-            total += lanes[j];
-    }
-    for (; d < dim; d++)
-        total += (int32_t)q2[d] * (int32_t)p[d];
-    return total;
-}
-#endif
 
 /* q2_k . p for the zones ks, into out. */
 static void
@@ -682,7 +648,7 @@ qdot2_many(const Index *self, const Py_ssize_t *ks, Py_ssize_t n, int64_t *out)
     }
 #endif
     for (Py_ssize_t i = 0; i < n; i++)
-        out[i] = qdot2_scalar(self->q2 + ks[i] * self->dim, self->p, self->dim);
+        out[i] = qdot_scalar(self->q2 + ks[i] * self->dim, self->p, self->dim, 1);
 }
 
 /* Quantize the signature and compute q_k . p for every row into self->sums. Returns 0, or -1
@@ -710,7 +676,7 @@ screen(Index *self, const float *s, Quantized *out)
     if (quantize_scalar(s, dim, self->p, NULL, NULL, out) < 0)
         return -1;
     for (Py_ssize_t k = 0; k < rows; k++)
-        self->sums[k] = qdot_scalar(self->q + k * dim, self->p, dim);
+        self->sums[k] = qdot_scalar(self->q + k * dim, self->p, dim, 0);
     return 0;
 }
 
@@ -774,6 +740,23 @@ Index_dealloc(Index *self)
 {
     free_buffers(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* |row - deq| and |deq| for deq = a q (+ a2 q2 when q2 is given): the residual and
+ * dequantized norms one screening level's bound needs. */
+static void
+residual_norms(const float *row, Py_ssize_t dim, double a, const uint8_t *q, double a2,
+               const int8_t *q2, double *err_norm, double *deq_norm)
+{
+    double err2 = 0.0, deq2 = 0.0;
+    for (Py_ssize_t d = 0; d < dim; d++) {
+        double deq = a * (double)q[d] + (q2 ? a2 * (double)q2[d] : 0.0);
+        double err = (double)row[d] - deq;
+        err2 += err * err;
+        deq2 += deq * deq;
+    }
+    *err_norm = sqrt(err2);
+    *deq_norm = sqrt(deq2);
 }
 
 /* Index(centroids: C-contiguous float32 buffer, rows: int, dim: int, isa="auto"|"avx2"|"scalar").
@@ -852,22 +835,15 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
             if (row[d] > top)
                 top = row[d];
         }
+        /* The first level: the row to uint8 with its own scale. */
         double a = (double)top / 255.0;
-        double err2 = 0.0, deq2 = 0.0;
         uint8_t *qrow = self->q + k * dim;
         for (Py_ssize_t d = 0; d < dim; d++) {
             long level = a > 0.0 ? lround((double)row[d] / a) : 0;
-            if (level > 255)
-                level = 255;
-            qrow[d] = (uint8_t)level;
-            double deq = a * (double)level;
-            double err = (double)row[d] - deq;
-            err2 += err * err;
-            deq2 += deq * deq;
+            qrow[d] = (uint8_t)(level > 255 ? 255 : level);
         }
         self->scale[k] = a;
-        self->err_norm[k] = sqrt(err2);
-        self->deq_norm[k] = sqrt(deq2);
+        residual_norms(row, dim, a, qrow, 0.0, NULL, &self->err_norm[k], &self->deq_norm[k]);
         /* The second level: what the uint8 copy misses, to int8 with its own scale. */
         double top2 = 0.0;
         for (Py_ssize_t d = 0; d < dim; d++) {
@@ -875,21 +851,15 @@ Index_init(Index *self, PyObject *args, PyObject *kwds)
             if (r > top2)
                 top2 = r;
         }
-        double a2 = top2 / 127.0, e2 = 0.0, dq2 = 0.0;
+        double a2 = top2 / 127.0;
         int8_t *q2row = self->q2 + k * dim;
         for (Py_ssize_t d = 0; d < dim; d++) {
             double r = (double)row[d] - a * (double)qrow[d];
             long level = a2 > 0.0 ? lround(r / a2) : 0;
-            level = level > 127 ? 127 : (level < -127 ? -127 : level);
-            q2row[d] = (int8_t)level;
-            double deq = a * (double)qrow[d] + a2 * (double)level;
-            double err = (double)row[d] - deq;
-            e2 += err * err;
-            dq2 += deq * deq;
+            q2row[d] = (int8_t)(level > 127 ? 127 : (level < -127 ? -127 : level));
         }
         self->scale2[k] = a2;
-        self->err2_norm[k] = sqrt(e2);
-        self->deq2_norm[k] = sqrt(dq2);
+        residual_norms(row, dim, a, qrow, a2, q2row, &self->err2_norm[k], &self->deq2_norm[k]);
         int64_t sum = 0, sum2 = 0;
         for (Py_ssize_t d = 0; d < dim; d++) {
             sum += qrow[d];
