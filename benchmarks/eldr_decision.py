@@ -5,7 +5,8 @@ with every layer kept, so signatures have 48 x 128 = 6,144 dimensions. Centroids
 are built from random non-negative count matrices through zones' real `SignatureSpec` /
 `make_table`, so they have the same shape and sparsity class as real ones. Each timed call is the
 whole `EldrPolicy.select` (snapshot read, plan-cache lookup, similarity product, band, Selection)
-on a fresh in-flight vector; the candidate list is rebuilt every call, as dispatch does.
+on a fresh in-flight vector; the candidate list and all 64 views are new every call (dispatch
+reuses a worker's view while its counts are unchanged, so this is the costlier case).
 
 Both similarity kernels of gateway/band.py run in the same process, interleaved in rounds, with
 the same signatures and loads: `c` (8-bit screening pass + exact float32 products for the zones

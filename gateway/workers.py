@@ -32,11 +32,20 @@ class Worker:
     health_failures: int = 0
     health_successes: int = 0
     added_at: float = field(default_factory=time.time)
+    # The last snapshot handed out: dispatch asks every available worker for one on every
+    # request, and building a frozen WorkerView costs ~0.4 us (29 us per request at 64 decode
+    # workers); between requests only the few workers whose counts moved need a new one.
+    _view: WorkerView | None = field(default=None, init=False, repr=False)
 
     def view(self, now: float, stale_secs: float) -> WorkerView:
-        fresh = self.reported_load is not None and now - self.load_updated_at <= stale_secs
-        return WorkerView(self.worker_id, self.url, self.in_flight,
-                          self.reported_load if fresh else None)
+        load = self.reported_load
+        if load is not None and now - self.load_updated_at > stale_secs:
+            load = None  # stale: policies treat the worker's load as unknown
+        last = self._view
+        if last is not None and last.in_flight == self.in_flight and last.reported_load == load:
+            return last  # immutable, so sharing it is safe; id and URL never change
+        last = self._view = WorkerView(self.worker_id, self.url, self.in_flight, load)
+        return last
 
     @property
     def available(self) -> bool:

@@ -306,3 +306,26 @@ def test_load_parsers():
     assert parse_v1_loads([1]) is None
     assert parse_get_load([{"num_tokens": 3}, {"num_tokens": 4}]) == 7
     assert parse_get_load({"x": 1}) is None
+
+
+def test_worker_view_is_reused_until_its_counts_change():
+    from gateway.circuit import BreakerConfig
+    from gateway.workers import WorkerRegistry
+
+    registry = WorkerRegistry(BreakerConfig(), load_stale_secs=5.0)
+    worker = registry.add("http://d1:8000", "decode")
+    first = worker.view(100.0, 5.0)
+    assert (first.worker_id, first.url, first.in_flight, first.reported_load) == (
+        "http://d1:8000", "http://d1:8000", 0, None)
+    assert worker.view(100.0, 5.0) is first  # nothing moved: the same snapshot
+    worker.in_flight += 1
+    busier = worker.view(100.0, 5.0)
+    assert busier is not first and busier.in_flight == 1 and first.in_flight == 0
+    worker.reported_load, worker.load_updated_at = 300, 100.0
+    loaded = worker.view(101.0, 5.0)
+    assert loaded.reported_load == 300 and worker.view(102.0, 5.0) is loaded
+    stale = worker.view(106.0, 5.0)  # the report is older than load_stale_secs
+    assert stale.reported_load is None and stale.in_flight == 1
+    worker.in_flight -= 1
+    assert worker.view(106.0, 5.0).in_flight == 0
+    assert [v.in_flight for v in registry.views(registry.available("decode"))] == [0]
