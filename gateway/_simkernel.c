@@ -86,7 +86,7 @@ typedef struct {
     double *deq2_norm;  /* |a_k q_k + a2_k q2_k| */
     double rel;         /* fdot's worst-case relative rounding (see margin) */
     double cur_b, cur_s_norm, cur_f_norm;  /* this decision's signature scale and norms */
-    int16_t *p;         /* dim, the quantized signature (scratch; AVX2 and scalar paths) */
+    int16_t *p;         /* dim, the quantized signature (scratch; AVX2 and scalar paths only) */
     int8_t *p_hi;       /* dim, its high part + 64 and its low part (scratch; VNNI path) */
     int8_t *p_lo;
     int64_t *q_sums;    /* rows: sum of q_k, and of q2_k (the VNNI path's offset correction) */
@@ -274,21 +274,20 @@ quantize_finish(const float *s, Py_ssize_t dim, Py_ssize_t body, float b, float 
     out->f2 = inflate(f2, dim, b);
 }
 
-/* Returns 0, or -1 when the signature is not finite. Writes p (and, when hi is given, hi / lo). */
+/* Returns 0, or -1 when the signature is not finite. Writes p. */
 static int
-quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
-                Quantized *out)
+quantize_scalar(const float *s, Py_ssize_t dim, int16_t *p, Quantized *out)
 {
     float b, inv_b;
-    int started = quantize_start(s, dim, 0, 0.0f, p, hi, lo, out, &b, &inv_b);
+    int started = quantize_start(s, dim, 0, 0.0f, p, NULL, NULL, out, &b, &inv_b);
     if (started != 0)
         return started < 0 ? -1 : 0;
     float acc_s[16] = {0}, acc_f[16] = {0};
     const Py_ssize_t body = dim - dim % 16;
     for (Py_ssize_t d = 0; d < body; d += 16)
         for (int j = 0; j < 16; j++)
-            quantize_element(s[d + j], inv_b, p, hi, lo, d + j, &acc_s[j], &acc_f[j]);
-    quantize_finish(s, dim, body, b, inv_b, p, hi, lo, fold16(acc_s), fold16(acc_f), out);
+            quantize_element(s[d + j], inv_b, p, NULL, NULL, d + j, &acc_s[j], &acc_f[j]);
+    quantize_finish(s, dim, body, b, inv_b, p, NULL, NULL, fold16(acc_s), fold16(acc_f), out);
     return 0;
 }
 
@@ -458,11 +457,11 @@ quantize_avx2(const float *s, Py_ssize_t dim, int16_t *p, Quantized *out)
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-/* quantize_scalar with the 16 lanes in one vector, writing hi / lo as well as p. */
+/* quantize_scalar with the 16 lanes in one vector, writing hi / lo instead of p (both screening
+ * levels read only the halves on this path). */
 VNNI_TARGET
 static int
-quantize_vnni(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo,
-              Quantized *out)
+quantize_vnni(const float *s, Py_ssize_t dim, int8_t *hi, int8_t *lo, Quantized *out)
 {
     const __m512 big = _mm512_set1_ps(FLT_MAX);
     __m512 peak16 = _mm512_setzero_ps();
@@ -476,8 +475,8 @@ quantize_vnni(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo
     if (bad)
         return -1;
     float b, inv_b;
-    int started = quantize_start(s, dim, body, _mm512_reduce_max_ps(peak16), p, hi, lo, out,
-                                 &b, &inv_b);
+    int started = quantize_start(s, dim, body, _mm512_reduce_max_ps(peak16), NULL, hi, lo,
+                                 out, &b, &inv_b);
     if (started != 0)
         return started < 0 ? -1 : 0;
     const __m512 iv = _mm512_set1_ps(inv_b);
@@ -489,7 +488,6 @@ quantize_vnni(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo
         __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r = _mm512_max_ps(_mm512_min_ps(r, cap), floor_);
         __m512i level = _mm512_cvttps_epi32(r);
-        _mm256_storeu_si256((__m256i *)(p + d), _mm512_cvtepi32_epi16(level));
         _mm_storeu_si128((__m128i *)(hi + d),
                          _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_srai_epi32(level, 7),
                                                                _mm512_set1_epi32(64))));
@@ -503,7 +501,7 @@ quantize_vnni(const float *s, Py_ssize_t dim, int16_t *p, int8_t *hi, int8_t *lo
     _mm512_storeu_ps(acc, s2v);
     float s2 = fold16(acc);
     _mm512_storeu_ps(acc, f2v);
-    quantize_finish(s, dim, body, b, inv_b, p, hi, lo, s2, fold16(acc), out);
+    quantize_finish(s, dim, body, b, inv_b, NULL, hi, lo, s2, fold16(acc), out);
     return 0;
 }
 
@@ -659,7 +657,7 @@ screen(Index *self, const float *s, Quantized *out)
     const Py_ssize_t dim = self->dim, rows = self->rows;
 #ifdef SIMKERNEL_X86
     if (self->use_vnni) {
-        if (quantize_vnni(s, dim, self->p, self->p_hi, self->p_lo, out) < 0)
+        if (quantize_vnni(s, dim, self->p_hi, self->p_lo, out) < 0)
             return -1;
         dot_many_vnni((const int8_t *)self->q, self->q_sums, 1, self->all_rows, rows, dim,
                       self->p_hi, self->p_lo, self->sums);
@@ -673,7 +671,7 @@ screen(Index *self, const float *s, Quantized *out)
         return 0;
     }
 #endif
-    if (quantize_scalar(s, dim, self->p, NULL, NULL, out) < 0)
+    if (quantize_scalar(s, dim, self->p, out) < 0)
         return -1;
     for (Py_ssize_t k = 0; k < rows; k++)
         self->sums[k] = qdot_scalar(self->q + k * dim, self->p, dim, 0);
@@ -905,29 +903,37 @@ margin(const Index *self, double err, double deq)
  * more than half of the zones (of at least 8) may lie within tau of the best: visiting them one
  * by one would cost more than one product over all of them. The screening intervals are left in
  * self->lo / self->hi either way (`choose_by_load` uses them after a hand-back). */
+/* Screen the signature and leave the first level's interval of every zone in self->lo /
+ * self->hi (the integer sums are exact). Returns 0, or VISIT_NOT_FINITE. */
+static int
+screen_intervals(Index *self, const float *s)
+{
+    Quantized quant;
+    if (screen(self, s, &quant) < 0)
+        return VISIT_NOT_FINITE;
+    self->cur_b = quant.b;
+    self->cur_s_norm = sqrt(quant.s2);
+    self->cur_f_norm = sqrt(quant.f2);
+    for (Py_ssize_t k = 0; k < self->rows; k++) {
+        double coarse = self->scale[k] * quant.b * (double)self->sums[k];
+        double eps = margin(self, self->err_norm[k], self->deq_norm[k]);
+        self->hi[k] = coarse + eps;
+        self->lo[k] = coarse - eps;
+    }
+    return 0;
+}
+
 static Py_ssize_t
 visit(Index *self, const float *s, double tau, Py_ssize_t depth)
 {
     const Py_ssize_t dim = self->dim, rows = self->rows;
 
-    Quantized quant;
-    if (screen(self, s, &quant) < 0)
+    if (screen_intervals(self, s) < 0)
         return VISIT_NOT_FINITE;
-    const double b = quant.b, s_norm = sqrt(quant.s2), f_norm = sqrt(quant.f2);
-
-    self->cur_b = b;
-    self->cur_s_norm = s_norm;
-    self->cur_f_norm = f_norm;
-    /* An interval for every zone. The integer sum is exact. */
     double best_lo = -INFINITY;
-    for (Py_ssize_t k = 0; k < rows; k++) {
-        double coarse = self->scale[k] * b * (double)self->sums[k];
-        double eps = margin(self, self->err_norm[k], self->deq_norm[k]);
-        self->hi[k] = coarse + eps;
-        self->lo[k] = coarse - eps;
-        if (coarse - eps > best_lo)
-            best_lo = coarse - eps;
-    }
+    for (Py_ssize_t k = 0; k < rows; k++)
+        if (self->lo[k] > best_lo)
+            best_lo = self->lo[k];
     Py_ssize_t near = 0;
     for (Py_ssize_t k = 0; k < rows; k++)
         if (self->hi[k] >= best_lo - tau)
@@ -988,19 +994,26 @@ visit(Index *self, const float *s, double tau, Py_ssize_t depth)
     return found;
 }
 
+/* `arg` as a C-contiguous buffer of n float32, or -1 with ValueError(message). */
+static int
+get_floats(PyObject *arg, Py_ssize_t n, const char *message, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(arg, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->len != n * (Py_ssize_t)sizeof(float) || view->format == NULL ||
+        strcmp(view->format, "f") != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, message);
+        return -1;
+    }
+    return 0;
+}
+
 /* The signature argument as a float32 buffer of the table's dimension. */
 static int
 get_signature(Index *self, PyObject *arg, Py_buffer *view)
 {
-    if (PyObject_GetBuffer(arg, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
-        return -1;
-    if (view->len != self->dim * (Py_ssize_t)sizeof(float) || view->format == NULL ||
-        strcmp(view->format, "f") != 0) {
-        PyBuffer_Release(view);
-        PyErr_SetString(PyExc_ValueError, "signature must be float32 of the table's dimension");
-        return -1;
-    }
-    return 0;
+    return get_floats(arg, self->dim, "signature must be float32 of the table's dimension", view);
 }
 
 /* candidates(signature, tau, rank_depth) -> (negated similarities, zones) | None | False
@@ -1318,14 +1331,9 @@ Index_choose_all(Index *self, PyObject *const *args, Py_ssize_t nargs)
                      "choose_all(negated_similarities, in_flight, tau, min_candidates)", &a) < 0)
         return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+    if (get_floats(args[0], self->rows, "similarities must be float32, one per zone row",
+                   &view) < 0)
         return NULL;
-    if (view.len != self->rows * (Py_ssize_t)sizeof(float) || view.format == NULL ||
-        strcmp(view.format, "f") != 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "similarities must be float32, one per zone row");
-        return NULL;
-    }
     const float *neg = (const float *)view.buf;
     double *values = self->values;
     Py_ssize_t *picked = self->picked;
@@ -1627,6 +1635,42 @@ exact_many(Index *self, const float *s, const Py_ssize_t *ks, Py_ssize_t n)
     }
 }
 
+/* Whether an interval leaves undecided which side of t its value lies on, for the two
+ * comparisons the walk makes: the band's edge (in iff s_k >= t) and the rank (counted iff
+ * s_k > t). */
+typedef int (*Undecided)(double lo, double hi, double t);
+
+static int
+undecided_at_least(double lo, double hi, double t)
+{
+    return lo < t && hi >= t;
+}
+
+static int
+undecided_above(double lo, double hi, double t)
+{
+    return lo <= t && hi > t;
+}
+
+/* Settle every zone undecided against t: refine them all (the second level, four rows per
+ * pass), then give exact products (four rows per pass) to those still undecided. todo: scratch
+ * of rows entries. */
+static void
+settle(Index *self, const float *s, Undecided undecided, double t, Py_ssize_t *todo)
+{
+    Py_ssize_t n = 0;
+    for (Py_ssize_t k = 0; k < self->rows; k++)
+        if (!(self->flags[k] & (FLAG_KNOWN | FLAG_REFINED)) &&
+            undecided(self->lo[k], self->hi[k], t))
+            todo[n++] = k;
+    refine_many(self, todo, n);
+    n = 0;
+    for (Py_ssize_t k = 0; k < self->rows; k++)
+        if (!(self->flags[k] & FLAG_KNOWN) && undecided(self->lo[k], self->hi[k], t))
+            todo[n++] = k;
+    exact_many(self, s, todo, n);
+}
+
 static PyObject *
 choose_by_load(Index *self, const float *s, const ChooseArgs *a)
 {
@@ -1657,19 +1701,8 @@ choose_by_load(Index *self, const float *s, const ChooseArgs *a)
         Py_RETURN_FALSE;  /* let the general path sort it out */
 
     /* 2. The band, and its distinct workers. */
-    const double limit = a->tau + (-best);
-    /* scratch: zones whose interval straddles the edge, refined first, then given exact products
-     * if they still straddle it */
-    Py_ssize_t *todo = self->band, n_todo = 0;
-    for (Py_ssize_t k = 0; k < rows; k++)
-        if (-lo[k] > limit && -hi[k] <= limit && !(flags[k] & (FLAG_KNOWN | FLAG_REFINED)))
-            todo[n_todo++] = k;
-    refine_many(self, todo, n_todo);
-    n_todo = 0;
-    for (Py_ssize_t k = 0; k < rows; k++)
-        if (-lo[k] > limit && -hi[k] <= limit && !(flags[k] & FLAG_KNOWN))
-            todo[n_todo++] = k;
-    exact_many(self, s, todo, n_todo);
+    const double limit = a->tau + (-best);  /* in the band iff -s_k <= limit, i.e. s_k >= -limit */
+    settle(self, s, undecided_at_least, -limit, self->band);
     memset(self->seen, 0, (size_t)self->n_candidates);
     Py_ssize_t workers = 0;
     long least = 0;
@@ -1744,18 +1777,8 @@ choose_by_load(Index *self, const float *s, const ChooseArgs *a)
     if (chosen < 0)  /* cannot happen: some band member has the least load */
         Py_RETURN_FALSE;
 
-    /* 4. Rank: 1 + the zones strictly more similar. */
-    n_todo = 0;
-    for (Py_ssize_t k = 0; k < rows; k++)
-        if (k != chosen && hi[k] > chosen_s && lo[k] <= chosen_s &&
-            !(flags[k] & (FLAG_KNOWN | FLAG_REFINED)))
-            todo[n_todo++] = k;
-    refine_many(self, todo, n_todo);
-    n_todo = 0;
-    for (Py_ssize_t k = 0; k < rows; k++)
-        if (k != chosen && hi[k] > chosen_s && lo[k] <= chosen_s && !(flags[k] & FLAG_KNOWN))
-            todo[n_todo++] = k;
-    exact_many(self, s, todo, n_todo);
+    /* 4. Rank: 1 + the zones strictly more similar (the chosen zone is known already). */
+    settle(self, s, undecided_above, chosen_s, self->band);
     Py_ssize_t rank = 1;
     for (Py_ssize_t k = 0; k < rows; k++) {
         if (k == chosen || hi[k] <= chosen_s)
@@ -1774,9 +1797,9 @@ Index_bounds(Index *self, PyObject *arg)
     Py_buffer view;
     if (get_signature(self, arg, &view) < 0)
         return NULL;
-    Py_ssize_t found = visit(self, (const float *)view.buf, 0.0, 1);
+    int screened = screen_intervals(self, (const float *)view.buf);
     PyBuffer_Release(&view);
-    if (found == VISIT_NOT_FINITE)
+    if (screened < 0)
         Py_RETURN_NONE;
     PyObject *lists[4] = {PyList_New(self->rows), PyList_New(self->rows), PyList_New(self->rows),
                           PyList_New(self->rows)};
@@ -1790,13 +1813,10 @@ Index_bounds(Index *self, PyObject *arg)
         goto done;
     qdot2_many(self, self->all_rows, self->rows, d2);
     for (Py_ssize_t k = 0; k < self->rows; k++) {
-        /* visit marks visited zones' hi; the first level is recomputed from its parts */
-        double coarse = self->scale[k] * self->cur_b * (double)self->sums[k];
-        double eps = margin(self, self->err_norm[k], self->deq_norm[k]);
-        double lo2 = coarse - eps, hi2 = coarse + eps;
-        if (self->cur_b != 0.0)
+        double lo2 = self->lo[k], hi2 = self->hi[k];
+        if (self->cur_b != 0.0)  /* as `refine_many`: a degenerate signature keeps level 1 */
             level2(self, k, d2[k], &lo2, &hi2);
-        double values[4] = {coarse - eps, coarse + eps, lo2, hi2};
+        double values[4] = {self->lo[k], self->hi[k], lo2, hi2};
         for (int i = 0; i < 4; i++) {
             PyObject *item = PyFloat_FromDouble(values[i]);
             if (!item)
