@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import statistics
 import sys
 import time
@@ -35,15 +34,11 @@ import aiohttp
 import orjson
 import psutil
 
+from loadtest.procs import free_port
+
 WORDS = ["court", "contract", "judge", "appeal", "statute", "translate", "sentence", "grammar",
          "summary", "article", "intent", "booking", "flight", "weather", "music", "recipe"]
 STARTUP_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_body(rng: random.Random, args: argparse.Namespace) -> dict[str, Any]:

@@ -20,12 +20,13 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from loadtest.procs import free_port
 
 REQUEST_BODY = json.dumps(
     {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8}}
@@ -41,12 +42,6 @@ CANDIDATES = (
     "aiohttp+aiohttp+uvloop+json",
     "uvicorn(starlette,uvloop,h11)+aiohttp+orjson",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _loads_dumps(use_orjson: bool) -> tuple[Callable[[bytes], Any], Callable[[Any], bytes]]:
@@ -222,7 +217,7 @@ def _load(port: int, concurrency: int, warmup: float, duration: float, out: Any)
 
 
 def run_candidate(name: str, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
-    port, up_port = _free_port(), _free_port()
+    port, up_port = free_port(), free_port()
     life = warmup + duration + 3.0
     if name == "direct":
         server = mp.Process(target=_run_direct_upstream, args=(port, life))

@@ -32,7 +32,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ from typing import Any
 
 import aiohttp
 import psutil
+
+from loadtest.procs import free_port
 
 HOST = "127.0.0.1"
 # Outcome kinds that count as failures wherever they happen.
@@ -114,13 +115,6 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     in_restart_window: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
-
-
-def free_port() -> int:
-    # Ephemeral port from the kernel; a tiny race with other processes is acceptable for a soak.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def sample_process(pid: int, t0: float) -> Sample | None:

@@ -3,7 +3,6 @@ loopback, for end-to-end deploy tests. Every wait is bounded; `close()` kills wh
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.procs import free_port
+
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ok(url: str, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from loadtest.procs import free_port
 from tests.deploy.conftest import DEPLOY
-from tests.deploy.stack import HOST, Stack, free_port, wait_ok
+from tests.deploy.stack import HOST, Stack, wait_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

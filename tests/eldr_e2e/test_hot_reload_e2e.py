@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ import pytest
 
 from loadtest.emulator.cluster import Cluster, ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
+from loadtest.procs import free_port
 from zones.geometry import geometry_by_name
 from zones.signature import SignatureSpec
 from zones.table import make_table, table_to_json
@@ -47,12 +47,6 @@ CLIENTS = 6
 LATENCY_BOUND_SECS = 10.0
 # Completions required between two swaps: proof that traffic flowed through each swap.
 FLOW_BETWEEN_SWAPS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _table_bytes(decode_urls: list[str], seed: int) -> bytes:
@@ -113,7 +107,7 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str
 @contextlib.asynccontextmanager
 async def gateway_process(cluster: Cluster, zones: Path, log: Path
                           ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "gateway", "--pd-disaggregation"]
     for w in cluster.prefill:
         argv += ["--prefill", w.url, str(w.bootstrap_port)]

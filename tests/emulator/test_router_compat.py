@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 
 from loadtest.emulator.cluster import Cluster, ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
+from loadtest.procs import free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,12 +26,6 @@ pytestmark = [
                        reason="sglang-router is not installed"),
 ]
 ROUTER_READY_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

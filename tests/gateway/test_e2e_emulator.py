@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,12 @@ import pytest
 from gateway.config import PrefillSpec, Settings
 from loadtest.emulator.cluster import ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
+from loadtest.procs import free_port
 from tests.gateway_server import running_gateway
 
 pytestmark = pytest.mark.slow
 
 ENGINE = EngineOptions(time_scale=0.05, bootstrap_timeout_secs=5.0, waiting_timeout_secs=5.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _settings(cluster, **kw) -> Settings:  # type: ignore[no-untyped-def]
@@ -156,7 +150,7 @@ async def test_malformed_and_oversized_bodies_against_emulator():
 
 
 async def test_decode_killed_mid_stream_then_recovers():
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "loadtest.emulator", "--role", "decode", "--port", str(port),
            "--time-scale", "1.0"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -206,7 +200,7 @@ async def test_decode_killed_mid_stream_then_recovers():
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus binary not installed")
 async def test_real_prometheus_scrapes_metrics_port():
-    metrics_port, prom_port = _free_port(), _free_port()
+    metrics_port, prom_port = free_port(), free_port()
     async with run_cluster(ClusterConfig(prefill=1, decode=1, engine=ENGINE)) as cluster:
         settings = _settings(cluster, prometheus_port=metrics_port, prometheus_host="127.0.0.1")
         from aiohttp.test_utils import TestServer
