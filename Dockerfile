@@ -10,15 +10,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# A C compiler for gateway._simkernel (the locality band's screening pass). Only this stage has
-# it; the runtime stage copies the built virtual environment. Unpinned on purpose: any Debian
-# gcc builds the extension, and the stage is thrown away.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+# Pure Python (numpy does the numeric work), so no compiler: the runtime stage copies the built
+# virtual environment.
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY zones ./zones
 COPY loadtest ./loadtest
@@ -27,7 +22,6 @@ COPY loadtest ./loadtest
 # runtime; it is kept so `python -m loadtest` works inside the image for smoke tests.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-compile . \
-    && /opt/venv/bin/python -c "import gateway._simkernel" \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # ---- runtime stage ----
@@ -43,10 +37,13 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    OPENBLAS_NUM_THREADS=1 \
     GATEWAY_HOST=0.0.0.0 \
     GATEWAY_PORT=30000 \
     GATEWAY_PROMETHEUS_HOST=0.0.0.0 \
     GATEWAY_PROMETHEUS_PORT=29000
+# OPENBLAS_NUM_THREADS=1: a locality decision is one small matrix-vector product on the event
+# loop's thread; letting BLAS fan it out adds thread wake-up jitter (docs/benchmarks.md).
 # Zone tables are mounted here (Kubernetes ConfigMap volume / compose bind mount).
 WORKDIR /var/lib/eldr
 USER 10001:10001

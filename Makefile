@@ -27,11 +27,10 @@ venv: $(PY)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The stamp is rebuilt whenever pyproject.toml, setup.py or the C extension changes, so dependency
-# edits and kernel changes reach existing venvs.
+# The stamp is rebuilt whenever pyproject.toml changes, so dependency edits reach existing venvs.
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py gateway/_simkernel.c | $(PY)
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 

@@ -13,6 +13,14 @@ and never at the same time (the machine may have only 2 cores):
   gateway  python -m gateway (`--processes N`, SO_REUSEPORT when N > 1)
   rust     python -m sglang_router.launch_router --pd-disaggregation
 Both routers use round_robin for prefill and decode, retries and health checks at defaults.
+`--decode-policy P [P ...]` runs one gateway phase per decode policy instead (named
+`gateway:P`); with `eldr` the gateway gets a zone table for the decode workers, built here:
+Qwen3-30B-A3B geometry with every layer kept (48 x 128 = 6,144 dimensions), clustered centroids,
+and a predictor so that every request is routed on a predicted signature. That is how the cost
+of a locality decision is measured against the rest of the gateway's work per request:
+
+    python benchmarks/gateway_vs_rust.py --decode 64 --only gateway \
+        --decode-policy least_load eldr --repeat 3
 
 Load, in a separate process: closed loop (`--concurrency` clients, each sending its next request
 when the last answered; this saturates the slowest stage and gives the throughput ratio) or open
@@ -50,14 +58,10 @@ from typing import Any
 
 import orjson
 
+from loadtest.procs import free_port
+
 MAX_NEW_TOKENS = 8
 STREAM_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -305,16 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=("direct", "gateway", "rust"),
                    default=["direct", "gateway", "rust"])
     p.add_argument("--upstream", choices=("fake", "emulator"), default="fake")
+    p.add_argument("--decode-policy", nargs="+", default=None,
+                   choices=("round_robin", "least_load", "random", "power_of_two", "eldr"),
+                   help="one gateway phase per decode policy (default: one, round_robin)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--log-dir", default="/tmp")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate < 0:
         p.error("--repeat and --concurrency must be >= 1, --duration > 0, --rate >= 0")
     py = sys.executable
-    base = _free_port()
+    base = free_port()
     with contextlib.suppress(Exception):  # pick a base with room for 2 + 2*decode ports
         while any(not _port_free(base + i) for i in range(2 + 2 * args.decode)):
-            base = _free_port()
+            base = free_port()
     cluster_cmd = [py, "-m", "loadtest", "cluster", "--prefill", "1", "--decode",
                    str(args.decode), "--instant", "--base-port", str(base), "--json",
                    "--duration-secs", "900"]
@@ -324,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     pd_args = ["--pd-disaggregation", "--prefill", prefill_url, str(bootstrap_port)]
     for url in decode_urls:
         pd_args += ["--decode", url]
+    policies = args.decode_policy or ["round_robin"]
+    zones_path = (_write_zone_table(decode_urls, os.path.join(args.log_dir, "bench_zones.json"))
+                  if "eldr" in policies else None)
+    phases: list[tuple[str, str | None]] = []
+    for name in args.only:
+        if name == "gateway" and args.decode_policy:
+            phases += [(f"gateway:{policy}", policy) for policy in policies]
+        else:
+            phases.append((name, "round_robin" if name == "gateway" else None))
     results: list[dict[str, Any]] = []
     load = f"rate={args.rate}/s (open loop, cap {args.concurrency})" if args.rate else \
         f"concurrency={args.concurrency} (closed loop)"
@@ -343,24 +359,26 @@ def main(argv: list[str] | None = None) -> int:
         for url in decode_urls:
             _wait_http(url + "/health", 60)
         for round_ in range(args.repeat):
-            for name in args.only:
-                port = _free_port()
+            for name, policy in phases:
+                port = free_port()
                 if name == "direct":
                     target = {"mode": "direct", "prefill": prefill_url,
                               "decode": decode_urls[0], "bootstrap_port": bootstrap_port}
                     ctx: Any = contextlib.nullcontext()
-                elif name == "gateway":
+                elif name.startswith("gateway"):
                     target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
+                    extra = ["--zones", str(zones_path)] if policy == "eldr" else []
                     ctx = _process([py, "-m", "gateway", *pd_args, "--host", "127.0.0.1",
                                     "--port", str(port), "--policy", "round_robin",
-                                    "--prometheus-port", str(_free_port()), "--processes",
+                                    "--decode-policy", str(policy), *extra,
+                                    "--prometheus-port", str(free_port()), "--processes",
                                     str(args.processes), "--log-level", "warn"],
                                    os.path.join(args.log_dir, "bench_gateway.log"))
                 else:
                     target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
                     ctx = _process([py, "-m", "sglang_router.launch_router", *pd_args,
                                     "--host", "127.0.0.1", "--port", str(port), "--policy",
-                                    "round_robin", "--prometheus-port", str(_free_port()),
+                                    "round_robin", "--prometheus-port", str(free_port()),
                                     "--log-level", "warn"],
                                    os.path.join(args.log_dir, "bench_rust.log"))
                 with ctx as router_proc:
@@ -381,6 +399,41 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(results)
     print(f"# loadavg(1m) at end={_loadavg():.2f}", flush=True)
     return 0
+
+
+def _write_zone_table(decode_urls: list[str], path: str) -> str:
+    """A zone table for `decode_urls` at production size (module docstring) with a predictor;
+    the same construction as benchmarks/eldr_decision.py's clustered data."""
+    import numpy as np
+
+    from zones.geometry import KNOWN_GEOMETRIES
+    from zones.predictor import train_predictor
+    from zones.signature import SignatureSpec
+    from zones.table import make_table, save_table
+
+    rng = np.random.default_rng(0)
+    g = KNOWN_GEOMETRIES["Qwen3-30B-A3B"]
+    spec = SignatureSpec(g, rng.uniform(0.1, 3.0, size=(g.num_layers, g.num_experts))
+                         .astype(np.float32), np.ones(g.num_layers, dtype=bool))
+    k = len(decode_urls)
+    pref = np.zeros((k, g.num_layers, g.num_experts), dtype=bool)
+    for zone in range(k):
+        for layer in range(g.num_layers):
+            pref[zone, layer, rng.choice(g.num_experts, size=16, replace=False)] = True
+    rates = np.where(pref, 3.0, 0.3)
+    centroids, ok = spec.build_many((rates * 100).astype(np.int64))
+    assert ok.all()
+    # Prompts of zone z use words of their own vocabulary, so the predictor has something to
+    # learn; the benchmark's own prompt is ordinary English and lands wherever it lands.
+    texts, sigs = [], []
+    for i in range(8 * k):
+        zone = i % k
+        texts.append(" ".join(f"w{zone}x{j}" for j in rng.integers(0, 40, size=24)))
+        sig = spec.build(rng.poisson(rates[zone]))
+        sigs.append(sig if sig is not None else centroids[zone])
+    predictor = train_predictor(texts, None, np.stack(sigs), num_buckets=2048, rank=32)
+    save_table(make_table(spec, centroids, decode_urls, predictor=predictor), path)
+    return path
 
 
 @contextlib.contextmanager
@@ -430,7 +483,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     """Per round: every phase; then medians over rounds (added latency and ratios are taken per
     round, against that round's direct and Rust phases, then the median of those)."""
     rounds = sorted({r["round"] for r in results})
-    head = (f"{'round':>5s} {'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} "
+    head = (f"{'round':>5s} {'phase':18s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} "
             f"{'p50 ms':>7s} {'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'err':>4s} "
             f"{'skip':>4s} {'load':>5s} {'cpu us':>6s}")
     print(head)
@@ -444,18 +497,19 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else float("nan")
             add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else float("nan")
             ru = rust.get(r["stream"])
-            ratio = (r["rps"] / ru["rps"] if ru and ru["rps"] > 0 and r["name"] == "gateway"
-                     else float("nan"))
+            ratio = (r["rps"] / ru["rps"] if ru and ru["rps"] > 0 and
+                     r["name"].startswith("gateway") else float("nan"))
             derived.append(dict(r, add50=add50, add99=add99, ratio=ratio))
-            print(f"{rnd:5d} {r['name']:8s} {'stream' if r['stream'] else 'non-strm':9s} "
+            print(f"{rnd:5d} {r['name']:18s} {'stream' if r['stream'] else 'non-strm':9s} "
                   f"{r['rps']:7.0f} {r['chunks_per_s']:8.0f} {r['p50_ms']:7.2f} "
                   f"{r['p99_ms']:7.2f} {add50:7.2f} {add99:7.2f} {r['errors']:4d} "
                   f"{r.get('skipped', 0):4d} {r['loadavg']:5.2f} "
                   f"{r.get('cpu_us', float('nan')):6.0f}")
     print(f"# medians over {len(rounds)} round(s)")
-    print(f"{'phase':8s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} {'p50 ms':>7s} "
+    print(f"{'phase':18s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} {'p50 ms':>7s} "
           f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s} {'cpu us':>6s}")
-    for name in ("direct", "gateway", "rust"):
+    names = list(dict.fromkeys(r["name"] for r in results))
+    for name in names:
         for stream in (False, True):
             rows = [d for d in derived if d["name"] == name and d["stream"] == stream]
             if not rows:
@@ -463,13 +517,13 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             med = {k: _median([float(d[k]) for d in rows])
                    for k in ("rps", "chunks_per_s", "p50_ms", "p99_ms", "add50", "add99",
                              "ratio", "cpu_us")}
-            print(f"{name:8s} {'stream' if stream else 'non-strm':9s} {med['rps']:7.0f} "
+            print(f"{name:18s} {'stream' if stream else 'non-strm':9s} {med['rps']:7.0f} "
                   f"{med['chunks_per_s']:8.0f} {med['p50_ms']:7.2f} {med['p99_ms']:7.2f} "
                   f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio']:7.2f} "
                   f"{med['cpu_us']:6.0f}")
     for stream in (False, True):
-        ratios = [d["ratio"] for d in derived
-                  if d["name"] == "gateway" and d["stream"] == stream and d["ratio"] == d["ratio"]]
+        ratios = [d["ratio"] for d in derived if d["name"].startswith("gateway")
+                  and d["stream"] == stream and d["ratio"] == d["ratio"]]
         if ratios:
             kind = "stream" if stream else "non-stream"
             print(f"gateway/rust throughput ratio ({kind}): median {_median(ratios):.2f} "

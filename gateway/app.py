@@ -3,19 +3,17 @@
 Everything stateful (HTTP clients, worker registry, policies, metrics registry,
 background health/load tasks, the Prometheus site, the optional zone runtime) is built in the
 app's cleanup context and torn down with it: no module-level state, so tests build apps freely.
-State lives under typed `web.AppKey`s; `STATE` holds the `GatewayState` (its `.registry` is the
-per-app Prometheus `CollectorRegistry` other modules attach metrics to).
+State lives under the typed app key `gateway.state.STATE` (its `.registry` is the per-app
+Prometheus `CollectorRegistry` other modules attach metrics to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -33,46 +31,14 @@ from gateway.http1 import Http1Pool
 from gateway.loads import LoadPoller
 from gateway.metrics import GatewayMetrics
 from gateway.policies.registry import make_policy
-from gateway.resolver import NullResolver, ResultHook, RoutingResolver
+from gateway.resolver import NullResolver
+from gateway.responses import error_response
+from gateway.state import STATE, GatewayState
 from gateway.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
 GENERATION_ENDPOINTS = ("/generate", "/v1/chat/completions", "/v1/completions")
-
-
-@dataclass
-class GatewayState:
-    settings: Settings
-    registry: CollectorRegistry  # Prometheus registry of this app
-    metrics: GatewayMetrics
-    workers: WorkerRegistry
-    session: aiohttp.ClientSession | None = None  # health checks, load polls, info fan-out
-    client: Http1Pool | None = None  # generation legs (gateway/http1.py)
-    dispatcher: Dispatcher | None = None
-    health: HealthChecker | None = None
-    zone_runtime: Any = None
-    eldr_metrics: Any = None
-    metrics_port: int | None = None  # the bound Prometheus port (useful when configured as 0)
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-
-    def upstream_headers(self) -> dict[str, str]:
-        if self.settings.api_key:
-            return {"Authorization": f"Bearer {self.settings.api_key}"}
-        return {}
-
-
-STATE = web.AppKey("gateway_state", GatewayState)
-
-
-def json_response(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status,
-                        content_type="application/json")
-
-
-def error_response(status: int, message: str, code: str) -> web.Response:
-    # OpenAI-style error object, which the openai client and SGLang's own errors both use.
-    return json_response({"error": {"message": message, "type": code, "code": status}}, status)
 
 
 @web.middleware
@@ -141,51 +107,16 @@ def _build_state(settings: Settings) -> GatewayState:
                         metrics=GatewayMetrics(registry), workers=workers)
 
 
-def _make_resolver(state: GatewayState) -> RoutingResolver:
-    """No zones: no signatures. With zones: `gateway.signatures.make_resolver(...)`."""
-    if state.zone_runtime is None:
-        return NullResolver()
-    module = importlib.import_module("gateway.signatures")
-    resolver: RoutingResolver = module.make_resolver(
-        state.settings, zone_runtime=state.zone_runtime, eldr_metrics=state.eldr_metrics,
-        registry=state.registry)
-    return resolver
-
-
-def _make_calibration_hook(state: GatewayState) -> ResultHook | None:
-    settings = state.settings
-    if not settings.calibration_log:
-        return None
-    from gateway.calibration_hook import CalibrationHook
-    from gateway.calibration_log import CalibrationSampler, CalibrationWriter
-
-    writer = CalibrationWriter(settings.calibration_log, metrics=state.eldr_metrics)
-    writer.start()
-    return CalibrationHook(writer, CalibrationSampler(settings.calibration_sample_rate),
-                           state.zone_runtime)
-
-
-def _sync_zone_workers(state: GatewayState) -> None:
-    if state.zone_runtime is not None:
-        state.zone_runtime.set_workers([(w.worker_id, w.url)
-                                        for w in state.workers.by_role("decode")])
-
-
-async def _start_zones(app: web.Application, state: GatewayState) -> None:
+async def _start_locality(state: GatewayState) -> None:
     if not state.settings.zones:
         return
-    from gateway.eldr_metrics import EldrMetrics
-    from gateway.zone_runtime import ZoneRuntime
+    # Imported here so a gateway without --zones never loads the locality stack.
+    from gateway.eldr.locality import start_locality
 
-    state.eldr_metrics = EldrMetrics(state.registry)
-    runtime = ZoneRuntime(state.settings.zones, metrics=state.eldr_metrics)
-    result = await runtime.reload()
-    if runtime.active is None:
-        raise GatewayError(f"zones: cannot load {state.settings.zones}: "
-                           f"{runtime.last_error or result}")
-    state.zone_runtime = runtime
-    _sync_zone_workers(state)
-    state.tasks.append(asyncio.ensure_future(runtime.watch()))
+    locality = await start_locality(state.settings, state.registry)
+    state.locality = locality
+    state.decode_workers_changed()
+    state.tasks.append(asyncio.ensure_future(locality.runtime.watch()))
 
 
 async def _metrics_site(state: GatewayState) -> web.AppRunner | None:
@@ -230,17 +161,18 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               json_serialize=lambda o: orjson.dumps(o).decode())
         state.client = Http1Pool()
-        await _start_zones(app, state)
-        deps = {"rng": rng, "zone_runtime": state.zone_runtime,
-                "eldr_metrics": state.eldr_metrics}
+        await _start_locality(state)
+        locality = state.locality
         state.dispatcher = Dispatcher(
             settings, state.workers, state.client, state.metrics,
-            prefill_policy=make_policy(settings.effective_prefill_policy, settings, **deps),
-            decode_policy=make_policy(settings.effective_decode_policy, settings, **deps),
+            prefill_policy=make_policy(settings.effective_prefill_policy, settings, rng=rng),
+            decode_policy=make_policy(settings.effective_decode_policy, settings, rng=rng,
+                                      locality=locality),
             regular_policy=make_policy(settings.policy if settings.policy != "eldr"
-                                       else "least_load", settings, **deps),
-            resolver=_make_resolver(state), rng=rng, hook=_make_calibration_hook(state),
-            eldr_metrics=state.eldr_metrics)
+                                       else "least_load", settings, rng=rng),
+            resolver=NullResolver() if locality is None else locality.resolver, rng=rng,
+            hook=None if locality is None else locality.hook,
+            eldr_metrics=None if locality is None else locality.metrics)
         headers = state.upstream_headers()
         state.health = HealthChecker(
             state.workers, state.session, state.metrics, settings.health_check_endpoint,
@@ -283,8 +215,6 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
 
     for path in GENERATION_ENDPOINTS:
         app.router.add_post(path, generation)
-    info.add_routes(app, state)
-    admin.add_routes(app, state, on_workers_changed=lambda: _sync_zone_workers(state))
-    if settings.zones:
-        admin.add_zone_routes(app, state)
+    info.add_routes(app)
+    admin.add_routes(app)
     return app

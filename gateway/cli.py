@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway.config import PrefillSpec, Settings, parse_prefill
+from gateway.config import Settings, parse_prefill
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
@@ -34,11 +34,11 @@ IGNORED_FLAGS = (
 )
 
 
-def _base_type(annotation: Any) -> type:
+_HINTS = typing.get_type_hints(Settings)
+
+
+def _base_type(hint: Any) -> type:
     """`int | None` -> int, `list[str]` -> list."""
-    hint = annotation
-    if isinstance(hint, str):
-        hint = eval(hint, {"list": list, "PrefillSpec": PrefillSpec})
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kind = f.metadata.get("kind")
         help_text = f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()})"
-        base = _base_type(f.type)
+        base = _base_type(_HINTS[f.name])
         if kind == "prefill":
             parser.add_argument(flag, nargs="+", action="append", metavar="URL_OR_PORT",
                                 dest=f.name, default=None, help=help_text)
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=help_text)
         elif kind == "nargs":
             parser.add_argument(flag, nargs="*", dest=f.name, default=None, help=help_text)
+        elif base is bool and f.default is True:  # on by default: --no-<flag> turns it off
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name,
+                                default=None, help=help_text)
         elif base is bool:
             parser.add_argument(flag, action="store_true", dest=f.name, default=None,
                                 help=help_text)
@@ -95,7 +98,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if key not in env:
             continue
         raw = env[key]
-        base = _base_type(f.type)
+        base = _base_type(_HINTS[f.name])
         kind = f.metadata.get("kind")
         try:
             if kind == "prefill":

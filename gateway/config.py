@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.eldr.signature_cache import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+)
 from gateway.errors import ConfigError
 
-POLICIES = ("random", "round_robin", "least_load", "power_of_two", "eldr")
+LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
+POLICIES = (*LOAD_POLICIES, "eldr")
 PD_FLOWS = ("dual", "prefill-first")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -55,7 +62,25 @@ class Settings:
     prefill_policy: str | None = _f(None, "policy for prefill workers", choices=POLICIES)
     decode_policy: str | None = _f(None, "policy for decode workers", choices=POLICIES)
     pd_flow: str = _f("dual", "PD flow: dual (stock SGLang) or prefill-first", choices=PD_FLOWS)
+    # --- expert locality (gateway/eldr; active with --zones) ---
     zones: str | None = _f(None, "zone table path (enables the eldr policy)")
+    eldr_tau: float | None = _f(
+        None, "locality band width in [0, 2] (default: the zone table's tau; 1 = least-load)")
+    eldr_min_candidates: int | None = _f(
+        None, "fewest distinct workers in a band (default: the zone table's min_candidates)")
+    eldr_fallback_policy: str = _f(
+        "least_load", "load-only policy eldr uses when a request has no signature or table",
+        choices=LOAD_POLICIES)
+    signature_cache: bool = _f(
+        True, "learn signatures from results and reuse them for continued prompts")
+    signature_predictor: bool = _f(
+        True, "predict signatures from the prompt with the zone table's predictor")
+    signature_cache_max_entries: int = _f(DEFAULT_MAX_ENTRIES, "signature cache entry limit")
+    signature_cache_max_bytes: int = _f(DEFAULT_MAX_BYTES, "signature cache memory limit (bytes)")
+    signature_cache_block_tokens: int = _f(
+        DEFAULT_BLOCK_TOKENS, "signature cache block length for token-id prompts (tokens)")
+    signature_cache_block_bytes: int = _f(
+        DEFAULT_BLOCK_BYTES, "signature cache block length for text prompts (UTF-8 bytes)")
     calibration_log: str | None = _f(None, "append decode routing results to this JSONL file")
     calibration_sample_rate: float = _f(1.0, "fraction of requests written to the calibration log")
     # --- request handling ---
@@ -113,7 +138,9 @@ class Settings:
         """Raise ConfigError naming the first invalid key; return self for chaining."""
         positive_ints = ("retry_max_retries", "cb_failure_threshold", "cb_success_threshold",
                          "health_failure_threshold", "health_success_threshold", "processes",
-                         "max_payload_size")
+                         "max_payload_size", "signature_cache_max_entries",
+                         "signature_cache_max_bytes", "signature_cache_block_tokens",
+                         "signature_cache_block_bytes")
         for key in positive_ints:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
@@ -136,6 +163,10 @@ class Settings:
             raise ConfigError(
                 f"calibration_sample_rate must be in [0, 1], got {self.calibration_sample_rate}"
             )
+        if self.eldr_tau is not None and not 0.0 <= self.eldr_tau <= 2.0:
+            raise ConfigError(f"eldr_tau must be in [0, 2], got {self.eldr_tau}")
+        if self.eldr_min_candidates is not None and self.eldr_min_candidates < 1:
+            raise ConfigError(f"eldr_min_candidates must be >= 1, got {self.eldr_min_candidates}")
         if self.max_concurrent_requests == 0 or self.max_concurrent_requests < -1:
             raise ConfigError("max_concurrent_requests must be -1 (unlimited) or >= 1")
         for key in ("port", "prometheus_port"):
@@ -143,6 +174,7 @@ class Settings:
                 raise ConfigError(f"{key} must be a TCP port, got {getattr(self, key)!r}")
         for key, allowed in (("policy", POLICIES), ("prefill_policy", POLICIES),
                              ("decode_policy", POLICIES), ("pd_flow", PD_FLOWS),
+                             ("eldr_fallback_policy", LOAD_POLICIES),
                              ("log_level", LOG_LEVELS)):
             value = getattr(self, key)
             if value is not None and value not in allowed:
@@ -156,13 +188,13 @@ class Settings:
         if not self.health_check_endpoint.startswith("/"):
             raise ConfigError("health_check_endpoint must start with '/'")
         for spec in self.prefill:
-            _check_url("prefill", spec.url)
+            check_url("prefill", spec.url)
             if spec.bootstrap_port is not None and not 1 <= spec.bootstrap_port <= 65535:
                 raise ConfigError(f"prefill bootstrap port must be 1..65535: {spec.bootstrap_port}")
         for url in self.decode:
-            _check_url("decode", url)
+            check_url("decode", url)
         for url in self.worker_urls:
-            _check_url("worker_urls", url)
+            check_url("worker_urls", url)
         if self.pd_disaggregation and self.worker_urls:
             raise ConfigError("worker_urls is for regular mode; use --prefill/--decode with "
                               "--pd-disaggregation")
@@ -174,7 +206,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _check_url(key: str, url: str) -> None:
+def check_url(key: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: {url!r} is not an http(s) URL with a host")

@@ -55,9 +55,9 @@ from gateway.limiter import ConcurrencyLimiter
 from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
 from gateway.metrics import GatewayMetrics
-from gateway.policies.base import NO_ROUTING_INPUT, Policy, RoutingInput, Selection
 from gateway.resolver import NullResolver, RequestContext, ResultHook, RoutingResolver
 from gateway.retry import RetryConfig
+from gateway.routing import NO_ROUTING_INPUT, Policy, RoutingInput, Selection
 from gateway.upstream import (
     TRANSPORT_ERRORS,
     AttemptFailed,
@@ -69,8 +69,8 @@ from gateway.upstream import (
 )
 from gateway.workers import Worker, WorkerRegistry
 
-if TYPE_CHECKING:  # only with --zones does the app build one (gateway/app.py)
-    from gateway.eldr_metrics import EldrMetrics
+if TYPE_CHECKING:  # only with --zones does the app build one (gateway/eldr/locality.py)
+    from gateway.eldr.metrics import EldrMetrics
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -80,6 +80,9 @@ _T = TypeVar("_T")
 FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id", "traceparent",
                      "tracestate")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Freeing an unused prefill-first room is a best-effort bookkeeping call on a live prefill (the
+# prefill also frees it on its own bootstrap timeout), so it gets a short, fixed bound.
+ROOM_RELEASE_TIMEOUT_SECS = 5.0
 
 
 @dataclass(slots=True)
@@ -384,7 +387,7 @@ class Dispatcher:
         decode_policy = self.policies["decode"]
         routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
                    else NO_ROUTING_INPUT)
-        ctx.extras["signature_source"] = routing.signature_source
+        ctx.signature_source = routing.signature_source
         decode, selection = self._select("decode", routing)
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
         body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
@@ -470,7 +473,7 @@ class Dispatcher:
             except orjson.JSONDecodeError:
                 parsed = None
             routing = self.resolver.from_prefill(ctx, parsed)
-        ctx.extras["signature_source"] = routing.signature_source
+        ctx.signature_source = routing.signature_source
         decode, selection = self._select("decode", routing)
         stack.enter(InFlight(decode, self.metrics))
         resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
@@ -489,7 +492,7 @@ class Dispatcher:
         with contextlib.suppress(AttemptFailed):
             await post_read(self.client, prefill,
                             self._urls.get(prefill, "/disaggregation/release"), body, headers,
-                            self.settings.health_check_timeout_secs)
+                            ROOM_RELEASE_TIMEOUT_SECS)
 
     def _check_prefill(self, prefill: Worker, result: LegResult) -> None:
         if not 200 <= result.status < 300:

@@ -10,9 +10,10 @@ these become HTTP responses in exactly one place (`app.py`'s error middleware):
     ├── NotFoundError                 -> 404  unknown worker id
     ├── ConflictError                 -> 409  worker already registered
     ├── OverloadedError               -> 429  rate-limit queue full / queue timeout
-    ├── NoWorkersError                -> 503  no available worker for a role
-    └── UpstreamError                 -> 502  a worker could not be reached or broke the protocol
-        └── UpstreamTimeoutError      -> 504
+    └── NoWorkersError                -> 503  no available worker for a role
+
+Upstream failures are not exceptions of this tree: `upstream.AttemptFailed` carries the failed
+attempt (worker, kind, status) to the retry loop, which answers 502/504 or the worker's own error.
 """
 
 from __future__ import annotations
@@ -64,16 +65,6 @@ class OverloadedError(GatewayError):
 class NoWorkersError(GatewayError):
     status = 503
     code = "no_available_workers"
-
-
-class UpstreamError(GatewayError):
-    status = 502
-    code = "upstream_error"
-
-
-class UpstreamTimeoutError(UpstreamError):
-    status = 504
-    code = "upstream_timeout"
 
 
 class ConfigError(ValueError):

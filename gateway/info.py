@@ -10,22 +10,25 @@ worker (decode preferred: it runs the sampling the client sees).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway.errors import NoWorkersError
+from gateway.responses import error_body, json_response
+from gateway.state import STATE, GatewayState
 from gateway.workers import Worker
 
-if TYPE_CHECKING:
-    from gateway.app import GatewayState
-
-
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status,
-                        content_type="application/json")
+# Info requests, /flush_cache and /health_generate (a real forward pass, queued behind running
+# batches on a busy worker) get this long before the worker counts as failed for that request.
+UPSTREAM_INFO_TIMEOUT_SECS = 30.0
+# Client path -> worker path of the info endpoints answered by one available worker.
+FORWARDED_INFO = (("/server_info", "/server_info"), ("/get_server_info", "/server_info"),
+                  ("/model_info", "/model_info"), ("/get_model_info", "/model_info"),
+                  ("/v1/models", "/v1/models"))
 
 
 def _info_worker(state: GatewayState) -> Worker:
@@ -36,85 +39,97 @@ def _info_worker(state: GatewayState) -> Worker:
     raise NoWorkersError("no available worker to answer this request")
 
 
-async def _get(state: GatewayState, worker: Worker, path: str, method: str = "GET",
-               ) -> tuple[int, bytes, str]:
+async def ask_worker(state: GatewayState, worker: Worker, path: str, method: str = "GET",
+                     ) -> tuple[int, bytes, str]:
+    """(status, body, content type) of one request to a worker; a transport failure is a 502
+    in the gateway's error shape, never an exception."""
     assert state.session is not None
-    timeout = aiohttp.ClientTimeout(total=state.settings.health_check_timeout_secs * 6)
+    timeout = aiohttp.ClientTimeout(total=UPSTREAM_INFO_TIMEOUT_SECS)
     try:
         async with state.session.request(method, worker.url + path, timeout=timeout,
                                          headers=state.upstream_headers()) as resp:
             return resp.status, await resp.read(), resp.content_type
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         message = f"{worker.role} worker {worker.worker_id} failed: {type(exc).__name__}: {exc}"
-        return 502, orjson.dumps({"error": {"message": message, "type": "upstream_error",
-                                            "code": 502}}), "application/json"
+        return 502, orjson.dumps(error_body(502, message, "upstream_error")), "application/json"
 
 
-def add_routes(app: web.Application, state: GatewayState) -> None:
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="OK")
+async def fan_out(state: GatewayState, workers: Sequence[Worker], path: str,
+                  method: str = "GET") -> list[tuple[int, bytes, str]]:
+    """`ask_worker` on every worker at once, answers in the workers' order."""
+    return list(await asyncio.gather(*(ask_worker(state, w, path, method) for w in workers)))
 
-    async def readiness(_: web.Request) -> web.Response:
-        workers = state.workers
-        if state.settings.pd_disaggregation:
-            ready = workers.has_healthy("prefill") and workers.has_healthy("decode")
-            detail = {"healthy_prefill": len([w for w in workers.by_role("prefill") if w.healthy]),
-                      "healthy_decode": len([w for w in workers.by_role("decode") if w.healthy])}
-        else:
-            ready = workers.has_healthy("regular")
-            detail = {"healthy_regular": len([w for w in workers.by_role("regular")
-                                              if w.healthy])}
-        return _json({"status": "ready" if ready else "not ready", **detail},
-                     200 if ready else 503)
 
-    async def health_generate(_: web.Request) -> web.Response:
-        workers = [w for w in state.workers if w.healthy]
-        if not workers:
-            raise NoWorkersError("no healthy workers")
-        results = await asyncio.gather(*(_get(state, w, "/health_generate") for w in workers))
-        failed = {w.worker_id: status for w, (status, _, _) in zip(workers, results, strict=True)
-                  if not 200 <= status < 300}
-        if failed:
-            return _json({"status": "unhealthy", "failed": failed}, 503)
-        return web.Response(text="OK")
+async def health(_: web.Request) -> web.Response:
+    return web.Response(text="OK")
 
-    def forward(path: str) -> Any:
-        async def handler(_: web.Request) -> web.Response:
-            status, body, content_type = await _get(state, _info_worker(state), path)
-            return web.Response(status=status, body=body,
-                                content_type=content_type or "application/json")
-        return handler
 
-    async def loads(_: web.Request) -> web.Response:
-        by_role: dict[str, list[dict[str, Any]]] = {}
-        for w in state.workers:
-            by_role.setdefault(w.role, []).append({
-                "engine": w.url, "worker_id": w.worker_id, "load": w.reported_load,
-                "in_flight": w.in_flight, "is_healthy": w.healthy,
-            })
-        return _json(by_role)
+async def readiness(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    workers = state.workers
+    if state.settings.pd_disaggregation:
+        ready = workers.has_healthy("prefill") and workers.has_healthy("decode")
+        detail = {"healthy_prefill": len([w for w in workers.by_role("prefill") if w.healthy]),
+                  "healthy_decode": len([w for w in workers.by_role("decode") if w.healthy])}
+    else:
+        ready = workers.has_healthy("regular")
+        detail = {"healthy_regular": len([w for w in workers.by_role("regular") if w.healthy])}
+    return json_response({"status": "ready" if ready else "not ready", **detail},
+                         200 if ready else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return web.Response(body=generate_latest(state.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def health_generate(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    workers = [w for w in state.workers if w.healthy]
+    if not workers:
+        raise NoWorkersError("no healthy workers")
+    results = await fan_out(state, workers, "/health_generate")
+    failed = {w.worker_id: status for w, (status, _, _) in zip(workers, results, strict=True)
+              if not 200 <= status < 300}
+    if failed:
+        return json_response({"status": "unhealthy", "failed": failed}, 503)
+    return web.Response(text="OK")
 
-    async def openapi(_: web.Request) -> web.Response:
-        from gateway.openapi import load_openapi
 
-        return _json(load_openapi())
+def _forward(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        state = request.app[STATE]
+        status, body, content_type = await ask_worker(state, _info_worker(state), path)
+        return web.Response(status=status, body=body,
+                            content_type=content_type or "application/json")
+    return handler
 
+
+async def loads(request: web.Request) -> web.Response:
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for w in request.app[STATE].workers:
+        by_role.setdefault(w.role, []).append({
+            "engine": w.url, "worker_id": w.worker_id, "load": w.reported_load,
+            "in_flight": w.in_flight, "is_healthy": w.healthy,
+        })
+    return json_response(by_role)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return web.Response(body=generate_latest(request.app[STATE].registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(_: web.Request) -> web.Response:
+    from gateway.openapi import load_openapi
+
+    return json_response(load_openapi())
+
+
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/liveness", health)
     app.router.add_get("/readiness", readiness)
     app.router.add_get("/health_generate", health_generate)
-    for path, upstream in (("/server_info", "/server_info"),
-                           ("/get_server_info", "/server_info"),
-                           ("/model_info", "/model_info"),
-                           ("/get_model_info", "/model_info"),
-                           ("/v1/models", "/v1/models")):
-        app.router.add_get(path, forward(upstream))
+    for path, upstream in FORWARDED_INFO:
+        app.router.add_get(path, _forward(upstream))
     app.router.add_get("/get_loads", loads)
     app.router.add_get("/v1/loads", loads)
     app.router.add_get("/metrics", metrics)

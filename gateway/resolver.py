@@ -3,8 +3,8 @@
 Dispatch calls `routing = await resolver.resolve(ctx)` only when the decode policy has
 `needs_signature = True` (dual flow), or `resolver.from_prefill(ctx, prefill_result)` after the
 prefill answered (prefill-first flow). The real resolver (signature cache > predictor > none, and
-prefill-reported counts) lives in `gateway/signatures.py`; `NullResolver` is the default that
-always answers "no signature", which every policy accepts (eldr falls back to least-loaded).
+prefill-reported counts) is `gateway.eldr.resolver.LocalityResolver`; `NullResolver` is the
+default that always answers "no signature", which every policy accepts.
 
 Results: when `wants_decode_results` is True, dispatch calls `observe_decode` with each parsed
 non-streaming decode answer (streams are passed through untouched and are not observed), so a
@@ -13,10 +13,13 @@ resolver can learn signatures from `meta_info.routed_experts` and feed the calib
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.policies.base import NO_ROUTING_INPUT, RoutingInput, Selection
+from gateway.routing import NO_ROUTING_INPUT, RoutingInput, Selection, SignatureSource
+
+if TYPE_CHECKING:
+    from gateway.eldr.prompts import Prompt
 
 
 @dataclass(slots=True)
@@ -28,8 +31,15 @@ class RequestContext:
     batch: int | None  # batch size from bootstrap.batch_size (None: single request)
     started: float  # time.perf_counter() at arrival
     request_id: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # resolver/hook scratch space
     upstream_body: dict[str, Any] | None = None  # set by a ResultHook: what workers get instead
+    signature_source: SignatureSource = "none"  # how the decode's routing input was resolved
+    # Locality's view of the request, parsed once on first use (gateway.eldr.prompts.prompt_of).
+    prompt: Prompt | None = None
+    prompt_parsed: bool = False
+    # Calibration log (gateway.eldr.calibration_hook): sampled, and whether the client itself
+    # asked for routed experts (then they are not stripped from its answer).
+    calibration_sampled: bool = False
+    client_asked_routed_experts: bool = False
 
 
 class RoutingResolver(Protocol):

@@ -1,18 +1,26 @@
-"""The narrow, pure policy interface every routing policy implements.
+"""The routing types every policy shares: the bottom module of the gateway's routing layer.
 
-A policy gets the AVAILABLE candidate workers (healthy, circuit not open; never empty) and a small
-routing input, and returns a `Selection`. It does no I/O and raises nothing HTTP, so it can be unit
-tested with plain objects. Dispatch resolves a signature only for policies with
-`needs_signature = True`. Contract: docs/ARCHITECTURE.md, "gateway/".
+A policy gets the AVAILABLE candidate workers (healthy, circuit not open; never empty) as
+`WorkerView` snapshots and a small `RoutingInput`, and returns a `Selection`. It does no I/O and
+raises nothing HTTP, so it can be unit tested with plain objects. Dispatch resolves a signature
+only for policies with `needs_signature = True`. Both `gateway.policies` (load-only policies)
+and `gateway.eldr` (expert locality) import this module; it imports neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:  # a type only: the snapshot is built by gateway.eldr, which imports us
+    from gateway.eldr.runtime import ActiveZones
+
+SignatureSource = Literal["prefill", "cache", "predictor", "none"]
+SIGNATURE_SOURCES: tuple[SignatureSource, ...] = ("prefill", "cache", "predictor", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +34,39 @@ class WorkerView:
 
 
 @dataclass(frozen=True, slots=True)
+class LowRankSignature:
+    """A predicted signature kept in the predictor's coordinates: the signature is
+    `normalise(coords @ basis)` (zones/predictor.py), never built. The locality band ranks zones
+    from `coords` through the centroids projected onto the same basis, touching K x R floats
+    instead of the K x D centroids and the R x D basis (at 64 zones x 6,144 dims, R = 32:
+    8 KiB instead of 2.3 MiB, which a busy gateway has mostly evicted from cache)."""
+
+    coords: npt.NDArray[np.float32]  # [R]
+    basis: npt.NDArray[np.float32]  # [R, D], the active table predictor's (shared, read-only)
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[1])
+
+    def vector(self) -> npt.NDArray[np.float32]:
+        """The unit signature itself (for inspection and mixing, not the hot path)."""
+        vec = (self.coords @ self.basis).astype(np.float32)
+        return vec / np.float32(np.sqrt(np.dot(vec, vec)))
+
+
+Signature = npt.NDArray[np.float32] | LowRankSignature
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingInput:
-    signature: np.ndarray | None  # unit float32 vector in the active zone table's space
-    signature_source: str  # "prefill" | "cache" | "predictor" | "none"
+    """What a decode policy may use beyond load. `zones` is the zone-table snapshot the
+    signature was built in: the resolver reads the active table once per request and the
+    locality policy decides against that same snapshot, so a reload landing in between cannot
+    pair a signature with another table's centroids."""
+
+    signature: Signature | None  # a unit vector in `zones`' signature space, or its coords
+    signature_source: SignatureSource
+    zones: ActiveZones | None = None
 
 
 NO_ROUTING_INPUT = RoutingInput(None, "none")

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.circuit import BreakerConfig, CircuitBreaker
 from gateway.errors import BadRequestError, ConflictError, NotFoundError
-from gateway.policies.base import WorkerView
+from gateway.routing import WorkerView
 
 ROLES = ("prefill", "decode", "regular")
 

@@ -14,10 +14,15 @@ prediction lands in the table's signature space, so the gateway's band logic app
 The weights are a ridge regression fitted in closed form (`train_predictor`).
 
 Cost per request: a split of a bounded text prefix, one crc32 per word (bigram hashes combine
-neighbouring word hashes), a bincount, an F x R and an R x D product. Measured median
-60-100 us at D = 6,144 on the shared 2-core dev machine (`python benchmarks/zones_fit.py`,
-part 3; `python -m zones predictor-eval` times it on real prompts), dominated by the R x D
-product and the Python-level word hashing.
+neighbouring word hashes), a gather of the weight rows of the buckets present, and for the full
+signature an R x D product. Measured median 60-100 us at D = 6,144 on the shared 2-core dev
+machine (`python benchmarks/zones_fit.py`, part 3; `python -m zones predictor-eval` times it on
+real prompts), dominated by the R x D product and the Python-level word hashing.
+
+`coords` stops before the R x D product: it returns `y`, with `|y @ basis|^2 = y @ gram @ y`
+(`gram = basis @ basis.T`, R x R, kept with the model). Anything linear in the signature can then
+be taken in R dimensions: the gateway ranks zones by `(centroids @ basis.T) @ y / |y @ basis|`,
+which touches K x R floats instead of the R x D basis and the K x D centroids.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import string
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,10 +90,37 @@ class Predictor:
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
+        gram = np.ascontiguousarray(self.basis @ self.basis.T, dtype=np.float32)
+        gram.setflags(write=False)
+        object.__setattr__(self, "gram", gram)
+
+    gram: FloatArray = field(init=False, repr=False)  # float32 [R, R] = basis @ basis.T
 
     @property
     def dim(self) -> int:
         return int(self.basis.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def coords(self, text: str | None, input_ids: Sequence[int] | None) -> FloatArray | None:
+        """`y` (float32 [R]) with `predict(...) == normalise(y @ basis)`; None when the prompt
+        has no features or the prediction is zero or not finite."""
+        idx = self._buckets(text, input_ids)
+        if idx is None or len(idx) == 0:
+            return None
+        # Only the buckets present: a gather of a few weight rows instead of a dense
+        # num_buckets-wide product (256 KiB of weights at F = 2,048, R = 32).
+        counts = np.bincount(idx, minlength=self.num_buckets)
+        buckets = np.flatnonzero(counts)  # ascending, like np.unique, at a fifth of its cost
+        tf = counts[buckets].astype(np.float32)
+        tf /= np.float32(np.sqrt(np.dot(tf, tf)))
+        y = self.bias + tf @ self.weights[buckets]
+        norm2 = float(y @ self.gram @ y)
+        if not np.isfinite(norm2) or norm2 <= 0.0:
+            return None
+        return y
 
     def features(self, text: str | None, input_ids: Sequence[int] | None) -> FloatArray | None:
         """Sparse features as (bucket indices, values) packed in one dense row; None if empty."""
@@ -122,12 +154,10 @@ class Predictor:
 
     def predict(self, text: str | None, input_ids: Sequence[int] | None) -> FloatArray | None:
         """Predicted unit signature (float32 [D]) or None when the prompt has no features."""
-        idx = self._buckets(text, input_ids)
-        if idx is None or len(idx) == 0:
+        y = self.coords(text, input_ids)
+        if y is None:
             return None
-        tf = np.bincount(idx, minlength=self.num_buckets).astype(np.float32)
-        tf /= np.float32(np.sqrt(np.dot(tf, tf)))
-        vec = (self.bias + tf @ self.weights) @ self.basis
+        vec = y @ self.basis
         norm = float(np.sqrt(np.dot(vec, vec)))
         if not np.isfinite(norm) or norm == 0.0:
             return None

@@ -30,8 +30,8 @@ from typing import IO, Any
 
 import numpy.typing as npt
 
-from gateway.eldr_metrics import EldrMetrics
-from gateway.signatures import Prompt, routed_experts_of
+from gateway.eldr.metrics import EldrMetrics
+from gateway.eldr.prompts import Prompt
 from zones.calibration import CalibrationError, CalibrationRecord
 from zones.geometry import ModelGeometry
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationSampler", "CalibrationWriter", "client_asked_for_routed_experts", "make_record",
-    "request_routed_experts", "routed_experts_of", "strip_routed_experts",
+    "request_routed_experts", "strip_routed_experts",
 ]
 
 DEFAULT_QUEUE_SIZE = 4096

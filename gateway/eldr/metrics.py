@@ -12,7 +12,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# 1 us .. 5 ms: the decision target is p99 < 50 us; the tail buckets catch GC pauses.
+# 1 us .. 5 ms: the decision target is p99 < 100 us; the tail buckets catch GC pauses.
 DECISION_BUCKETS = (
     1e-6, 2.5e-6, 5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 7.5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
 )
@@ -22,7 +22,7 @@ SIMILARITY_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.
 
 
 class DecisionLike(Protocol):
-    """The band fields of `gateway.policies.base.Selection` (structural, to keep this module
+    """The band fields of `gateway.routing.Selection` (structural, to keep this module
     importable without the policy layer)."""
 
     @property
@@ -77,7 +77,7 @@ class EldrMetrics:
         )
         self.fallbacks = Counter(
             "eldr_fallback_decisions_total",
-            "ELDR decisions that fell back to least-load, by reason",
+            "ELDR decisions that fell back to the load-only fallback policy, by reason",
             ("reason",),
             registry=registry,
         )

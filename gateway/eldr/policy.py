@@ -1,44 +1,38 @@
-"""`eldr`: expert-locality decode routing (arXiv 2607.00466) over the active zone table.
+"""`eldr`: expert-locality decode routing (arXiv 2607.00466) over the request's zone snapshot.
 
-The choice itself is `gateway.band` (pure numpy); this policy adapts it to the policy interface:
-it reads the zone runtime's current snapshot once per decision, caches one `BandPlan` per
-(snapshot, ordered available-worker list) so the per-request work is a single matrix-vector
-product and a scan, and falls back to least-load when there is nothing to be local about:
+The choice itself is `gateway.eldr.band` (pure numpy); this policy adapts it to the policy
+interface. It decides against the snapshot the signature was resolved in (`RoutingInput.zones`),
+caches one `BandPlan` per (snapshot, ordered available-worker list) so the per-request work is a
+single matrix-vector product and a scan, and falls back to its load-only policy (least_load by
+default, `--eldr-fallback-policy`) when there is nothing to be local about:
 
     reason "no_table"       no zone table is loaded
     reason "no_signature"   the request has no signature (source "none")
-    reason "dim_mismatch"   the signature was built for a table of another shape (a reload
-                            landed between resolving the signature and choosing)
+    reason "dim_mismatch"   the signature does not have the snapshot's dimension (a bug
+                            upstream of the policy; routed on load rather than failed)
     reason "no_zone"        no available worker serves a zone, or similarities are not finite
 
 Band width and min-candidates come from the table (`tau`, `min_candidates`) unless the policy
-was built with overrides.
+was built with overrides (`--eldr-tau`, `--eldr-min-candidates`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 import numpy as np
 
-from gateway.band import BandPlan, build_plan, choose, default_kernel
+from gateway.eldr.band import BandPlan, build_plan, choose
+from gateway.eldr.runtime import ActiveZones
 from gateway.errors import ConfigError
-from gateway.policies.base import Policy, RoutingInput, Selection, WorkerView
 from gateway.policies.least_load import LeastLoadPolicy
-from gateway.zone_runtime import ActiveZones
+from gateway.routing import LowRankSignature, Policy, RoutingInput, Selection, WorkerView
 
 # Available-set changes are rare (health flips, joins), so a few plans cover the churn between
 # table swaps; each holds a copy of the available centroid rows (1.5 MiB at 64 x 6,144 float32),
 # so the bound is also a memory bound. Dropped whole when full rather than tracked per entry.
 MAX_PLANS = 8
-
-
-class ZoneSource(Protocol):
-    """Anything with the current snapshot (a `ZoneRuntime`, or a stub in tests)."""
-
-    @property
-    def active(self) -> ActiveZones | None: ...
+TAU_RANGE = (0.0, 2.0)  # similarities lie in [0, 1] (module gateway.eldr.band); 2 is a safe cap
 
 
 class EldrPolicy:
@@ -47,21 +41,19 @@ class EldrPolicy:
 
     def __init__(
         self,
-        zones: ZoneSource,
         *,
         tau: float | None = None,
         min_candidates: int | None = None,
         fallback: Policy | None = None,
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
-        if tau is not None and not (0.0 <= tau <= 2.0):
+        if tau is not None and not (TAU_RANGE[0] <= tau <= TAU_RANGE[1]):
             raise ConfigError(f"eldr tau must be in [0, 2], got {tau!r}")
         if min_candidates is not None and min_candidates < 1:
             raise ConfigError(f"eldr min_candidates must be >= 1, got {min_candidates!r}")
-        self._zones = zones
         self._tau = tau
         self._min_candidates = min_candidates
-        self._fallback: Policy = fallback if fallback is not None else LeastLoadPolicy()
+        self.fallback: Policy = fallback if fallback is not None else LeastLoadPolicy()
         self._on_fallback = on_fallback
         self._plans: dict[tuple[str, ...], BandPlan] = {}
         self._plans_for: ActiveZones | None = None
@@ -70,7 +62,7 @@ class EldrPolicy:
         self._last_plan: BandPlan | None = None
 
     def select(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
-        active = self._zones.active
+        active = routing.zones
         if active is None:
             return self._fall_back("no_table", candidates, routing)
         signature = routing.signature
@@ -81,12 +73,17 @@ class EldrPolicy:
         if plan is None or active is not self._plans_for or not plan.matches(candidates):
             plan = self._plan(active, candidates)
         # plan.dim, not table.spec.dim: the spec computes it from the layer mask on every call.
-        if signature.shape != (plan.dim,):
+        if isinstance(signature, LowRankSignature):
+            if signature.dim != plan.dim:
+                return self._fall_back("dim_mismatch", candidates, routing)
+        elif signature.shape != (plan.dim,):
             return self._fall_back("dim_mismatch", candidates, routing)
+        else:
+            # A no-op for the float32 contiguous vectors SignatureSpec builds.
+            signature = np.ascontiguousarray(signature, dtype=np.float32)
         choice = choose(
             plan,
-            # A no-op for the float32 contiguous vectors SignatureSpec builds.
-            np.ascontiguousarray(signature, dtype=np.float32),
+            signature,
             candidates,  # the band reads the loads of its members only
             table.tau if self._tau is None else self._tau,
             table.min_candidates if self._min_candidates is None else self._min_candidates,
@@ -107,11 +104,13 @@ class EldrPolicy:
         if plan is None:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
+            predictor = active.table.predictor
             plan = build_plan(
                 active.table.centroids,
                 active.zone_workers,
                 [(c.worker_id, c.url) for c in candidates],
                 ids=ids,
+                basis=None if predictor is None else predictor.basis,
             )
             self._plans[ids] = plan
         self._last_plan = plan
@@ -122,25 +121,4 @@ class EldrPolicy:
     ) -> Selection:
         if self._on_fallback is not None:
             self._on_fallback(reason)
-        return self._fallback.select(candidates, routing)
-
-
-def make_eldr_policy(settings: Any, **deps: Any) -> EldrPolicy:
-    """Registry hook (`gateway.policies.registry`): needs `zone_runtime=`; optional
-    `eldr_metrics=` (an `EldrMetrics`) counts fallbacks. `settings.eldr_tau` /
-    `settings.eldr_min_candidates`, when the config defines them and they are not None,
-    override the table's values."""
-    try:
-        default_kernel()  # fail at start-up, not at the first decision
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    runtime = deps.get("zone_runtime")
-    if runtime is None:
-        raise ConfigError("decode_policy eldr needs a zone runtime (--zones PATH)")
-    metrics = deps.get("eldr_metrics")
-    return EldrPolicy(
-        runtime,
-        tau=getattr(settings, "eldr_tau", None),
-        min_candidates=getattr(settings, "eldr_min_candidates", None),
-        on_fallback=None if metrics is None else metrics.record_fallback,
-    )
+        return self.fallback.select(candidates, routing)

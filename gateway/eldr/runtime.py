@@ -14,8 +14,8 @@ Reload triggers:
   load is not retried until it changes, so a corrupt file logs one error, not one per poll.
 - `install_sighup()`: `kill -HUP` reloads (Unix only); `watch()` installs it for as long as it
   runs.
-- `zone_admin_routes()`: `POST /admin/zones/reload` and `GET /zones` for the app to mount
-  (authentication is the app's admin middleware).
+- `POST /admin/zones/reload` (gateway/admin.py) awaits `reload()`; `GET /zones` shows `info()`.
+This module does no HTTP: the admin module owns the routes.
 
 Zone -> worker mapping: zone k is served by `table.workers[k]` (matched against registered
 workers by id or URL, trailing slash ignored). When that worker is not registered (it left, or was
@@ -36,11 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from aiohttp import web
-
-from gateway.band import normalize_worker_key
-from gateway.eldr_metrics import EldrMetrics
-from gateway.errors import ConflictError
+from gateway.eldr.band import normalize_worker_key
+from gateway.eldr.metrics import EldrMetrics
 from zones.table import ZoneTable, ZoneTableError, load_table
 
 log = logging.getLogger(__name__)
@@ -143,19 +140,6 @@ class ZoneRuntime:
         self._publish()
 
     # --- loading -------------------------------------------------------------------------------
-    def reload_sync(self) -> ReloadResult:
-        """Load and swap in the calling thread (start-up, tests). Prefer `reload()` on the loop."""
-        if self.path is None:
-            return self._fail("zones: no zone table path configured (--zones)")
-        self._seen = fingerprint(self.path)
-        try:
-            table = self._loader(self.path)
-        except ZoneTableError as exc:
-            return self._fail(f"{self.path}: {exc}")
-        except Exception as exc:  # never let a bad file take the gateway down
-            return self._fail(f"{self.path}: unexpected error loading zone table: {exc!r}")
-        return self._install(table)
-
     async def reload(self) -> ReloadResult:
         """Load off the event loop (parsing a large table takes milliseconds), swap on it.
         Reloads are serialised so two triggers cannot install tables out of order."""
@@ -305,22 +289,3 @@ class ZoneRuntime:
             )
         return doc
 
-
-def zone_admin_routes(runtime: ZoneRuntime) -> list[web.RouteDef]:
-    """`POST /admin/zones/reload` (200 loaded/unchanged, 422 rejected, 409 no path configured)
-    and `GET /zones`. Authentication is the app's admin middleware, not ours."""
-
-    async def reload_handler(request: web.Request) -> web.Response:
-        if runtime.path is None:
-            raise ConflictError("zones: no zone table path configured (--zones)")
-        result = await runtime.reload()
-        body: dict[str, Any] = {"result": result.status, "zones": runtime.info()}
-        if result.status == "failed":
-            body["error"] = {"code": "invalid_zone_table", "message": result.error}
-            return web.json_response(body, status=422)
-        return web.json_response(body)
-
-    async def zones_handler(request: web.Request) -> web.Response:
-        return web.json_response(runtime.info())
-
-    return [web.post("/admin/zones/reload", reload_handler), web.get("/zones", zones_handler)]

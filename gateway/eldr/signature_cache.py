@@ -30,7 +30,7 @@ Coverage. A hit reports `covered` units (the learned sequence's length) of `tota
 them after a prefill-first result; only the output tokens of each turn in the `dual` flow, where
 prompt rows are never returned). `exact` = the whole prompt is covered and fully observed.
 How partial hits are combined with the predictor is the resolver's business
-(`gateway.signatures`).
+(`gateway.eldr.resolver`).
 
 Memory is bounded by `max_entries` and `max_bytes` (counts bytes + a fixed per-entry overhead),
 evicting least-recently-used entries. Pure, synchronous, single-threaded (the event loop).

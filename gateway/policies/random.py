@@ -5,7 +5,7 @@ from __future__ import annotations
 import random as _random
 from collections.abc import Sequence
 
-from gateway.policies.base import RoutingInput, Selection, WorkerView
+from gateway.routing import RoutingInput, Selection, WorkerView
 
 
 class RandomPolicy:

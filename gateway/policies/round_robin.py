@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.policies.base import RoutingInput, Selection, WorkerView
+from gateway.routing import RoutingInput, Selection, WorkerView
 
 
 class RoundRobinPolicy:

@@ -9,7 +9,7 @@ import re
 
 from prometheus_client import CollectorRegistry
 
-GATEWAY_METRIC_MODULES = ("gateway.metrics", "gateway.eldr_metrics")
+GATEWAY_METRIC_MODULES = ("gateway.metrics", "gateway.eldr.metrics")
 SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),

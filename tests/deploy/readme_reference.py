@@ -2,7 +2,7 @@
 
 The configuration table comes from `gateway.config.Settings` (the single source of defaults; flag
 and environment names follow `gateway.cli`: field `foo_bar` -> `--foo-bar`, `GATEWAY_FOO_BAR`);
-the metrics table from the metric facades in `gateway.metrics` and `gateway.eldr_metrics`, each
+the metrics table from the metric facades in `gateway.metrics` and `gateway.eldr.metrics`, each
 built on a fresh registry. `tests/deploy/test_readme_reference.py` fails when README.md is stale.
 
     python -m tests.deploy.readme_reference          # rewrite README.md in place
@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-METRIC_MODULES = ("gateway.metrics", "gateway.eldr_metrics")
+METRIC_MODULES = ("gateway.metrics", "gateway.eldr.metrics")
 SECTIONS = ("CONFIG", "METRICS")
 
 
@@ -65,6 +65,8 @@ def render_config() -> str:
             flag += " URL [PORT\\|none]"
         elif f.metadata.get("kind") == "append":
             flag += " URL"
+        elif f.default is True:  # on by default: the CLI adds the --no- form (gateway/cli.py)
+            flag = f"{flag}`, `--no-{flag[2:]}"
         help_text = str(f.metadata.get("help", ""))
         choices = f.metadata.get("choices")
         if choices:

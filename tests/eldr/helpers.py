@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from gateway.policies.base import WorkerView
+from gateway.routing import WorkerView
 from zones.geometry import ModelGeometry
 from zones.signature import SignatureSpec
 from zones.table import ZoneTable, make_table

@@ -1,7 +1,7 @@
 """Hand-worked band examples (DESIGN.md "Locality band").
 
 Zones (unit centroids) c0=(1,0,0), c1=(.8,.6,0), c2=(0,1,0), c3=(0,0,1); signature s=(1,0,0):
-similarities s_k = c_k . s = 1.0, 0.8, 0.0, 0.0. Each example runs under both kernels.
+similarities s_k = c_k . s = 1.0, 0.8, 0.0, 0.0.
 """
 
 from __future__ import annotations
@@ -11,17 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.band import BandChoice, BandPlan, build_plan, c_kernel_available, choose
-
-# "auto" is the C kernel where the extension is built (tests/eldr/test_band_kernels.py checks).
-KERNELS = ["auto", "numpy"] if c_kernel_available() else ["numpy"]
-
-
-@pytest.fixture(autouse=True, params=KERNELS)
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every example here runs under both similarity kernels (see gateway/band.py)."""
-    monkeypatch.setenv("ELDR_BAND_KERNEL", request.param)
-    return str(request.param)
+from gateway.eldr.band import BandChoice, BandPlan, build_plan, choose
+from gateway.routing import LowRankSignature
 
 CENTROIDS = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
 WORKERS = ("w0", "w1", "w2", "w3")
@@ -191,19 +182,46 @@ def test_matches_literal_reference(
     # The reference uses the very float32 similarities the plan computes, so every comparison
     # (band edge, ties) must come out identically.
     values = plan.similarities(sig).tolist()
-    index = plan._index  # the C kernel, when it decides this signature, uses its own products
-    if index is not None:
-        exact = index.exact(sig)
-        screened = index.candidates(sig, tau, min_candidates * index.rank_depth) is not False
-        # A signature the screening cannot narrow is decided load-first on the same products,
-        # unless the band is short of min_candidates workers (one worker per zone here): then
-        # it goes to the one-sgemv path.
-        band = [v for v in exact if -v <= tau + (-max(exact))]
-        if screened or len(band) >= min_candidates:
-            values = exact
     sims = dict(zip(plan.zones, values, strict=True))
     got = choose(plan, sig, loads, tau, min_candidates)
     zone, rank = reference_choice(sims, workers, available, loads, tau, min_candidates)
     assert got is not None and (got.zone, got.rank) == (zone, rank)
     assert available[got.position] == workers[zone]
     assert got.similarity == sims[zone]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_low_rank_signature_ranks_like_the_vector_it_stands_for(
+    k: int, rank: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    dim = 10
+    centroids = rng.random((k, dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    basis = rng.standard_normal((rank, dim)).astype(np.float32)  # not orthonormal on purpose
+    coords = rng.standard_normal(rank).astype(np.float32)
+    if float(np.linalg.norm(coords @ basis)) < 1e-3:
+        return
+    workers = [f"w{i}" for i in range(k)]
+    plan = build_plan(centroids, tuple(workers), [(w,) for w in workers], basis=basis)
+    low = LowRankSignature(coords, basis)
+    np.testing.assert_allclose(plan.similarities(low), plan.similarities(low.vector()),
+                               atol=2e-5)
+    # Another table's predictor: the coordinates mean nothing to this plan's projection, so
+    # the plan builds the vector and ranks it exactly as a plain signature.
+    foreign = LowRankSignature(coords, basis.copy())
+    np.testing.assert_array_equal(plan.similarities(foreign), plan.similarities(low.vector()))
+
+
+def test_low_rank_choice_matches_hand_worked_example() -> None:
+    # basis = identity rows of the first two axes: coords (1, 0) stand for s = (1, 0, 0), the
+    # module example: band {0} widened by min-2 to zone 1, the less loaded.
+    basis = np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+    plan = build_plan(CENTROIDS, WORKERS, [(w, f"http://{w}:1/") for w in WORKERS], basis=basis)
+    coords = np.array([2, 0], dtype=np.float32)  # scale does not matter: normalised away
+    choice = choose(plan, LowRankSignature(coords, basis), [5, 3, 0, 0], tau=0.1,
+                    min_candidates=2)
+    assert choice is not None
+    assert (choice.position, choice.zone, choice.band_size, choice.rank) == (1, 1, 2, 2)
+    assert choice.similarity == pytest.approx(0.8)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.calibration_hook import CalibrationHook
-from gateway.calibration_log import CalibrationSampler
+from gateway.eldr.calibration_hook import CalibrationHook
+from gateway.eldr.calibration_log import CalibrationSampler
 from gateway.resolver import RequestContext
 from tests.eldr.helpers import TINY, table
 from zones.calibration import CalibrationRecord

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.calibration_log import (
+from gateway.eldr.calibration_log import (
     CalibrationSampler,
     CalibrationWriter,
     client_asked_for_routed_experts,
     make_record,
     request_routed_experts,
-    routed_experts_of,
     strip_routed_experts,
 )
-from gateway.eldr_metrics import EldrMetrics
-from gateway.signatures import Prompt
+from gateway.eldr.metrics import EldrMetrics
+from gateway.eldr.prompts import Prompt, routed_experts_of
 from tests.eldr.helpers import TINY
 from zones.calibration import CalibrationRecord, read_calibration
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.eldr_metrics import EldrMetrics
-from gateway.policies.base import Selection
+from gateway.eldr.metrics import EldrMetrics
+from gateway.routing import Selection
 from tests.eldr.helpers import view
 
 

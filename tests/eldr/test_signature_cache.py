@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.signature_cache import ENTRY_OVERHEAD_BYTES, SignatureCache, Units, units_of
+from gateway.eldr.signature_cache import ENTRY_OVERHEAD_BYTES, SignatureCache, Units, units_of
 from zones.geometry import ModelGeometry
 
 G = ModelGeometry("t", num_layers=2, num_experts=4, top_k=1)

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.eldr_metrics import EldrMetrics
-from gateway.resolver import RequestContext
-from gateway.signatures import (
-    CacheSettings,
+from gateway.eldr.metrics import EldrMetrics
+from gateway.eldr.prompts import (
     Prompt,
-    SignatureResolver,
-    make_resolver,
+    output_expert_counts,
     output_units,
     prompt_from_request,
     render_message,
 )
-from gateway.zone_runtime import ActiveZones
+from gateway.eldr.resolver import LocalityResolver, ResolverSettings, SignatureResolver
+from gateway.eldr.runtime import ActiveZones
+from gateway.resolver import RequestContext
+from gateway.routing import LowRankSignature
 from tests.eldr.helpers import TINY, table
 from zones.geometry import ModelGeometry
 from zones.predictor import train_predictor
@@ -80,14 +80,20 @@ def test_predictor_used_on_cache_miss() -> None:
     r = SignatureResolver(Source(active(t)))
     routing = r.resolve(Prompt("generate", text="gamma goat"))
     assert routing.signature_source == "predictor"
-    assert routing.signature is not None and int(np.argmax(routing.signature)) == 2
+    # Kept in the predictor's coordinates; the signature they stand for is the prediction.
+    assert isinstance(routing.signature, LowRankSignature)
+    assert routing.signature.basis is t.predictor.basis  # type: ignore[union-attr]
+    vector = routing.signature.vector()
+    np.testing.assert_allclose(vector, t.predictor.predict("gamma goat", None),  # type: ignore[union-attr]
+                               atol=1e-6)
+    assert int(np.argmax(vector)) == 2
 
 
 def test_exact_cache_hit_is_the_counts_signature() -> None:
     t = with_predictor()
     r = SignatureResolver(Source(active(t)))
     prompt = Prompt("generate", text="gamma goat")
-    assert r.observe_prefill(prompt, np.array([[5, 0, 0]], np.int32))
+    assert r.learn_prefill(prompt, np.array([[5, 0, 0]], np.int32))
     routing = r.resolve(prompt)
     assert routing.signature_source == "cache"
     np.testing.assert_allclose(routing.signature, [1, 0, 0], atol=1e-6)  # type: ignore[arg-type]
@@ -97,7 +103,7 @@ def test_partial_hit_mixes_observed_and_predicted_tail_by_share() -> None:
     t = with_predictor()
     r = SignatureResolver(Source(active(t)))
     head = "alpha apple alpha ant "  # 22 bytes, observed by a prefill-first result
-    assert r.observe_prefill(Prompt("generate", text=head), np.array([[4, 0, 0]], np.int32))
+    assert r.learn_prefill(Prompt("generate", text=head), np.array([[4, 0, 0]], np.int32))
     full = head + "beta bear beta bee"  # 18 more bytes
     routing = r.resolve(Prompt("generate", text=full))
     assert routing.signature_source == "cache"
@@ -112,7 +118,7 @@ def test_partial_hit_mixes_observed_and_predicted_tail_by_share() -> None:
 def test_partial_hit_without_predictor_uses_observed_counts() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
     r = SignatureResolver(Source(active(t)))
-    r.observe_prefill(Prompt("generate", input_ids=(1, 2, 3)), np.array([[0, 2, 0]], np.int32))
+    r.learn_prefill(Prompt("generate", input_ids=(1, 2, 3)), np.array([[0, 2, 0]], np.int32))
     routing = r.resolve(Prompt("generate", input_ids=(1, 2, 3, 4)))
     assert routing.signature_source == "cache"
     np.testing.assert_allclose(routing.signature, [0, 1, 0], atol=1e-6)  # type: ignore[arg-type]
@@ -135,12 +141,11 @@ def test_nothing_known_resolves_none_and_sources_are_counted() -> None:
 
 def test_chat_continuation_hits_cache_learned_from_decode_output() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    r = SignatureResolver(Source(active(t)), cache=CacheSettings(block_bytes=16))
+    r = SignatureResolver(Source(active(t)), ResolverSettings(block_bytes=16))
     turn1 = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     p1 = prompt_from_request("/v1/chat/completions", {"messages": turn1})
     assert p1 is not None
-    counts = r.observe_output(p1, rows(2, 5), text="Hello! How can I help?")
-    assert counts is not None and counts.tolist() == [[0, 0, 5]]
+    assert r.learn_output(p1, np.array([[0, 0, 5]], np.int32), text="Hello! How can I help?")
     turn2 = [*turn1, {"role": "assistant", "content": "Hello! How can I help?"},
              {"role": "user", "content": "tell me a joke"}]
     p2 = prompt_from_request("/v1/chat/completions", {"messages": turn2})
@@ -151,17 +156,26 @@ def test_chat_continuation_hits_cache_learned_from_decode_output() -> None:
 
 def test_generate_ids_continuation_uses_output_ids() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    r = SignatureResolver(Source(active(t)), cache=CacheSettings(block_tokens=2))
+    r = SignatureResolver(Source(active(t)), ResolverSettings(block_tokens=2))
     p1 = Prompt("generate", input_ids=(10, 11, 12))
-    assert r.observe_output(p1, rows(1, 2), output_ids=[20, 21, 22]) is not None
+    assert r.learn_output(p1, np.array([[0, 2, 0]], np.int32), output_ids=[20, 21, 22])
     routing = r.resolve(Prompt("generate", input_ids=(10, 11, 12, 20, 21, 22, 30)))
     assert routing.signature_source == "cache"
 
 
 def test_bad_routed_experts_payload_is_ignored() -> None:
+    def answer(payload: str) -> dict[str, object]:
+        return {"text": "y", "meta_info": {"prompt_tokens": 0, "routed_experts": payload}}
+
+    assert output_expert_counts(answer("not base64!"), {}, TINY) is None
+    assert output_expert_counts(answer(rows(7, 2)), {}, TINY) is None  # id 7 >= E
+    assert output_expert_counts(answer(rows(2, 2)), {}, TINY).tolist() == [[0, 0, 2]]  # type: ignore[union-attr]
+
+
+def test_learning_needs_a_prompt_and_counts_of_the_geometry() -> None:
     r = SignatureResolver(Source(active(table(CENTROIDS, ["a", "b", "c"]))))
-    assert r.observe_output(Prompt("generate", text="x"), "not base64!", text="y") is None
-    assert r.observe_output(Prompt("generate", text="x"), rows(7, 2), text="y") is None  # id 7 >= E
+    assert not r.learn_output(None, np.ones((1, 3), np.int32), text="y")
+    assert not r.learn_output(Prompt("generate", text="x"), np.ones((2, 3), np.int32), text="y")
 
 
 def test_new_geometry_starts_a_new_cache() -> None:
@@ -175,10 +189,17 @@ def test_new_geometry_starts_a_new_cache() -> None:
 
 def test_cache_can_be_disabled() -> None:
     r = SignatureResolver(
-        Source(active(table(CENTROIDS, ["a", "b", "c"]))), cache=CacheSettings(enabled=False)
+        Source(active(table(CENTROIDS, ["a", "b", "c"]))), ResolverSettings(cache=False)
     )
-    assert not r.observe_prefill(Prompt("generate", text="x"), np.ones((1, 3), np.int32))
+    assert not r.learn_prefill(Prompt("generate", text="x"), np.ones((1, 3), np.int32))
     assert r.resolve(Prompt("generate", text="x")).signature_source == "none"
+
+
+def test_predictor_can_be_disabled() -> None:
+    on = SignatureResolver(Source(active(with_predictor())))
+    off = SignatureResolver(Source(active(with_predictor())), ResolverSettings(predictor=False))
+    assert on.resolve(Prompt("generate", text="gamma goat")).signature_source == "predictor"
+    assert off.resolve(Prompt("generate", text="gamma goat")).signature_source == "none"
 
 
 @pytest.mark.parametrize(
@@ -221,9 +242,9 @@ def ctx(endpoint: str, body: dict[str, object], batch: int | None = None) -> Req
     return RequestContext(endpoint, body, False, False, batch, 0.0)
 
 
-async def test_gateway_resolver_dual_flow_learns_from_decode_and_hits_next_turn() -> None:
+async def test_locality_resolver_dual_flow_learns_from_decode_and_hits_next_turn() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    resolver = LocalityResolver(SignatureResolver(Source(active(t))))
     assert resolver.wants_decode_results
     first = ctx("/generate", {"text": "What is the capital of France?"})
     assert (await resolver.resolve(first)).signature_source == "none"
@@ -240,9 +261,9 @@ async def test_gateway_resolver_dual_flow_learns_from_decode_and_hits_next_turn(
     np.testing.assert_allclose(routing.signature, want, atol=1e-6)  # type: ignore[arg-type]
 
 
-async def test_gateway_resolver_prefill_first_uses_and_learns_prompt_counts() -> None:
+async def test_locality_resolver_prefill_first_uses_and_learns_prompt_counts() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    resolver = LocalityResolver(SignatureResolver(Source(active(t))))
     c = ctx("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     prefill = {"sglext": {"prompt_expert_counts": encode_counts(np.array([[0, 0, 7]], np.int32)),
                           "expert_geometry": TINY.to_dict()}}
@@ -253,9 +274,9 @@ async def test_gateway_resolver_prefill_first_uses_and_learns_prompt_counts() ->
     assert (await resolver.resolve(again)).signature_source == "cache"
 
 
-def test_gateway_resolver_ignores_unusable_prefill_answers() -> None:
+def test_locality_resolver_ignores_unusable_prefill_answers() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    resolver = LocalityResolver(SignatureResolver(Source(active(t))))
     other = {"num_layers": 2, "num_experts": 3, "top_k": 1, "name": "x"}
     answers: list[object] = [
         None, "text", {"meta_info": {}},
@@ -268,9 +289,9 @@ def test_gateway_resolver_ignores_unusable_prefill_answers() -> None:
         assert routing.signature_source == "none"
 
 
-async def test_gateway_resolver_skips_batches_and_answers_without_prompt_tokens() -> None:
+async def test_locality_resolver_skips_batches_and_answers_without_prompt_tokens() -> None:
     t = table(CENTROIDS, ["a", "b", "c"])
-    resolver = make_resolver(object(), zone_runtime=Source(active(t)))
+    resolver = LocalityResolver(SignatureResolver(Source(active(t))))
     batch = ctx("/generate", {"text": ["a", "b"]}, batch=2)
     assert (await resolver.resolve(batch)).signature_source == "none"
     single = ctx("/generate", {"text": "q"})

@@ -15,9 +15,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from prometheus_client import CollectorRegistry
 
-from gateway.eldr_metrics import EldrMetrics
+from gateway import admin
+from gateway.circuit import BreakerConfig
+from gateway.config import Settings
+from gateway.eldr.locality import Locality
+from gateway.eldr.metrics import EldrMetrics
+from gateway.eldr.resolver import LocalityResolver, SignatureResolver
+from gateway.eldr.runtime import ReloadResult, ZoneRuntime, map_zones
 from gateway.errors import ConflictError
-from gateway.zone_runtime import ZoneRuntime, map_zones, zone_admin_routes
+from gateway.metrics import GatewayMetrics
+from gateway.state import STATE, GatewayState
+from gateway.workers import WorkerRegistry
 from tests.eldr.helpers import table
 from zones.table import ZoneTable, save_table
 
@@ -36,6 +44,25 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+def load(rt: ZoneRuntime) -> ReloadResult:
+    """A reload from synchronous code (its own event loop), as start-up would run it."""
+    return asyncio.run(rt.reload())
+
+
+def zone_app(rt: ZoneRuntime) -> web.Application:
+    """The admin routes over an app state holding `rt` (what create_app builds with --zones)."""
+    registry = CollectorRegistry()
+    state = GatewayState(Settings(zones=rt.path), registry, GatewayMetrics(registry),
+                         WorkerRegistry(BreakerConfig(), 5.0))
+    if rt.path is not None:
+        state.locality = Locality(rt, EldrMetrics(registry),
+                                  LocalityResolver(SignatureResolver(rt)), None)
+    app = web.Application()
+    app[STATE] = state
+    admin.add_routes(app)
+    return app
+
+
 def reload_count(registry: CollectorRegistry, result: str) -> float:
     return registry.get_sample_value("eldr_zone_reloads_total", {"result": result}) or 0.0
 
@@ -46,7 +73,7 @@ def test_load_swap_and_keep_old_on_corrupt_file(tmp_path: Path) -> None:
     save_table(table_v("v1"), path)
     rt = ZoneRuntime(path, metrics=EldrMetrics(registry))
     assert rt.active is None and registry.get_sample_value("eldr_zone_table_zones") == 0
-    first = rt.reload_sync()
+    first = load(rt)
     assert first.status == "loaded" and rt.active is not None and rt.active.version == "v1"
     v1 = rt.active
     assert registry.get_sample_value(
@@ -54,19 +81,19 @@ def test_load_swap_and_keep_old_on_corrupt_file(tmp_path: Path) -> None:
     ) == 1
 
     path.write_bytes(path.read_bytes()[:100])  # truncated mid-write
-    bad = rt.reload_sync()
+    bad = load(rt)
     assert bad.status == "failed" and rt.active is v1  # old table keeps serving
     assert bad.error is not None and "document: not valid JSON" in bad.error
     assert rt.info()["last_error"] == bad.error and rt.info()["version"] == "v1"
 
     save_table(table_v("v2"), path)  # then edited by hand: the checksum no longer matches
     path.write_text(path.read_text().replace('"v2"', '"v3"'))
-    tampered = rt.reload_sync()
+    tampered = load(rt)
     assert tampered.status == "failed" and "checksum: mismatch" in (tampered.error or "")
     assert rt.active is v1
 
     save_table(table_v("v2"), path)
-    ok = rt.reload_sync()
+    ok = load(rt)
     assert ok.status == "loaded" and rt.active.version == "v2" and rt.active.generation == 2
     assert rt.last_error is None
     assert registry.get_sample_value(
@@ -79,21 +106,21 @@ def test_same_content_is_unchanged_not_swapped(tmp_path: Path) -> None:
     path = tmp_path / "zones.json"
     save_table(table_v("v1"), path)
     rt = ZoneRuntime(path)
-    rt.reload_sync()
+    load(rt)
     before = rt.active
-    assert rt.reload_sync().status == "unchanged" and rt.active is before
+    assert load(rt).status == "unchanged" and rt.active is before
 
 
 def test_missing_path_and_unexpected_loader_errors_are_contained(tmp_path: Path) -> None:
     rt = ZoneRuntime(tmp_path / "absent.json")
-    res = rt.reload_sync()
+    res = load(rt)
     assert res.status == "failed" and "file: cannot read" in (res.error or "")
-    assert ZoneRuntime(None).reload_sync().error == "zones: no zone table path configured (--zones)"
+    assert load(ZoneRuntime(None)).error == "zones: no zone table path configured (--zones)"
 
     def boom(_: str) -> ZoneTable:
         raise RuntimeError("disk on fire")
 
-    res = ZoneRuntime(tmp_path / "x", loader=boom).reload_sync()
+    res = load(ZoneRuntime(tmp_path / "x", loader=boom))
     assert res.status == "failed" and "disk on fire" in (res.error or "")
 
 
@@ -105,7 +132,7 @@ async def test_watcher_reloads_on_change_touch_and_configmap_swap(tmp_path: Path
     os.symlink("..2026_01", tmp_path / "..data")
     os.symlink("..data/zones.json", tmp_path / "zones.json")
     rt = ZoneRuntime(tmp_path / "zones.json", metrics=EldrMetrics(registry))
-    rt.reload_sync()
+    await rt.reload()
     watcher = asyncio.create_task(rt.watch(interval=0.02))
     try:
         # mtime-only touch: re-read, same checksum -> "unchanged", table object kept.
@@ -152,7 +179,7 @@ async def test_sighup_triggers_reload(tmp_path: Path) -> None:
     path = tmp_path / "zones.json"
     save_table(table_v("v1"), path)
     rt = ZoneRuntime(path)
-    rt.reload_sync()
+    await rt.reload()
     save_table(table_v("v2"), path)
     uninstall = rt.install_sighup(asyncio.get_running_loop())
     try:
@@ -166,9 +193,7 @@ async def test_admin_endpoints(tmp_path: Path) -> None:
     path = tmp_path / "zones.json"
     save_table(table_v("v1"), path)
     rt = ZoneRuntime(path)
-    app = web.Application()
-    app.add_routes(zone_admin_routes(rt))
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(zone_app(rt))) as client:
         resp = await client.get("/zones")
         assert resp.status == 200 and (await resp.json())["active"] is False
         resp = await client.post("/admin/zones/reload")
@@ -186,11 +211,13 @@ async def test_admin_endpoints(tmp_path: Path) -> None:
         assert (await resp.json())["last_error"] == body["error"]["message"]
 
 
-async def test_admin_reload_without_path_is_a_conflict() -> None:
-    route = zone_admin_routes(ZoneRuntime(None))[0]
-    assert route.path == "/admin/zones/reload"
-    with pytest.raises(ConflictError, match="--zones"):
-        await route.handler(make_mocked_request("POST", "/admin/zones/reload"))
+async def test_admin_zone_routes_without_zones_are_a_conflict() -> None:
+    app = zone_app(ZoneRuntime(None))
+    assert not any(r.resource is not None and r.resource.canonical == "/zones"
+                   for r in app.router.routes())  # not mounted without --zones
+    for handler in (admin.reload_zones, admin.show_zones):
+        with pytest.raises(ConflictError, match="--zones"):
+            await handler(make_mocked_request("POST", "/admin/zones/reload", app=app))
 
 
 async def test_concurrent_reloads_are_serialised(tmp_path: Path) -> None:
@@ -220,7 +247,7 @@ def test_set_workers_remaps_and_original_reclaims(tmp_path: Path) -> None:
     save_table(table_v("v1"), path)
     rt = ZoneRuntime(path, metrics=EldrMetrics(registry))
     rt.set_workers([("a", "ua"), ("b", "ub"), ("c", "uc")])  # before the table: remembered
-    rt.reload_sync()
+    load(rt)
     assert rt.active is not None and rt.active.zone_workers == ("a", "b", "c")
     rt.set_workers([("a", "ua"), ("c", "uc")])  # b left
     assert rt.active.zone_workers == ("a", None, "c")

@@ -18,9 +18,9 @@ from gateway.health import apply_health_result
 from gateway.limiter import ConcurrencyLimiter
 from gateway.loads import parse_get_load, parse_v1_loads
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
-from gateway.policies.base import NO_ROUTING_INPUT, WorkerView
 from gateway.policies.registry import make_policy
 from gateway.retry import RetryConfig, is_retryable_status
+from gateway.routing import NO_ROUTING_INPUT, WorkerView
 from gateway.workers import Worker
 
 
