@@ -8,9 +8,12 @@ whole `EldrPolicy.select` (snapshot read, plan-cache lookup, similarity product,
 on a fresh in-flight vector; the candidate list and all 64 views are new every call (dispatch
 reuses a worker's view while its counts are unchanged, so this is the costlier case).
 
-Three measurements run interleaved in short rounds with the same signatures and loads: the
-whole `select`, the band alone (`gateway.eldr.band.choose` on a prebuilt plan) and the BLAS
-sgemv alone (the similarity product inside it), so the report shows where the time goes.
+Four measurements run interleaved in short rounds with the same signatures and loads: the
+whole `select` for a full signature (cache and prefill sources) and for a predicted one (kept as
+coordinates in the table predictor's rank-32 basis, `LowRankSignature`), the band alone
+(`gateway.eldr.band.choose` on a prebuilt plan) and the BLAS sgemv alone (the similarity product
+inside it), so the report shows where the time goes. The verdict is on full signatures, the
+costlier case.
 
     python benchmarks/eldr_decision.py                 # defaults below
     python benchmarks/eldr_decision.py --decisions 200000 --json out.json
@@ -53,8 +56,9 @@ from gateway.eldr.policy import EldrPolicy
 from gateway.eldr.prompts import Prompt
 from gateway.eldr.resolver import SignatureResolver
 from gateway.eldr.runtime import ActiveZones
-from gateway.routing import RoutingInput, WorkerView
+from gateway.routing import LowRankSignature, RoutingInput, WorkerView
 from zones.geometry import KNOWN_GEOMETRIES
+from zones.predictor import Predictor
 from zones.signature import SignatureSpec
 from zones.table import make_table
 
@@ -161,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         sig_counts = rng.poisson(rates[zone_of])
     assert valid.all()
     workers = [f"http://10.0.0.{i}:30001" for i in range(args.workers)]
-    table = make_table(spec, centroids, workers, tau=args.tau)
+    # A predictor of the production shape (2,048 buckets, rank 32) with an orthonormal basis:
+    # predicted signatures reach the policy as coordinates in it (LowRankSignature).
+    rank = 32
+    basis = np.linalg.qr(rng.standard_normal((spec.dim, rank)))[0].T.astype(np.float32)
+    predictor = Predictor(2048, 128, rng.standard_normal((2048, rank)).astype(np.float32),
+                          rng.standard_normal(rank).astype(np.float32), basis)
+    table = make_table(spec, centroids, workers, tau=args.tau, predictor=predictor)
     sigs, ok = spec.build_many(sig_counts)
     sigs = sigs[ok]
     active = ActiveZones(table, tuple(workers), 1, time.time(), "bench")
@@ -169,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     policy = EldrPolicy()
     plan = build_plan(table.centroids, workers, [(w,) for w in workers])
 
-    def run_policy(n: int, offset: int) -> np.ndarray:
+    # Coordinates whose signatures lie near the centroids, like real predictions.
+    low_rank = [LowRankSignature((basis @ sig).astype(np.float32), predictor.basis)
+                for sig in sigs[: min(len(sigs), 512)]]
+
+    def run_policy(n: int, offset: int, predicted: bool = False) -> np.ndarray:
         out = np.empty(n, dtype=np.int64)
         for i in range(n):
             row = loads[offset + i]
             cands = [WorkerView(w, w, row[k], None) for k, w in enumerate(workers)]
-            routing = RoutingInput(sigs[i % len(sigs)], "cache", active)
+            sig: Any = low_rank[i % len(low_rank)] if predicted else sigs[i % len(sigs)]
+            routing = RoutingInput(sig, "predictor" if predicted else "cache", active)
             t0 = time.perf_counter_ns()
             policy.select(cands, routing)
             out[i] = time.perf_counter_ns() - t0
@@ -212,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     # to be running.
     rounds = 50
     per = max(1, args.decisions // rounds)
-    parts: dict[str, list[np.ndarray]] = {"select": [], "band_core": [], "sgemv": []}
+    parts: dict[str, list[np.ndarray]] = {"select": [], "select_predicted": [],
+                                          "band_core": [], "sgemv": []}
     for rnd in range(rounds):
         offset = args.warmup + rnd * per
         parts["select"].append(run_policy(per, offset))
+        parts["select_predicted"].append(run_policy(per, offset, predicted=True))
         parts["band_core"].append(run_band(per, offset))
         parts["sgemv"].append(run_product(per, offset))
     resolve = _resolve_costs(active, g, rng, min(args.decisions, 5_000))
@@ -249,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.workers} workers, D={spec.dim}, {per * rounds} decisions, "
           f"{args.data} signatures, tau {args.tau}")
     print(line("select (whole policy)", timings["select"]))
+    print(line("select, predicted (low-rank)", timings["select_predicted"]))
     print(line("band_core (choose)", timings["band_core"]))
     print(line("sgemv alone", timings["sgemv"]))
     for name, r in resolve.items():
