@@ -4,8 +4,10 @@ Worker management follows the Rust router's HTTP API: `POST /workers` answers 20
 the worker joins rotation once its first health check passes (done in the background, as the
 Rust router's job queue does); `DELETE /workers/{id}` answers 202 and takes the worker out at
 once (in-flight requests finish on it). `POST /flush_cache` is fanned out to every worker.
-With `--admin-token` set (or GATEWAY_ADMIN_TOKEN), these endpoints require
-`Authorization: Bearer <token>`; read-only endpoints stay open.
+With `--admin-token` set (or GATEWAY_ADMIN_TOKEN), these endpoints (reads included: `GET /workers`
+shows internal URLs) require `Authorization: Bearer <token>`. Without one, reads stay open and
+mutations (any method but GET/HEAD) are accepted from loopback clients only, answered 403 from
+anywhere else: an open port must not let anyone add a worker that receives every prompt.
 
 Zone tables (with `--zones`): `POST /admin/zones/reload` reloads now (200 loaded or unchanged,
 422 rejected while the old table keeps serving); `GET /zones` shows the
@@ -15,28 +17,30 @@ active table, its zone -> worker mapping and the last reload error. Both are mou
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
+import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.config import Settings, check_url
+from gateway.config import Settings
 from gateway.errors import BadRequestError, ConfigError, ConflictError, UnauthorizedError
-from gateway.health import apply_health_result
 from gateway.info import fan_out
 from gateway.responses import error_response, json_response
-from gateway.state import STATE, GatewayState
+from gateway.state import STATE
+from gateway.urls import check_url, redact_url
+
+log = logging.getLogger(__name__)
 
 ADMIN_PREFIXES = ("/workers", "/flush_cache", "/admin/")
 WORKER_FIELDS = {"url", "worker_type", "bootstrap_port", "id"}
-# A worker added over the API is probed until it passes once, at most this long, then given up
-# on (it stays registered and unhealthy; the periodic health check can still bring it in).
-ACTIVATION_TIMEOUT_SECS = 60.0
-ACTIVATION_PROBE_SECS = 1.0  # between probes (or the health interval, when shorter)
+
+AdminCheck = Callable[[web.Request], web.Response | None]
+READ_METHODS = frozenset({"GET", "HEAD"})  # aiohttp's add_get also answers HEAD
+FORBIDDEN = "forbidden"  # error type of the 403 answer (the guard answers, nothing is raised)
 
 
 def is_admin_request(request: web.Request) -> bool:
@@ -44,25 +48,53 @@ def is_admin_request(request: web.Request) -> bool:
     return request.path.startswith(ADMIN_PREFIXES)
 
 
-def auth_check_for(settings: Settings) -> Callable[[web.Request], web.Response | None] | None:
-    """The admin bearer-token check run by the app's middleware before any handler: returns
-    the 401 answer for an admin request without the right token, else None. None (no check at
-    all) when no admin token is configured."""
+def is_loopback(request: web.Request) -> bool:
+    """Whether the TCP peer is this host (127.0.0.0/8, ::1, ::ffff:127.x). Only the socket's
+    address counts: a header such as X-Forwarded-For is the client's word, not evidence."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:  # no peer address (a non-TCP transport): not known to be local
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # Python 3.11 calls ::ffff:127.0.0.1 not loopback
+    return address.is_loopback
+
+
+def auth_check_for(settings: Settings) -> AdminCheck:
+    """The admin guard run by the app's middleware before any handler: returns the refusal
+    for an admin request it does not allow, else None. With an admin token: 401 for any admin
+    request without `Authorization: Bearer <token>`. Without one: 403 for an admin mutation
+    (not GET/HEAD) from a non-loopback peer; this also logs the start-up warning that says so,
+    once per app (the app calls this once, when it is built)."""
     token = settings.admin_token
     if not token:
-        return None
+        log.warning("no admin token configured: admin mutations (POST/PUT/DELETE /workers, "
+                    "/flush_cache, /admin/...) accepted from loopback only; set --admin-token "
+                    "(GATEWAY_ADMIN_TOKEN) to manage workers from other hosts")
+        return _loopback_mutations_only
     expected = f"Bearer {token}".encode()
 
     def check(request: web.Request) -> web.Response | None:
         if not is_admin_request(request):
             return None
         given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), expected):
+        # surrogateescape: undecodable header bytes are compared as the bytes they were
+        # (a mismatch, so a 401), not a failed encode.
+        if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
             return None
         return error_response(401, "admin endpoint: missing or wrong bearer token "
                               "(Authorization: Bearer <admin token>)", UnauthorizedError.code)
 
     return check
+
+
+def _loopback_mutations_only(request: web.Request) -> web.Response | None:
+    if request.method in READ_METHODS or not is_admin_request(request) or is_loopback(request):
+        return None
+    return error_response(403, f"admin endpoint: {request.method} {request.path} is accepted "
+                          "from loopback only while no admin token is configured; set "
+                          "--admin-token (GATEWAY_ADMIN_TOKEN) and send Authorization: Bearer "
+                          "<admin token>", FORBIDDEN)
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:
@@ -82,24 +114,6 @@ def _port(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise BadRequestError("bootstrap_port: must be an integer 1..65535 or null")
     return value
-
-
-async def _activate(state: GatewayState, worker_id: str) -> None:
-    """Probe a newly added worker until it passes once (bounded), then put it in rotation."""
-    settings = state.settings
-    deadline = time.monotonic() + ACTIVATION_TIMEOUT_SECS
-    while time.monotonic() < deadline:
-        worker = state.workers.find(worker_id)
-        health = state.health
-        if worker is None or health is None:
-            return
-        if await health.probe(worker):
-            worker.healthy = True
-            apply_health_result(worker, True, settings.health_failure_threshold,
-                                settings.health_success_threshold)
-            state.metrics.record_health(worker.worker_id, worker.role, True, True)
-            return
-        await asyncio.sleep(min(settings.health_check_interval_secs, ACTIVATION_PROBE_SECS))
 
 
 async def add_worker(request: web.Request) -> web.Response:
@@ -123,14 +137,17 @@ async def add_worker(request: web.Request) -> web.Response:
     wid = body.get("id")
     if wid is not None and (not isinstance(wid, str) or not wid):
         raise BadRequestError("id: must be a non-empty string")
+    if wid is not None and redact_url(wid) != wid:
+        # The id is a metrics label and is logged: the no-credentials rule of `url` holds for it.
+        raise BadRequestError(f"id: {redact_url(wid)!r} must not contain credentials (user@)")
     worker = state.workers.add(url, role, _port(body.get("bootstrap_port")), wid)
-    worker.healthy = False  # joins rotation after its first successful health check
-    state.metrics.record_health(worker.worker_id, worker.role, False, False)
+    # Joins rotation once a health check passes (gateway/health.py), unless checks are off.
+    worker.healthy = state.settings.disable_health_check
+    state.metrics.record_health(worker.worker_id, worker.role, worker.healthy, False)
     state.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
     state.decode_workers_changed()
-    task = asyncio.ensure_future(_activate(state, worker.worker_id))
-    state.tasks.append(task)
-    task.add_done_callback(lambda t: state.tasks.remove(t) if t in state.tasks else None)
+    if not worker.healthy:
+        state.activate(worker)
     return json_response({"status": "accepted", "worker_id": worker.worker_id,
                           "message": "worker added; it enters rotation once healthy"}, 202)
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, info
@@ -45,10 +46,19 @@ GENERATION_ENDPOINTS = ("/generate", "/v1/chat/completions", "/v1/completions")
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                            ) -> web.StreamResponse:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        # Refused before a byte is read: aiohttp would inflate the body on read, and a few
+        # hundred KiB of gzip inflate to the whole payload limit. SGLang's own server does not
+        # decode compressed request bodies either.
+        return error_response(415, f"Content-Encoding: {encoding[:40]!r} is not supported; "
+                              "send the request body uncompressed", "unsupported_media_type")
     try:
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc.status, exc.message, exc.code)
+    except RequestPayloadError as exc:  # a body that broke off or did not decode
+        return error_response(400, f"request body could not be read: {exc}", "invalid_request")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -67,12 +77,10 @@ async def error_middleware(request: web.Request,
 
 
 def _middlewares(settings: Settings) -> list[Any]:
-    """One middleware for every request: the JSON error mapping, preceded by the admin
-    bearer-token check when an admin token is set (aiohttp runs each middleware as an extra
-    coroutine per request, generation requests included, so no-op layers are left out)."""
+    """One middleware for every request: the admin guard, then the JSON error mapping (aiohttp
+    runs each middleware as an extra coroutine per request, generation requests included, so
+    the two share one)."""
     check = admin.auth_check_for(settings)
-    if check is None:
-        return [error_middleware]
 
     @web.middleware
     async def admin_auth_then_errors(
@@ -97,12 +105,13 @@ def _build_state(settings: Settings) -> GatewayState:
         enabled=not settings.disable_circuit_breaker,
     )
     workers = WorkerRegistry(breaker, settings.load_stale_secs)
-    for spec in settings.prefill:
-        workers.add(spec.url, "prefill", spec.bootstrap_port)
-    for url in settings.decode:
-        workers.add(url, "decode")
-    for url in settings.worker_urls:
-        workers.add(url, "regular")
+    added = [workers.add(spec.url, "prefill", spec.bootstrap_port) for spec in settings.prefill]
+    added += [workers.add(url, "decode") for url in settings.decode]
+    added += [workers.add(url, "regular") for url in settings.worker_urls]
+    for worker in added:
+        # Out of rotation until a health check passes (gateway/health.py), as the Rust router
+        # does; with health checks disabled there is nothing to wait for.
+        worker.healthy = settings.disable_health_check
     return GatewayState(settings=settings, registry=registry,
                         metrics=GatewayMetrics(registry), workers=workers)
 
@@ -179,6 +188,15 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             settings.health_check_interval_secs, settings.health_check_timeout_secs,
             settings.health_failure_threshold, settings.health_success_threshold, headers)
         if not settings.disable_health_check:
+            # Probed once before serving, so workers that are up serve the first request; the
+            # others are probed in the background until they pass.
+            workers = list(state.workers)
+            admitted = await asyncio.gather(*(state.health.admit(w) for w in workers))
+            for worker, ok in zip(workers, admitted, strict=True):
+                if not ok:
+                    log.warning("worker %s did not pass its first health check; out of "
+                                "rotation until it does", worker.worker_id)
+                    state.activate(worker, probe_now=False)
             state.tasks.append(asyncio.ensure_future(state.health.run()))
         if settings.load_poll_interval_secs > 0:
             poller = LoadPoller(state.workers, state.session, state.metrics,
@@ -200,9 +218,11 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
             state.tasks.clear()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
-            hook = state.dispatcher.hook if state.dispatcher is not None else None
-            if hook is not None:
-                await asyncio.to_thread(hook.close)  # flushes queued records (bounded)
+            if state.dispatcher is not None:
+                await state.dispatcher.close()  # abandons prefill legs still lingering
+                hook = state.dispatcher.hook
+                if hook is not None:
+                    await asyncio.to_thread(hook.close)  # flushes queued records (bounded)
             await state.client.close()
             await state.session.close()
 

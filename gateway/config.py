@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from gateway.eldr.signature_cache import (
     DEFAULT_BLOCK_BYTES,
@@ -21,6 +20,7 @@ from gateway.eldr.signature_cache import (
     DEFAULT_MAX_ENTRIES,
 )
 from gateway.errors import ConfigError
+from gateway.urls import check_url
 
 LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
 POLICIES = (*LOAD_POLICIES, "eldr")
@@ -111,7 +111,12 @@ class Settings:
     health_check_timeout_secs: float = _f(5.0, "health check request timeout")
     health_check_interval_secs: float = _f(60.0, "seconds between health checks")
     health_check_endpoint: str = _f("/health", "worker health check path")
-    disable_health_check: bool = _f(False, "disable background health checks")
+    disable_health_check: bool = _f(
+        False, "disable health checks (workers are then in rotation from the start)")
+    worker_startup_timeout_secs: float = _f(
+        1800.0, "seconds a new worker may take to pass its first health check")
+    worker_startup_check_interval: float = _f(
+        30.0, "seconds between health probes of a new worker until it passes")
     # --- load polling (ours: the Rust router polls loads only for power_of_two) ---
     load_poll_interval_secs: float = _f(1.0, "seconds between /v1/loads polls (0 disables)")
     load_stale_secs: float = _f(5.0, "worker-reported load older than this is ignored")
@@ -119,7 +124,8 @@ class Settings:
     prometheus_host: str = _f("0.0.0.0", "address for the Prometheus metrics server")
     prometheus_port: int = _f(29000, "port for the Prometheus metrics server (0: disabled)")
     log_level: str = _f("info", "log level", choices=LOG_LEVELS)
-    admin_token: str | None = _f(None, "bearer token required by admin endpoints")
+    admin_token: str | None = _f(
+        None, "bearer token required by admin endpoints (unset: admin changes from loopback only)")
 
     # ------------------------------------------------------------------
     @property
@@ -147,7 +153,8 @@ class Settings:
         positive_floats = ("request_timeout_secs", "health_check_timeout_secs",
                            "health_check_interval_secs", "cb_timeout_duration_secs",
                            "cb_window_duration_secs", "retry_backoff_multiplier",
-                           "queue_timeout_secs", "load_stale_secs")
+                           "queue_timeout_secs", "load_stale_secs",
+                           "worker_startup_timeout_secs", "worker_startup_check_interval")
         for key in positive_floats:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
@@ -204,16 +211,6 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
-
-
-def check_url(key: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{key}: {url!r} is not an http(s) URL with a host")
-    try:
-        _ = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {url!r} has an invalid port") from exc
 
 
 def parse_prefill(values: list[str]) -> PrefillSpec:

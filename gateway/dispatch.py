@@ -80,6 +80,11 @@ _T = TypeVar("_T")
 FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id", "traceparent",
                      "tracestate")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# After the client has the whole stream (or is gone), a dual-flow prefill answer that is still
+# missing serves nobody. One that trails the decode's last chunk by milliseconds is normal (the
+# prefill answers once its KV transfer is done), so it gets this long, off the client's path and
+# outside the request's accounting, before the leg is abandoned (its connection closed).
+PREFILL_LINGER_SECS = 0.5
 # Freeing an unused prefill-first room is a best-effort bookkeeping call on a live prefill (the
 # prefill also frees it on its own bootstrap timeout), so it gets a short, fixed bound.
 ROOM_RELEASE_TIMEOUT_SECS = 5.0
@@ -152,6 +157,17 @@ class Cleanup:
             raise error
 
 
+@dataclass(slots=True)
+class _PrefillLeg:
+    """The dual flow's prefill request: its task, its in-flight guard, and whether a late answer
+    is worth waiting for (set once the decode has produced its first bytes)."""
+
+    worker: Worker
+    task: asyncio.Task[LegResult]
+    guard: InFlight
+    linger: bool = False
+
+
 class _PrefillWatch:
     """Done-callback of the dual flow's prefill task. While armed (the handler task awaits a
     decode step), a failed prefill (transport error, timeout, non-2xx status) cancels the handler
@@ -210,6 +226,13 @@ class Dispatcher:
         self._request_id_names = (*self._id_headers, "x-request-id")
         self._forwarded_names = (*FORWARDED_HEADERS, *self._id_headers)
         self._urls = UrlCache()
+        # Prefill legs left to finish after their request was answered (`_end_prefill_leg`).
+        self._lingering: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Abandon the prefill legs still lingering (app shutdown)."""
+        for task in list(self._lingering):
+            await _cancel(task)
 
     # ------------------------------------------------------------------ entry point
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
@@ -286,6 +309,10 @@ class Dispatcher:
         for name in self._forwarded_names:
             value = request.headers.get(name)
             if value is not None:
+                # aiohttp keeps undecodable header bytes as lone surrogates, which cannot be
+                # sent on: the client gets a 400 naming the header, not a failed encode.
+                if not value.isascii() and not _utf8(value):
+                    raise BadRequestError(f"header {name}: value is not valid UTF-8")
                 headers[name] = value
         if self.settings.api_key:
             headers["authorization"] = f"Bearer {self.settings.api_key}"
@@ -392,12 +419,14 @@ class Dispatcher:
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
         body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
                                         rooms))
-        prefill_guard = stack.enter(InFlight(prefill, self.metrics))
-        stack.enter(InFlight(decode, self.metrics))
+        prefill_guard = InFlight(prefill, self.metrics).__enter__()
         prefill_task = asyncio.ensure_future(
             post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
                       self.timeout))
-        stack.task(prefill_task)
+        leg = _PrefillLeg(prefill, prefill_task, prefill_guard)
+        # One cleanup entry owns the prefill task and its guard; it never waits for the leg.
+        stack.callback(self._end_prefill_leg, leg)
+        stack.enter(InFlight(decode, self.metrics))
         # The decode leg runs in this task; a failing prefill interrupts it (see _PrefillWatch).
         watch = _PrefillWatch(prefill_task)
         resp = await self._unless_prefill_fails(
@@ -415,10 +444,9 @@ class Dispatcher:
             # fail keeps "prefill failed" a clean error response instead of a broken 200 stream.
             opened.first_chunk = await self._unless_prefill_fails(
                 self._read_first(opened, ctx.return_logprob), watch, prefill)
-            if prefill_task.done():
-                prefill_guard.release()
-            else:
-                stack.push_async(self._finish_prefill, prefill, prefill_task, prefill_guard)
+            # The KV transfer happened: a prefill still open should answer shortly, and its
+            # outcome, unlike one already awaited above, is not known to the attempt.
+            leg.linger = not prefill_task.done()
         return opened
 
     async def _unless_prefill_fails(self, step: Coroutine[Any, Any, _T], watch: _PrefillWatch,
@@ -500,15 +528,62 @@ class Dispatcher:
                                             result.content_type)
         self._record_success(prefill)
 
-    async def _finish_prefill(self, prefill: Worker, task: asyncio.Task[LegResult],
-                              guard: InFlight) -> None:
-        """After a stream: wait (bounded by the request timeout) for the prefill to close."""
+    def _end_prefill_leg(self, leg: _PrefillLeg) -> None:
+        """Attempt cleanup of a dual-flow prefill leg; it never holds up the client.
+
+        Before the decode's first bytes (`leg.linger` False) the attempt itself reported the
+        leg's outcome, or failed for another reason: an unfinished leg is cancelled at once.
+        After them, the leg's outcome is news: recorded now if the leg is done, else after a
+        background wait of at most `PREFILL_LINGER_SECS` (module constants), then abandoned.
+        """
+        task = leg.task
+        if not leg.linger:
+            if task.done():
+                if not task.cancelled():
+                    task.exception()  # retrieved: the attempt has dealt with it
+            else:
+                task.cancel()
+            leg.guard.release()
+        elif task.done():
+            self._settle_prefill(leg)
+        else:
+            lingering = asyncio.ensure_future(self._linger(leg))
+            self._lingering.add(lingering)
+            lingering.add_done_callback(self._lingering.discard)
+
+    async def _linger(self, leg: _PrefillLeg) -> None:
         try:
-            self._check_prefill(prefill, await task)
-        except AttemptFailed as failure:
-            self._record_failure(failure)
-        finally:
-            guard.release()
+            await asyncio.wait_for(asyncio.shield(leg.task), PREFILL_LINGER_SECS)
+        except asyncio.TimeoutError:
+            log.info("prefill %s had not answered %.1fs after its decode's first bytes; "
+                     "leg abandoned", leg.worker.worker_id, PREFILL_LINGER_SECS)
+        except asyncio.CancelledError:  # shutdown (Dispatcher.close)
+            leg.task.cancel()
+            leg.guard.release()
+            raise
+        except Exception:
+            pass  # the leg failed: recorded by _settle_prefill
+        if leg.task.done():
+            self._settle_prefill(leg)
+        else:
+            leg.task.cancel()
+            leg.guard.release()
+
+    def _settle_prefill(self, leg: _PrefillLeg) -> None:
+        """Record a finished prefill leg's outcome against its worker; release its guard."""
+        leg.guard.release()
+        task = leg.task
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, AttemptFailed):
+            self._record_failure(exc)
+            return
+        if exc is None:
+            try:
+                self._check_prefill(leg.worker, task.result())
+            except AttemptFailed as failure:
+                self._record_failure(failure)
 
     async def _read_first(self, opened: Opened, merge: bool) -> bytes:
         try:
@@ -606,6 +681,14 @@ class Dispatcher:
         self._record_success(opened.worker)
         await out.write_eof()
         return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _outgoing(ctx: RequestContext) -> dict[str, Any]:

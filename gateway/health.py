@@ -3,6 +3,12 @@
 Each round GETs `health_check_endpoint` on every worker with `health_check_timeout_secs`; a worker
 leaves rotation after `health_failure_threshold` consecutive failures and returns after
 `health_success_threshold` consecutive successes. A 2xx answer is a success.
+
+A new worker (from the command line or `POST /workers`) is out of rotation until it passes one
+health check: `activate` probes it at once and then every `worker_startup_check_interval` seconds
+for up to `worker_startup_timeout_secs` (the Rust router's flags and defaults: 30 s, 1,800 s;
+large models take minutes to load). One that never passes stays out of rotation, logged; the
+periodic rounds can still bring it in.
 """
 
 from __future__ import annotations
@@ -59,6 +65,37 @@ class HealthChecker:
                 return 200 <= resp.status < 300
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
+
+    async def admit(self, worker: Worker) -> bool:
+        """One probe of a worker out of rotation; a pass puts it in rotation."""
+        ok = await self.probe(worker)
+        if not ok or self._registry.find(worker.worker_id) is not worker:
+            return False
+        if not worker.healthy:
+            worker.healthy = True
+            worker.health_failures = 0
+            worker.health_successes = max(worker.health_successes, self._success_threshold)
+            log.info("worker %s passed a health check: in rotation", worker.worker_id)
+        self._metrics.record_health(worker.worker_id, worker.role, True, True)
+        return True
+
+    async def activate(self, worker: Worker, timeout: float, interval: float,
+                       probe_now: bool = True) -> bool:
+        """`admit` every `interval` seconds until `worker` passes (True) or `timeout` elapses or
+        it is removed (False). `probe_now=False` waits one interval first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not probe_now:
+            await asyncio.sleep(interval)
+        while self._registry.find(worker.worker_id) is worker:
+            if worker.healthy or await self.admit(worker):
+                return True
+            if loop.time() + interval > deadline:
+                log.error("worker %s did not pass a health check within %.0f s of joining; "
+                          "it stays out of rotation until it does", worker.worker_id, timeout)
+                return False
+            await asyncio.sleep(interval)
+        return False
 
     async def check_once(self) -> None:
         workers = list(self._registry)

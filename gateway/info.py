@@ -4,12 +4,14 @@ Semantics follow the Rust router's HTTP surface: `/health` and `/liveness` answe
 process itself; `/readiness` is 503 unless at least one healthy prefill and one healthy decode
 worker exist (PD) or one healthy regular worker (non-PD); `/health_generate` asks every healthy
 worker's `/health_generate` (a real forward pass); info endpoints are answered by one available
-worker (decode preferred: it runs the sampling the client sees).
+worker (decode preferred: it runs the sampling the client sees); a server_info answer goes out
+without the keys that name credentials (SGLang builds it from its ServerArgs, `api_key` included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ from aiohttp import web
 from gateway.errors import NoWorkersError
 from gateway.responses import error_body, json_response
 from gateway.state import STATE, GatewayState
+from gateway.urls import redact_url
 from gateway.workers import Worker
 
 # Info requests, /flush_cache and /health_generate (a real forward pass, queued behind running
@@ -29,6 +32,8 @@ UPSTREAM_INFO_TIMEOUT_SECS = 30.0
 FORWARDED_INFO = (("/server_info", "/server_info"), ("/get_server_info", "/server_info"),
                   ("/model_info", "/model_info"), ("/get_model_info", "/model_info"),
                   ("/v1/models", "/v1/models"))
+# Keys of a server_info answer naming any of these are dropped (see `is_secret_key`).
+SECRET_KEY_WORDS = ("api_key", "apikey", "secret", "password")
 
 
 def _info_worker(state: GatewayState) -> Worker:
@@ -91,10 +96,54 @@ async def health_generate(request: web.Request) -> web.Response:
     return web.Response(text="OK")
 
 
+def is_secret_key(name: str) -> bool:
+    """Whether a server_info key names a credential. `token` counts only as the name's last
+    word (`token`, `admin_token`, `hf_token`, `accessToken`): `max_total_num_tokens`,
+    `max_prefill_tokens` and `tokenizer_path` are capacity and model facts that clients and the
+    Rust router read from this answer."""
+    lowered = name.lower().replace("-", "_")
+    return (any(word in lowered for word in SECRET_KEY_WORDS)
+            or lowered.rsplit("_", 1)[-1].endswith("token"))
+
+
+def without_secrets(value: Any) -> tuple[Any, bool]:
+    """`value` with every secret-named key removed at any depth; and whether one was."""
+    if isinstance(value, dict):
+        kept: dict[Any, Any] = {}
+        removed = False
+        for key, item in value.items():
+            if isinstance(key, str) and is_secret_key(key):
+                removed = True
+                continue
+            kept[key], inner = without_secrets(item)
+            removed = removed or inner
+        return kept, removed
+    if isinstance(value, list):
+        pairs = [without_secrets(item) for item in value]
+        return [item for item, _ in pairs], any(inner for _, inner in pairs)
+    return value, False
+
+
+def filter_server_info(body: bytes) -> bytes:
+    """The worker's server_info answer without credentials: SGLang builds it from its
+    ServerArgs, which hold `api_key` (and, in some versions, admin keys). A body that is not
+    JSON is relayed as it is; one with nothing to remove, byte for byte."""
+    try:
+        # The standard parser, not orjson: it reads what Python servers write (NaN, integers
+        # over 64 bits), and a body this cannot parse would go out unfiltered.
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    filtered, removed = without_secrets(doc)
+    return json.dumps(filtered).encode() if removed else body
+
+
 def _forward(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         state = request.app[STATE]
         status, body, content_type = await ask_worker(state, _info_worker(state), path)
+        if path == "/server_info":
+            body = filter_server_info(body)
         return web.Response(status=status, body=body,
                             content_type=content_type or "application/json")
     return handler
@@ -104,8 +153,8 @@ async def loads(request: web.Request) -> web.Response:
     by_role: dict[str, list[dict[str, Any]]] = {}
     for w in request.app[STATE].workers:
         by_role.setdefault(w.role, []).append({
-            "engine": w.url, "worker_id": w.worker_id, "load": w.reported_load,
-            "in_flight": w.in_flight, "is_healthy": w.healthy,
+            "engine": redact_url(w.url), "worker_id": redact_url(w.worker_id),
+            "load": w.reported_load, "in_flight": w.in_flight, "is_healthy": w.healthy,
         })
     return json_response(by_role)
 

@@ -29,6 +29,15 @@ from gateway.config import Settings
 # threshold no collection ran in a 7 s run; cycles still get collected, only less often.
 GC_THRESHOLDS = (20_000, 20, 100)
 
+# aiohttp server options, shared with the tests' in-process servers (tests/gateway_server.py):
+# handler_cancellation: a client disconnect cancels the handler, which cancels both upstream
+#   legs and releases the in-flight guards (aiohttp >= 3.9 defaults this off);
+# auto_decompress off: the parser would inflate a compressed request body as it arrives, before
+#   any handler can refuse it (a 400 KiB gzip bomb took ~800 MiB); the app answers 415 to
+#   compressed bodies instead (gateway/app.py).
+HANDLER_CANCELLATION = True
+AUTO_DECOMPRESS = False
+
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
 
@@ -48,9 +57,8 @@ def _run_one(settings: Settings, index: int) -> None:
 
 async def _serve_async(settings: Settings) -> None:
     app = create_app(settings)
-    # handler_cancellation: a client disconnect cancels the handler, which cancels both upstream
-    # legs and releases the in-flight guards (aiohttp >= 3.9 defaults this off).
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=HANDLER_CANCELLATION,
+                           auto_decompress=AUTO_DECOMPRESS,
                            shutdown_timeout=settings.shutdown_grace_period_secs)
     await runner.setup()
     _tune_gc()
@@ -62,6 +70,11 @@ async def _serve_async(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if not settings.zones:
+        # With --zones the zone runtime reloads on SIGHUP; without, SIGHUP's default action
+        # would end the process, so an operator's routine `kill -HUP` must be harmless here.
+        loop.add_signal_handler(signal.SIGHUP, lambda: logging.getLogger("gateway").info(
+            "SIGHUP: no zone table configured, nothing to reload"))
     await stop.wait()
     await runner.cleanup()
 

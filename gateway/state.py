@@ -19,7 +19,7 @@ from gateway.dispatch import Dispatcher
 from gateway.health import HealthChecker
 from gateway.http1 import Http1Pool
 from gateway.metrics import GatewayMetrics
-from gateway.workers import WorkerRegistry
+from gateway.workers import Worker, WorkerRegistry
 
 if TYPE_CHECKING:
     from gateway.eldr.locality import Locality
@@ -38,6 +38,16 @@ class GatewayState:
     locality: Locality | None = None  # expert locality, with --zones (gateway/eldr)
     metrics_port: int | None = None  # the bound Prometheus port (useful when configured as 0)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def activate(self, worker: Worker, probe_now: bool = True) -> None:
+        """Bring a worker that is out of rotation in once a health check passes (background
+        task, bounded by worker_startup_timeout_secs; gateway/health.py)."""
+        assert self.health is not None, "the health checker is built in the app lifecycle"
+        task = asyncio.ensure_future(self.health.activate(
+            worker, self.settings.worker_startup_timeout_secs,
+            self.settings.worker_startup_check_interval, probe_now))
+        self.tasks.append(task)
+        task.add_done_callback(lambda t: self.tasks.remove(t) if t in self.tasks else None)
 
     def decode_workers_changed(self) -> None:
         """Re-map zones onto the registered decode workers (after a join or a leave)."""

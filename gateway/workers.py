@@ -14,6 +14,7 @@ from typing import Any
 from gateway.circuit import BreakerConfig, CircuitBreaker
 from gateway.errors import BadRequestError, ConflictError, NotFoundError
 from gateway.routing import WorkerView
+from gateway.urls import redact_url
 
 ROLES = ("prefill", "decode", "regular")
 
@@ -52,8 +53,9 @@ class Worker:
         return self.healthy and self.breaker.allows()
 
     def to_json(self) -> dict[str, Any]:
+        # Redacted although `check_url` refuses credentials: a display path never echoes them.
         return {
-            "id": self.worker_id, "url": self.url, "worker_type": self.role,
+            "id": redact_url(self.worker_id), "url": redact_url(self.url), "worker_type": self.role,
             "bootstrap_port": self.bootstrap_port, "is_healthy": self.healthy,
             "circuit_state": self.breaker.state, "in_flight": self.in_flight,
             "reported_load": self.reported_load, "available": self.available,

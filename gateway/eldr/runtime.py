@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from gateway.eldr.band import normalize_worker_key
 from gateway.eldr.metrics import EldrMetrics
+from gateway.urls import redact_url
 from zones.table import ZoneTable, ZoneTableError, load_table
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,10 @@ class ZoneRuntime:
                 tau=a.table.tau,
                 min_candidates=a.table.min_candidates,
                 predictor=a.table.predictor is not None,
+                # The table's names are free strings: never echo credentials written into one.
                 workers=[
-                    {"zone": k, "table_worker": t, "worker": w}
+                    {"zone": k, "table_worker": redact_url(t),
+                     "worker": None if w is None else redact_url(w)}
                     for k, (t, w) in enumerate(zip(a.table.workers, a.zone_workers, strict=True))
                 ],
             )

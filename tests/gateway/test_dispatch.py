@@ -8,6 +8,7 @@ import time
 import aiohttp
 import orjson
 
+from gateway.dispatch import PREFILL_LINGER_SECS
 from tests.gateway.conftest import pd_settings
 from tests.gateway.fakes import FakeWorker, start_workers
 from tests.gateway_server import running_gateway
@@ -163,6 +164,12 @@ async def test_streaming_passthrough_and_metrics(pd_cluster, session):
         ttft = state.registry.get_sample_value("eldr_time_to_first_token_seconds_count",
                                                {"endpoint": "/generate"})
         assert ttft == 1
+        assert all(w.in_flight == 0 for w in state.workers if w.role == "decode")
+        # A prefill leg still open when the stream ends is settled off the client's path, within
+        # PREFILL_LINGER_SECS (gateway/dispatch.py).
+        deadline = time.perf_counter() + 2 * PREFILL_LINGER_SECS
+        while any(w.in_flight for w in state.workers) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
         assert all(w.in_flight == 0 for w in state.workers)
 
 

@@ -1,0 +1,140 @@
+"""Hostile bytes get a 4xx naming the problem, never a 500, and cost bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+
+from loadtest.procs import free_port
+from tests.gateway.conftest import pd_settings
+from tests.gateway.fakes import FakeWorker, start_workers
+from tests.gateway_server import running_gateway
+
+
+async def raw_request(url: str, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send bytes no HTTP client library would send; returns (status, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@asynccontextmanager
+async def pd_pair() -> AsyncIterator[tuple[FakeWorker, FakeWorker]]:
+    prefill = (await start_workers("prefill"))[0]
+    decode = (await start_workers("decode"))[0]
+    try:
+        yield prefill, decode
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
+@pytest.mark.parametrize("header", [b"X-Request-Id: a\xff\xfe", b"traceparent: \xc3\x28",
+                                    b"Authorization: Bearer \xff"])
+async def test_non_utf8_forwarded_header_is_a_400_naming_it(header: bytes) -> None:
+    async with pd_pair() as (prefill, decode), \
+            running_gateway(pd_settings([prefill], [decode])) as (url, _):
+        status, body = await raw_request(
+            url, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + header + b"\r\n", b'{"text": "x"}')
+        name = header.split(b":")[0].lower()
+        assert status == 400 and name in body and b"not valid UTF-8" in body
+        assert not decode.received  # nothing half-sent upstream
+
+
+async def test_gzip_encoding_on_a_plain_body_is_415_not_500() -> None:
+    async with pd_pair() as (prefill, decode), \
+            running_gateway(pd_settings([prefill], [decode])) as (url, _), \
+            aiohttp.ClientSession() as s:
+        async with s.post(url + "/generate", data=b'{"text": "x"}',
+                          headers={"Content-Encoding": "gzip",
+                                   "Content-Type": "application/json"}) as r:
+            assert r.status == 415
+            assert "Content-Encoding" in (await r.json())["error"]["message"]
+        # identity is no encoding at all
+        async with s.post(url + "/generate", data=b'{"text": "x"}',
+                          headers={"Content-Encoding": "identity",
+                                   "Content-Type": "application/json"}) as r:
+            assert r.status == 200
+
+
+def gzip_bomb(inflated_mib: int) -> bytes:
+    """A gzip stream of a JSON body `inflated_mib` MiB long, built without holding it."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [c.compress(b'{"text": "')]
+    chunk = b"a" * (1 << 20)
+    parts += [c.compress(chunk) for _ in range(inflated_mib)]
+    parts += [c.compress(b'"}'), c.flush()]
+    return b"".join(parts)
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+async def test_gzip_bomb_is_refused_without_inflating() -> None:
+    bomb = gzip_bomb(400)
+    assert len(bomb) < 500 * 1024  # ~400 KiB on the wire, 400 MiB inflated
+    port = free_port()
+    async with pd_pair() as (prefill, decode):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--pd-disaggregation", "--prefill", prefill.url,
+             "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
+             "--prometheus-port", "0", "--log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        async with s.get(url + "/health") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    assert time.monotonic() < deadline, "gateway did not start"
+                    await asyncio.sleep(0.1)
+                async with s.post(url + "/generate", json={"text": "warm"}) as r:
+                    assert r.status == 200
+                idle = peak_rss_mib(proc.pid)
+                for _ in range(3):
+                    async with s.post(url + "/generate", data=bomb,
+                                      headers={"Content-Encoding": "gzip",
+                                               "Content-Type": "application/json"}) as r:
+                        assert r.status == 415
+                assert peak_rss_mib(proc.pid) - idle < 100
+                async with s.post(url + "/generate", json={"text": "after"}) as r:
+                    assert r.status == 200  # still serving
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+
+async def test_non_utf8_authorization_on_an_admin_path_is_a_401_not_500() -> None:
+    async with pd_pair() as (prefill, decode), \
+            running_gateway(pd_settings([prefill], [decode], admin_token="s3cret")) as (url, _):
+        status, body = await raw_request(
+            url, b"POST /flush_cache HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n",
+            b"")
+        assert status == 401 and b"bearer token" in body
