@@ -5,6 +5,12 @@ open --(timeout elapsed; next check)--> half_open
 half_open --(success_threshold successes)--> closed;  half_open --(any failure)--> open
 Defaults (10 / 3 / 60 s / 120 s) are the Rust router's CircuitBreakerConfig defaults. Pure: the
 clock is injected so tests drive it without sleeping.
+
+Half-open admits trial requests one at a time, at most one per `HALF_OPEN_TRIAL_SECS`
+(dispatch calls `trial_started` when it picks a half-open worker): a worker that is still
+broken costs one request, not every request that arrives while its circuit is half-open. Gated
+by time rather than by counting outcomes, so a trial whose outcome is never reported (its client
+left) cannot keep the worker out of rotation.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+HALF_OPEN_TRIAL_SECS = 1.0
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
 
 
@@ -36,6 +43,7 @@ class CircuitBreaker:
         self._failures: deque[float] = deque()
         self._opened_at = 0.0
         self._half_open_successes = 0
+        self._trial_at = float("-inf")  # when the last half-open trial request was admitted
 
     @property
     def state(self) -> str:
@@ -46,7 +54,17 @@ class CircuitBreaker:
         return self._state
 
     def allows(self) -> bool:
-        return not self._config.enabled or self.state != OPEN
+        if not self._config.enabled:
+            return True
+        state = self.state
+        if state == HALF_OPEN:
+            return self._clock() - self._trial_at >= HALF_OPEN_TRIAL_SECS
+        return state != OPEN
+
+    def trial_started(self) -> None:
+        """A request was sent to this worker; while half-open, the next trial must wait."""
+        if self._state == HALF_OPEN:
+            self._trial_at = self._clock()
 
     def record_success(self) -> None:
         state = self.state

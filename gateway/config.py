@@ -86,6 +86,8 @@ class Settings:
     # --- request handling ---
     request_timeout_secs: float = _f(1800.0, "upstream request timeout (seconds)")
     max_payload_size: int = _f(536870912, "maximum request body in bytes")
+    max_response_size: int = _f(
+        268435456, "maximum worker answer the gateway buffers (non-streaming), in bytes (ours)")
     max_concurrent_requests: int = _f(-1, "concurrent request limit (-1 disables)")
     queue_size: int = _f(100, "requests waiting for a slot when the limit is reached (0: 429 now)")
     queue_timeout_secs: float = _f(60.0, "maximum seconds a request waits in the queue")
@@ -144,7 +146,7 @@ class Settings:
         """Raise ConfigError naming the first invalid key; return self for chaining."""
         positive_ints = ("retry_max_retries", "cb_failure_threshold", "cb_success_threshold",
                          "health_failure_threshold", "health_success_threshold", "processes",
-                         "max_payload_size", "signature_cache_max_entries",
+                         "max_payload_size", "max_response_size", "signature_cache_max_entries",
                          "signature_cache_max_bytes", "signature_cache_block_tokens",
                          "signature_cache_block_bytes")
         for key in positive_ints:

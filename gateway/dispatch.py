@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -220,7 +220,10 @@ class Dispatcher:
         )
         self.limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.queue_size,
                                           settings.queue_timeout_secs)
-        self.timeout = settings.request_timeout_secs  # connect + whole answer, per leg
+        # The whole request's budget, retries included: each leg gets what is left of it, so a
+        # hanging worker costs one request timeout, not one per attempt.
+        self.timeout = settings.request_timeout_secs
+        self.max_response = settings.max_response_size  # buffered (non-streaming) answers
         self._id_headers = tuple(h.lower() for h in settings.request_id_headers)
         # Per-request header loops, built once.
         self._request_id_names = (*self._id_headers, "x-request-id")
@@ -334,7 +337,9 @@ class Dispatcher:
             except AttemptFailed as failure:
                 await stack.aclose()
                 self._record_failure(failure)
-                if failure.retryable and attempt + 1 < attempts:
+                if failure.worker is not None:
+                    ctx.failed_workers.add(failure.worker.worker_id)
+                if failure.retryable and attempt + 1 < attempts and self._left(ctx) > 0:
                     log.info("attempt %d of %s failed (%s); retrying", attempt + 1,
                              ctx.endpoint, failure)
                     continue
@@ -347,6 +352,10 @@ class Dispatcher:
             finally:
                 await stack.aclose()
         raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
+
+    def _left(self, ctx: RequestContext) -> float:
+        """Seconds left of the request's timeout (a leg covers connect and its whole answer)."""
+        return max(0.0, ctx.started + self.timeout - time.perf_counter())
 
     def _record_failure(self, failure: AttemptFailed) -> None:
         worker = failure.worker
@@ -366,11 +375,17 @@ class Dispatcher:
         self.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
 
     # ------------------------------------------------------------------ selection
-    def _select(self, role: str, routing: RoutingInput) -> tuple[Worker, Selection]:
+    def _select(self, role: str, routing: RoutingInput,
+                avoid: Collection[str] = ()) -> tuple[Worker, Selection]:
+        """Ask the role's policy for a worker among the available ones, leaving out `avoid`
+        (workers that failed this request's earlier attempts) unless nothing else is left."""
         workers = self.registry.available(role)
         if not workers:
             raise NoWorkersError(f"no available {role} workers (all unhealthy, circuit-open or "
                                  "none registered)")
+        if avoid:
+            others = [w for w in workers if w.worker_id not in avoid]
+            workers = others or workers
         policy = self.policies[role]
         views = self.registry.views(workers)
         started = time.perf_counter()
@@ -380,6 +395,7 @@ class Dispatcher:
         if worker is None:  # a policy returned something that is not a candidate: a bug
             raise AssertionError(f"policy {policy.name} chose unknown worker "
                                  f"{selection.worker.worker_id}")
+        worker.breaker.trial_started()
         self.metrics.record_selection(role, policy.name, worker.worker_id)
         if role == "decode" and self.eldr_metrics is not None:
             self.eldr_metrics.record_decision(policy.name, routing.signature_source, selection,
@@ -397,11 +413,11 @@ class Dispatcher:
 
     async def _open_regular(self, ctx: RequestContext, headers: dict[str, str],
                             stack: Cleanup) -> Opened:
-        worker, selection = self._select("regular", NO_ROUTING_INPUT)
+        worker, selection = self._select("regular", NO_ROUTING_INPUT, ctx.failed_workers)
         stack.enter(InFlight(worker, self.metrics))
         body = _encode(_outgoing(ctx))
         resp = await post_open(self.client, worker, self._urls.get(worker, ctx.endpoint), body,
-                               headers, self.timeout)
+                               headers, self._left(ctx))
         stack.callback(close_response, resp)
         opened = Opened(resp, worker, selection)
         if ctx.stream:
@@ -410,19 +426,19 @@ class Dispatcher:
 
     async def _open_dual(self, ctx: RequestContext, headers: dict[str, str],
                          stack: Cleanup) -> Opened:
-        prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx.failed_workers)
         decode_policy = self.policies["decode"]
         routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
                    else NO_ROUTING_INPUT)
         ctx.signature_source = routing.signature_source
-        decode, selection = self._select("decode", routing)
+        decode, selection = self._select("decode", routing, ctx.failed_workers)
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
         body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
                                         rooms))
         prefill_guard = InFlight(prefill, self.metrics).__enter__()
         prefill_task = asyncio.ensure_future(
             post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
-                      self.timeout))
+                      self._left(ctx), self.max_response))
         leg = _PrefillLeg(prefill, prefill_task, prefill_guard)
         # One cleanup entry owns the prefill task and its guard; it never waits for the leg.
         stack.callback(self._end_prefill_leg, leg)
@@ -431,7 +447,7 @@ class Dispatcher:
         watch = _PrefillWatch(prefill_task)
         resp = await self._unless_prefill_fails(
             post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body, headers,
-                      self.timeout), watch, prefill)
+                      self._left(ctx)), watch, prefill)
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_task=prefill_task)
         if not ctx.stream or ctx.return_logprob:
@@ -478,13 +494,14 @@ class Dispatcher:
 
     async def _open_prefill_first(self, ctx: RequestContext, headers: dict[str, str],
                                   stack: Cleanup) -> Opened:
-        prefill, _ = self._select("prefill", NO_ROUTING_INPUT)
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx.failed_workers)
         room = bootstrap.new_rooms(None, self.rng)
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
         prefill_body = dict(injected, prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
             result = await post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint),
-                                     _encode(prefill_body), headers, self.timeout)
+                                     _encode(prefill_body), headers, self._left(ctx),
+                                     self.max_response)
         self._check_prefill(prefill, result)
         released = False
 
@@ -502,11 +519,11 @@ class Dispatcher:
                 parsed = None
             routing = self.resolver.from_prefill(ctx, parsed)
         ctx.signature_source = routing.signature_source
-        decode, selection = self._select("decode", routing)
+        decode, selection = self._select("decode", routing, ctx.failed_workers)
         stack.enter(InFlight(decode, self.metrics))
         resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
                                _encode(injected),
-                               headers, self.timeout)
+                               headers, self._left(ctx))
         released = True  # the decode connected: the room is consumed by it
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_result=result)
@@ -600,7 +617,7 @@ class Dispatcher:
             return await self._relay_stream(request, ctx, opened)
         resp = opened.response
         try:
-            data = await resp.read()
+            data = await resp.read(self.max_response)
         except TRANSPORT_ERRORS as exc:
             failure = AttemptFailed.from_exception(opened.worker, exc)
             self._record_failure(failure)

@@ -91,13 +91,20 @@ class Response:
 
     close = release
 
-    async def read(self) -> bytes:
-        """The whole (remaining) body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole (remaining) body; Http1Error once it grows past `limit` bytes."""
         parts: list[bytes] = []
+        total = 0
         chunks = self._chunks
         while True:
             if chunks:
                 parts.extend(chunks)
+                if limit is not None:
+                    total += sum(map(len, chunks))
+                    if total > limit:
+                        self.release()
+                        raise Http1Error(self.url, f"answer exceeds {limit} bytes "
+                                         "(max_response_size)")
                 self._consumed(chunks)
             if self._exc is not None:
                 raise self._exc

@@ -13,7 +13,7 @@ resolver can learn signatures from `meta_info.routed_experts` and feed the calib
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.routing import NO_ROUTING_INPUT, RoutingInput, Selection, SignatureSource
@@ -40,6 +40,8 @@ class RequestContext:
     # asked for routed experts (then they are not stripped from its answer).
     calibration_sampled: bool = False
     client_asked_routed_experts: bool = False
+    # Workers that failed an earlier attempt of this request: retries go elsewhere if they can.
+    failed_workers: set[str] = field(default_factory=set)
 
 
 class RoutingResolver(Protocol):

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
 from gateway.config import Settings
@@ -42,9 +43,27 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARN
               "error": logging.ERROR}
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every request it cannot parse (bad request line, bad header bytes, smuggling
+    shapes) as an ERROR with a traceback, although the client got its 400: anyone could fill the
+    error log. Such records become one INFO line; real server errors are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            # str() is "400, message:\n  <what>\n\n  <the bytes>": keep the <what>.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            what = lines[1] if len(lines) > 1 else type(exc).__name__
+            record.msg, record.args = "malformed request answered %s: %s", (exc.code, what)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def _run_one(settings: Settings, index: int) -> None:
     logging.basicConfig(level=LOG_LEVELS[settings.log_level],
                         format=f"%(asctime)s [gw{index}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
     if index > 0:
         settings = settings.replace(prometheus_port=0)
     try:

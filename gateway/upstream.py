@@ -94,12 +94,14 @@ class UrlCache:
 
 
 async def post_read(client: Http1Pool, worker: Worker, url: Target | str, body: bytes,
-                    headers: dict[str, str], timeout_s: float) -> LegResult:
-    """POST and read the whole answer; any status is returned (the caller judges it)."""
+                    headers: dict[str, str], timeout_s: float,
+                    limit: int | None = None) -> LegResult:
+    """POST and read the whole answer (at most `limit` bytes); any status is returned (the
+    caller judges it)."""
     try:
         resp = await client.request("POST", url, body, headers, timeout_s)
         try:
-            data = await resp.read()
+            data = await resp.read(limit)
         finally:
             resp.release()
         return LegResult(resp.status, data, resp.content_type)

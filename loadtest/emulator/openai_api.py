@@ -67,8 +67,15 @@ def _chat_prompt(body: Any) -> str:
             raise RequestError(f"'messages[{i}].role' must be a string")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = " ".join(p.get("text", "") for p in content
-                               if isinstance(p, dict) and p.get("type") == "text")
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    continue
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise RequestError(f"'messages[{i}].content[{j}].text' must be a string")
+                texts.append(text)
+            content = " ".join(texts)
         if not isinstance(content, str):
             raise RequestError(f"'messages[{i}].content' must be a string or text parts")
         lines.append(f"{m['role']}: {content}")

@@ -234,6 +234,10 @@ async def test_openai_stream_raw_framing(session: aiohttp.ClientSession) -> None
         async with session.post(w.url + "/v1/chat/completions", json={"messages": []}) as resp:
             assert resp.status == 400
             assert "messages" in (await resp.json())["message"]
+        bad_part = {"messages": [{"role": "user", "content": [{"type": "text", "text": {}}]}]}
+        async with session.post(w.url + "/v1/chat/completions", json=bad_part) as resp:
+            assert resp.status == 400  # was a 500 (a TypeError joining the parts)
+            assert "messages[0].content[0].text" in (await resp.json())["message"]
     assert events[-1] == b"[DONE]"
     chunks = [orjson.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 
+from gateway.server import MalformedRequestFilter
 from loadtest.procs import free_port
 from tests.gateway.conftest import pd_settings
 from tests.gateway.fakes import FakeWorker, start_workers
@@ -138,3 +141,34 @@ async def test_non_utf8_authorization_on_an_admin_path_is_a_401_not_500() -> Non
             url, b"POST /flush_cache HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n",
             b"")
         assert status == 401 and b"bearer token" in body
+
+
+def test_malformed_http_is_logged_as_one_info_line_not_an_error_traceback() -> None:
+    try:
+        raise BadHttpMessage("Invalid header value char")
+    except BadHttpMessage:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request from %s", ("127.0.0.1",),
+                                   sys.exc_info())
+    assert MalformedRequestFilter().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert "Invalid header value char" in record.getMessage()
+    try:
+        raise RuntimeError("a bug of ours")
+    except RuntimeError:
+        bug = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error", (),
+                                sys.exc_info())
+    assert MalformedRequestFilter().filter(bug) and bug.levelno == logging.ERROR
+    assert bug.exc_info is not None
+
+
+async def test_worker_answer_over_max_response_size_is_a_502_not_a_memory_blowup() -> None:
+    async with pd_pair() as (prefill, decode), aiohttp.ClientSession() as s:
+        settings = pd_settings([prefill], [decode], max_response_size=64, disable_retries=True)
+        async with running_gateway(settings) as (url, _), \
+                s.post(url + "/generate", json={"text": "x"}) as r:
+            assert r.status == 502  # the fake's answer is ~200 bytes
+            assert "max_response_size" in (await r.json())["error"]["message"]
+        async with running_gateway(pd_settings([prefill], [decode])) as (url, _), \
+                s.post(url + "/generate", json={"text": "x"}) as r:
+            assert r.status == 200
