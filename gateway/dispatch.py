@@ -157,7 +157,7 @@ class Cleanup:
             raise error
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: a key of Dispatcher._lingering
 class _PrefillLeg:
     """The dual flow's prefill request: its task, its in-flight guard, and whether a late answer
     is worth waiting for (set once the decode has produced its first bytes)."""
@@ -229,13 +229,15 @@ class Dispatcher:
         self._request_id_names = (*self._id_headers, "x-request-id")
         self._forwarded_names = (*FORWARDED_HEADERS, *self._id_headers)
         self._urls = UrlCache()
-        # Prefill legs left to finish after their request was answered (`_end_prefill_leg`).
-        self._lingering: set[asyncio.Task[None]] = set()
+        # Prefill legs left to finish after their request was answered (`_end_prefill_leg`),
+        # with the timer that abandons each.
+        self._lingering: dict[_PrefillLeg, asyncio.TimerHandle] = {}
 
     async def close(self) -> None:
         """Abandon the prefill legs still lingering (app shutdown)."""
-        for task in list(self._lingering):
-            await _cancel(task)
+        for leg in list(self._lingering):
+            self._abandon_prefill(leg)
+            await _cancel(leg.task)
 
     # ------------------------------------------------------------------ entry point
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
@@ -564,27 +566,25 @@ class Dispatcher:
         elif task.done():
             self._settle_prefill(leg)
         else:
-            lingering = asyncio.ensure_future(self._linger(leg))
-            self._lingering.add(lingering)
-            lingering.add_done_callback(self._lingering.discard)
+            # A timer and a done-callback rather than a task per lingering leg: streams are
+            # the common case and this runs for most of them.
+            self._lingering[leg] = asyncio.get_running_loop().call_later(
+                PREFILL_LINGER_SECS, self._abandon_prefill, leg)
+            task.add_done_callback(lambda _: self._prefill_settled(leg))
 
-    async def _linger(self, leg: _PrefillLeg) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(leg.task), PREFILL_LINGER_SECS)
-        except asyncio.TimeoutError:
-            log.info("prefill %s had not answered %.1fs after its decode's first bytes; "
-                     "leg abandoned", leg.worker.worker_id, PREFILL_LINGER_SECS)
-        except asyncio.CancelledError:  # shutdown (Dispatcher.close)
-            leg.task.cancel()
-            leg.guard.release()
-            raise
-        except Exception:
-            pass  # the leg failed: recorded by _settle_prefill
-        if leg.task.done():
+    def _prefill_settled(self, leg: _PrefillLeg) -> None:
+        timer = self._lingering.pop(leg, None)
+        if timer is not None:  # answered in time
+            timer.cancel()
             self._settle_prefill(leg)
-        else:
-            leg.task.cancel()
-            leg.guard.release()
+
+    def _abandon_prefill(self, leg: _PrefillLeg) -> None:
+        if self._lingering.pop(leg, None) is None:
+            return
+        log.info("prefill %s had not answered %.1fs after its decode's first bytes; leg "
+                 "abandoned", leg.worker.worker_id, PREFILL_LINGER_SECS)
+        leg.task.cancel()
+        leg.guard.release()
 
     def _settle_prefill(self, leg: _PrefillLeg) -> None:
         """Record a finished prefill leg's outcome against its worker; release its guard."""
