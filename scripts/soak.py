@@ -11,14 +11,25 @@ What it does, all on 127.0.0.1 with ephemeral ports:
    same port `--restart-after` seconds later;
 4. samples the gateway's RSS, open file descriptors and TCP connections (psutil) throughout, and
    again after traffic stops and in-flight requests drain;
-5. sends SIGTERM to the gateway and measures how long its graceful shutdown takes;
-6. prints outcomes by kind (and separately those inside the restart window, where failures of
+5. polls the gateway's `/get_loads` after the last request until every worker's in-flight count
+   is 0 (the time it takes is reported and must be under a second);
+6. sends SIGTERM to the gateway and measures how long its graceful shutdown takes;
+7. prints outcomes by kind (and separately those inside the restart window, where failures of
    requests pinned to the killed worker are expected), resource growth, whether the admin token
    appeared in any log, and writes everything as JSON to OUT/soak.json.
 
-Exit status: 0 when there were no unexpected failures outside the restart window, no bad request
-got a 5xx, the admin token never appeared in a log, and the gateway shut down cleanly in time;
-1 otherwise; 2 when the stack could not be started. Every wait is bounded, so it stops by itself.
+`--bad-bootstrap-prefill` adds a second prefill that the gateway is given with a wrong bootstrap
+port (an operator's typo): its requests cannot hand over their KV, so their decodes fail and are
+retried elsewhere, and the misconfigured prefill holds each room until its bootstrap timeout.
+Answers from it may be 5xx (answered, not lost), but no request may hang or be lost.
+
+Exit status: 0 when there were no unexpected failures outside the restart window (with
+`--bad-bootstrap-prefill`, 5xx answers are tolerated; timeouts, broken connections and cut
+streams are not), no bad request got a 5xx, no request took longer than the gateway's request
+timeout, every in-flight count was back to 0 within 1 s of the last request, the gateway's RSS
+grew by less than 20 MiB, the admin token never appeared in a log, and the gateway shut down
+cleanly in time; 1 otherwise; 2 when the stack could not be started. Every wait is bounded, so
+it stops by itself.
 
     python scripts/soak.py --minutes 2 --out runs/soak
 """
@@ -49,6 +60,12 @@ from loadtest.procs import free_port
 HOST = "127.0.0.1"
 # Outcome kinds that count as failures wherever they happen.
 FAILURE_PREFIXES = ("http_5", "timeout", "connection_error", "incomplete_stream", "bad_body")
+# Lost or hung requests: failures even where a worker is expected to answer with errors.
+LOST_PREFIXES = ("timeout", "connection_error", "incomplete_stream", "bad_body")
+DRAIN_LIMIT_S = 1.0  # every in-flight count back to 0 within this long of the last request
+RSS_GROWTH_LIMIT_MB = 20.0
+CLIENT_SLACK_S = 10.0  # the client's timeout beyond the gateway's request timeout
+SLOWEST_SLACK_S = 1.0  # how far past its request timeout a request may end (scheduling)
 
 
 @dataclass
@@ -115,6 +132,7 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     in_restart_window: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
+    slowest_s: float = 0.0  # any outcome
 
 
 def sample_process(pid: int, t0: float) -> Sample | None:
@@ -266,14 +284,31 @@ async def traffic(
                 tally.outcomes[outcome] += 1
                 if window:
                     tally.in_restart_window[outcome] += 1
+                took = time.monotonic() - t0
+                tally.slowest_s = max(tally.slowest_s, took)
                 if outcome == "ok":
-                    tally.latencies_s.append(time.monotonic() - t0)
+                    tally.latencies_s.append(took)
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
 
 
-def is_failure(outcome: str) -> bool:
-    return outcome.startswith(FAILURE_PREFIXES)
+def is_failure(outcome: str, errors_expected: bool = False) -> bool:
+    """A failure of the gateway; with `errors_expected` (a misconfigured worker in the stack)
+    only lost or hung requests count, not error answers."""
+    return outcome.startswith(LOST_PREFIXES if errors_expected else FAILURE_PREFIXES)
+
+
+async def drain_seconds(session: aiohttp.ClientSession, base: str, limit_s: float) -> float | None:
+    """Seconds until the gateway reports no request in flight on any worker (`/get_loads`);
+    None when that did not happen within `limit_s` (polled every 20 ms)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 <= limit_s:
+        async with session.get(base + "/get_loads") as r:
+            loads = await r.json()
+        if all(w["in_flight"] == 0 for role in loads.values() for w in role):
+            return round(time.monotonic() - t0, 3)
+        await asyncio.sleep(0.02)  # polling a condition
+    return None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -300,6 +335,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="extra argument for every emulator worker (repeatable)")
     p.add_argument("--gateway-arg", action="append", default=[],
                    help="extra argument for the gateway (repeatable)")
+    p.add_argument("--bad-bootstrap-prefill", action="store_true",
+                   help="add a prefill given to the gateway with a wrong bootstrap port")
     p.add_argument("--out", type=Path, default=Path("runs/soak"), help="logs + soak.json")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.minutes > 24 * 60:
@@ -348,15 +385,27 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
     decode_urls = [f"http://{HOST}:{d.argv[d.argv.index('--port') + 1]}" for d in decodes]
     gw_argv = [py, "-m", "gateway", "--pd-disaggregation",
                "--prefill", f"http://{HOST}:{prefill_port}", str(bootstrap_port)]
+    extra_prefills = []
+    if args.bad_bootstrap_prefill:
+        bad_port = free_port()
+        extra_prefills.append(Proc(
+            "prefill-bad-bootstrap",
+            [py, "-m", "loadtest.emulator", "--role", "prefill", "--host", HOST,
+             "--port", str(bad_port), "--bootstrap-port", str(free_port()), *emu],
+            out / "prefill-bad-bootstrap.log",
+        ))
+        # The gateway is told another port than the one this prefill's bootstrap server uses.
+        gw_argv += ["--prefill", f"http://{HOST}:{bad_port}", str(free_port())]
     for u in decode_urls:
         gw_argv += ["--decode", u]
     gw_argv += ["--host", HOST, "--port", str(gw_port), "--prometheus-host", HOST,
                 "--prometheus-port", str(prom_port), "--decode-policy", args.policy,
+                "--request-timeout-secs", str(args.request_timeout),
                 *[str(a) for a in args.gateway_arg]]
     gateway = Proc("gateway", gw_argv, out / "gateway.log",
                    env={**os.environ, "GATEWAY_ADMIN_TOKEN": token})
     base = f"http://{HOST}:{gw_port}"
-    procs.extend([prefill, *decodes, gateway])
+    procs.extend([prefill, *extra_prefills, *decodes, gateway])
 
     tally = Tally()
     samples: list[Sample] = []
@@ -373,7 +422,7 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
         for proc in procs:
             proc.start()
         async with aiohttp.ClientSession() as s:
-            for proc in [prefill, *decodes]:
+            for proc in [prefill, *extra_prefills, *decodes]:
                 url = proc.argv[proc.argv.index("--port") + 1]
                 await wait_http_ok(s, f"http://{HOST}:{url}/health", args.startup_timeout, proc)
             await wait_http_ok(s, base + "/readiness", args.startup_timeout, gateway)
@@ -424,8 +473,10 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
         events.append({"t": 0, "event": "restart skipped: needs --decode >= 2"})
     try:
         await asyncio.wait_for(
+            # The client waits longer than the gateway's own timeout, so a request the gateway
+            # fails to bound shows up as a client timeout (a lost request).
             traffic(base, deadline, args.concurrency, args.seed, token, tally, in_window,
-                    args.request_timeout),
+                    args.request_timeout + CLIENT_SLACK_S),
             timeout=duration + args.request_timeout + 30,
         )
     except asyncio.TimeoutError:
@@ -435,6 +486,8 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     events.append({"t": round(time.monotonic() - t0, 1), "event": "traffic stopped"})
+    async with aiohttp.ClientSession() as s:
+        drained_s = await drain_seconds(s, base, limit_s=5.0)
 
     # After traffic: let keep-alive connections and aborted upstreams settle, then sample once
     # more. Growth measured here (idle) is what indicates a leak.
@@ -448,13 +501,14 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
 
     gateway_alive_at_end = gateway.alive()
     code, shutdown_s = gateway.terminate(args.shutdown_grace)
-    for proc in [prefill, *decodes]:
+    for proc in [prefill, *extra_prefills, *decodes]:
         proc.terminate(10)
 
     logs = "".join(p.log_path.read_text(errors="replace") for p in procs if p.log_path.exists())
     token_leaked = token in logs
 
-    failures = {k: v for k, v in tally.outcomes.items() if is_failure(k)}
+    errors_expected = args.bad_bootstrap_prefill
+    failures = {k: v for k, v in tally.outcomes.items() if is_failure(k, errors_expected)}
     in_win = dict(tally.in_restart_window)
     fail_outside = {
         k: v - tally.in_restart_window.get(k, 0) for k, v in failures.items()
@@ -474,6 +528,8 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
         "outcomes_in_restart_window": in_win,
         "failures_outside_restart_window": fail_outside,
         "bad_requests_answered_5xx": bad_5xx,
+        "slowest_request_s": round(tally.slowest_s, 2),
+        "in_flight_drained_s": drained_s,
         "ok_latency_s": {"p50": percentile(tally.latencies_s, 0.5),
                          "p99": percentile(tally.latencies_s, 0.99)},
         "gateway_first": asdict(first) if first else None,
@@ -491,8 +547,12 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
     })
     (out / "soak.json").write_text(json.dumps(report, indent=2))
     print_report(report, out)
+    rss_growth = report["rss_growth_mb"]
     ok = (not fail_outside and not bad_5xx and not token_leaked and clean_shutdown
-          and gateway_alive_at_end)
+          and gateway_alive_at_end
+          and tally.slowest_s <= args.request_timeout + SLOWEST_SLACK_S
+          and drained_s is not None and drained_s <= DRAIN_LIMIT_S
+          and rss_growth is not None and rss_growth < RSS_GROWTH_LIMIT_MB)
     print(f"soak: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
@@ -507,6 +567,10 @@ def print_report(r: dict[str, Any], out: Path) -> None:
     print(f"bad requests answered 5xx:       {r['bad_requests_answered_5xx'] or 'none'}")
     lat = r["ok_latency_s"]
     print(f"ok latency p50/p99 (s):          {lat['p50']} / {lat['p99']}")
+    print(f"slowest request (any outcome):   {r['slowest_request_s']} s")
+    drained = r["in_flight_drained_s"]
+    print(f"in flight back to 0 after:       "
+          f"{'NOT within 5 s' if drained is None else f'{drained} s'}")
     f, a = r["gateway_first"], r["gateway_after_drain"]
     if f and a:
         print(f"gateway RSS MB  start {f['rss_mb']}  peak {r['gateway_peak_rss_mb']}  "

@@ -68,6 +68,10 @@ def test_failure_classification(soak: ModuleType) -> None:
         assert soak.is_failure(outcome), outcome
     for outcome in ("ok", "client_disconnect", "bad_request_4xx", "client_disconnect_late"):
         assert not soak.is_failure(outcome), outcome
+    # With a misconfigured worker in the stack, error answers are expected; lost ones are not.
+    assert not soak.is_failure("http_500", errors_expected=True)
+    for outcome in ("timeout", "connection_error_ClientOSError", "incomplete_stream"):
+        assert soak.is_failure(outcome, errors_expected=True), outcome
     assert soak.percentile([], 0.5) is None
     assert soak.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
 
