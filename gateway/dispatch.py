@@ -329,6 +329,11 @@ class Dispatcher:
         if self.hook is not None:
             ctx.upstream_body = self.hook.prepare(ctx)
         attempts = self.retry.max_attempts
+        # 5xx answers not yet charged to their workers' breakers: a request that gets a 5xx from
+        # every worker it tries is the request's fault (a client could otherwise open any
+        # worker's circuit with a few crafted requests), one that another worker serves is the
+        # failed worker's (`_settle_status_failures`).
+        answered_5xx: list[AttemptFailed] = []
         for attempt in range(attempts):
             if attempt:
                 self.metrics.record_retry(ctx.endpoint)
@@ -338,17 +343,22 @@ class Dispatcher:
                 opened = await self._open(ctx, headers, stack)
             except AttemptFailed as failure:
                 await stack.aclose()
-                self._record_failure(failure)
+                deferred = failure.kind == "status" and failure.status >= 500
+                self._record_failure(failure, charge=not deferred)
+                if deferred:
+                    answered_5xx.append(failure)
                 if failure.worker is not None:
                     ctx.failed_workers.add(failure.worker.worker_id)
                 if failure.retryable and attempt + 1 < attempts and self._left(ctx) > 0:
                     log.info("attempt %d of %s failed (%s); retrying", attempt + 1,
                              ctx.endpoint, failure)
                     continue
+                self._settle_status_failures(answered_5xx, served=False)
                 return failure.response()
             except BaseException:
                 await stack.aclose()
                 raise
+            self._settle_status_failures(answered_5xx, served=True)
             try:
                 return await self._relay(request, ctx, opened)
             finally:
@@ -359,7 +369,7 @@ class Dispatcher:
         """Seconds left of the request's timeout (a leg covers connect and its whole answer)."""
         return max(0.0, ctx.started + self.timeout - time.perf_counter())
 
-    def _record_failure(self, failure: AttemptFailed) -> None:
+    def _record_failure(self, failure: AttemptFailed, charge: bool = True) -> None:
         worker = failure.worker
         if worker is None:
             return
@@ -368,9 +378,22 @@ class Dispatcher:
                                            else str(failure.status))
         # Only failures that say something about the worker's health count against its breaker:
         # a 4xx is the client's fault (the Rust router records failures for 5xx and transport).
-        if failure.kind != "status" or failure.status >= 500:
-            worker.breaker.record_failure()
-            self.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+        if charge and (failure.kind != "status" or failure.status >= 500):
+            self._charge(worker)
+
+    def _charge(self, worker: Worker) -> None:
+        worker.breaker.record_failure()
+        self.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+
+    def _settle_status_failures(self, failures: list[AttemptFailed], served: bool) -> None:
+        """Charge a request's 5xx answers to their workers' breakers once its outcome is known:
+        when another worker served it, or when it only ever met one worker (no way to tell
+        whose fault it was, so the Rust router's rule: charge it). A request answered 5xx by
+        two or more workers charges nobody."""
+        workers = {f.worker.worker_id: f.worker for f in failures if f.worker is not None}
+        if served or len(workers) == 1:
+            for worker in workers.values():
+                self._charge(worker)
 
     def _record_success(self, worker: Worker) -> None:
         worker.breaker.record_success()

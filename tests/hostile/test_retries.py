@@ -83,3 +83,56 @@ async def test_a_hanging_worker_costs_one_request_timeout_not_one_per_attempt() 
             assert time.perf_counter() - t0 < 1.2  # 5 attempts x 0.5 s before
     finally:
         await stuck.close()
+
+
+async def test_a_request_every_worker_answers_500_opens_no_breaker() -> None:
+    """A client cannot open workers' circuits with requests that fail everywhere."""
+    workers = await start_workers("regular", "regular", status=500)
+    settings = Settings(worker_urls=[w.url for w in workers], prometheus_port=0,
+                        cb_failure_threshold=2, retry_initial_backoff_ms=1,
+                        retry_max_backoff_ms=2)
+    try:
+        async with running_gateway(settings) as (url, state), aiohttp.ClientSession() as s:
+            for _ in range(4):
+                async with s.post(url + "/generate", json={"text": "poison"}) as r:
+                    assert r.status == 500
+            assert all(len(w.received) >= 4 for w in workers)  # each request met both
+            assert all(w.breaker.state == CLOSED for w in state.workers)
+    finally:
+        for w in workers:
+            await w.close()
+
+
+async def test_a_worker_whose_500s_another_worker_serves_is_charged() -> None:
+    bad = (await start_workers("regular", status=500))[0]
+    good = (await start_workers("regular"))[0]
+    settings = Settings(worker_urls=[bad.url, good.url], policy="least_load", prometheus_port=0,
+                        cb_failure_threshold=2, retry_initial_backoff_ms=1,
+                        retry_max_backoff_ms=2)
+    try:
+        async with running_gateway(settings) as (url, state), aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(url + "/generate", json={"text": "x"}) as r:
+                    assert r.status == 200
+            breaker = next(w.breaker for w in state.workers if w.url == bad.url)
+            assert breaker.state == "open"
+            async with s.post(url + "/generate", json={"text": "x"}) as r:
+                assert r.status == 200
+            assert len(bad.received) == 2  # out of rotation now
+    finally:
+        await bad.close()
+        await good.close()
+
+
+async def test_with_a_single_worker_500s_are_charged_as_before() -> None:
+    only = (await start_workers("regular", status=500))[0]
+    settings = Settings(worker_urls=[only.url], prometheus_port=0, cb_failure_threshold=2,
+                        disable_retries=True)
+    try:
+        async with running_gateway(settings) as (url, state), aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(url + "/generate", json={"text": "x"}) as r:
+                    assert r.status == 500
+            assert next(iter(state.workers)).breaker.state == "open"
+    finally:
+        await only.close()
