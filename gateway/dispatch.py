@@ -88,6 +88,11 @@ PREFILL_LINGER_SECS = 0.5
 # Freeing an unused prefill-first room is a best-effort bookkeeping call on a live prefill (the
 # prefill also frees it on its own bootstrap timeout), so it gets a short, fixed bound.
 ROOM_RELEASE_TIMEOUT_SECS = 5.0
+# A stream still open when the shutdown grace period ends gets this error event before it is cut
+# (SGLang's in-stream error shape), written within this long.
+SHUTDOWN_EVENT = (b'data: {"error": {"message": "gateway shutting down; the stream was cut", '
+                  b'"type": "shutdown", "code": 503}}\n\n')
+SHUTDOWN_WRITE_SECS = 1.0
 
 
 @dataclass(slots=True)
@@ -232,6 +237,24 @@ class Dispatcher:
         # Prefill legs left to finish after their request was answered (`_end_prefill_leg`),
         # with the timer that abandons each.
         self._lingering: dict[_PrefillLeg, asyncio.TimerHandle] = {}
+        # Handler tasks of the requests in progress, for a graceful shutdown (`drain`).
+        self._active: set[asyncio.Task[Any]] = set()
+        self._cutting = False  # set when the grace period is over: streams end with an event
+
+    async def drain(self, grace: float) -> int:
+        """Shutdown: wait up to `grace` seconds for the requests in progress, then cancel the
+        rest (a stream gets SHUTDOWN_EVENT first). Returns how many were cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._active and loop.time() < deadline:
+            await asyncio.wait(set(self._active), timeout=deadline - loop.time())
+        left = list(self._active)
+        self._cutting = True
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=2 * SHUTDOWN_WRITE_SECS)
+        return len(left)
 
     async def close(self) -> None:
         """Abandon the prefill legs still lingering (app shutdown)."""
@@ -243,6 +266,9 @@ class Dispatcher:
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
         try:
             ctx = await self._parse(request, endpoint, started)
             if self.limiter.enabled:
@@ -264,6 +290,7 @@ class Dispatcher:
             status = 499  # client closed the connection (nginx's convention)
             raise
         finally:
+            self._active.discard(task)
             self.metrics.record_request(endpoint, status, time.perf_counter() - started)
 
     async def _parse(self, request: web.Request, endpoint: str, started: float) -> RequestContext:
@@ -717,6 +744,16 @@ class Dispatcher:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await out.write(b"data: " + failure.body + b"\n\n")
                 await out.write_eof()
+            return out
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._cutting or task is None:
+                raise  # the client left
+            # Shutdown (`drain`): end the stream properly, with an event that says why.
+            task.uncancel()
+            with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+                await asyncio.wait_for(out.write(SHUTDOWN_EVENT), SHUTDOWN_WRITE_SECS)
+                await asyncio.wait_for(out.write_eof(), SHUTDOWN_WRITE_SECS)
             return out
         self._record_success(opened.worker)
         await out.write_eof()

@@ -20,6 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.state import STATE
 
 # Cyclic GC tuning for the serving process, applied once the app is built (see `_tune_gc`).
 # Measured with the gateway under closed-loop load on the instant fake PD upstream: at CPython's
@@ -37,6 +38,7 @@ GC_THRESHOLDS = (20_000, 20, 100)
 #   any handler can refuse it (a 400 KiB gzip bomb took ~800 MiB); the app answers 415 to
 #   compressed bodies instead (gateway/app.py).
 HANDLER_CANCELLATION = True
+RUNNER_SHUTDOWN_SECS = 5.0
 AUTO_DECOMPRESS = False
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -76,9 +78,12 @@ def _run_one(settings: Settings, index: int) -> None:
 
 async def _serve_async(settings: Settings) -> None:
     app = create_app(settings)
+    # The generation requests' grace period is the dispatcher's (`drain` below); aiohttp's own
+    # shutdown only has what is left: other requests, which it waits for up to twice.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=HANDLER_CANCELLATION,
                            auto_decompress=AUTO_DECOMPRESS,
-                           shutdown_timeout=settings.shutdown_grace_period_secs)
+                           shutdown_timeout=min(settings.shutdown_grace_period_secs,
+                                                RUNNER_SHUTDOWN_SECS))
     await runner.setup()
     _tune_gc()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048,
@@ -95,6 +100,16 @@ async def _serve_async(settings: Settings) -> None:
         loop.add_signal_handler(signal.SIGHUP, lambda: logging.getLogger("gateway").info(
             "SIGHUP: no zone table configured, nothing to reload"))
     await stop.wait()
+    # Stop accepting, then give requests in progress the grace period; aiohttp's own shutdown
+    # would wait for them twice (once, cancel the request, once again) and cut streams silently.
+    await site.stop()
+    dispatcher = app[STATE].dispatcher
+    if dispatcher is not None:
+        cut = await dispatcher.drain(settings.shutdown_grace_period_secs)
+        if cut:
+            logging.getLogger("gateway").warning(
+                "shutdown: %d request(s) still in progress after the %.0f s grace period were "
+                "cut", cut, settings.shutdown_grace_period_secs)
     await runner.cleanup()
 
 
