@@ -1,17 +1,24 @@
 """Shared pieces of the hostile-input tests: a fake worker that records what it was sent, a
-transport that claims a peer address, and this host's non-loopback address, if any."""
+transport that claims a peer address, this host's non-loopback address, if any, and the gateway
+as a real process."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
 
+import aiohttp
 from aiohttp import web
 
+from loadtest.procs import free_port
 from tests.gateway.fakes import FakeWorker
 
 
@@ -69,3 +76,36 @@ def non_loopback_ipv4() -> str | None:
             return None
         address = str(s.getsockname()[0])
     return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+@asynccontextmanager
+async def gateway_process(
+    prefill: FakeWorker, decode: FakeWorker, *args: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m gateway` in PD mode over the two fakes, as an operator runs it (signals,
+    process memory); yields (process, base URL) once `/readiness` answers 200."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--pd-disaggregation", "--prefill", prefill.url,
+         "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
+         "--prometheus-port", "0", "--log-level", "warn", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with s.get(url + "/readiness") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert proc.poll() is None, "gateway exited at start-up"
+                assert time.monotonic() < deadline, "gateway did not become ready"
+                await asyncio.sleep(0.1)  # polling a condition
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        await asyncio.to_thread(proc.wait, 15)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import sys
-import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,10 +15,10 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway.server import MalformedRequestFilter
-from loadtest.procs import free_port
 from tests.gateway.conftest import pd_settings
 from tests.gateway.fakes import FakeWorker, start_workers
 from tests.gateway_server import running_gateway
+from tests.hostile.helpers import gateway_process
 
 
 async def raw_request(url: str, head: bytes, body: bytes) -> tuple[int, bytes]:
@@ -98,40 +96,19 @@ def peak_rss_mib(pid: int) -> float:
 async def test_gzip_bomb_is_refused_without_inflating() -> None:
     bomb = gzip_bomb(400)
     assert len(bomb) < 500 * 1024  # ~400 KiB on the wire, 400 MiB inflated
-    port = free_port()
-    async with pd_pair() as (prefill, decode):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--pd-disaggregation", "--prefill", prefill.url,
-             "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
-             "--prometheus-port", "0", "--log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            async with aiohttp.ClientSession() as s:
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        async with s.get(url + "/health") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    assert time.monotonic() < deadline, "gateway did not start"
-                    await asyncio.sleep(0.1)
-                async with s.post(url + "/generate", json={"text": "warm"}) as r:
-                    assert r.status == 200
-                idle = peak_rss_mib(proc.pid)
-                for _ in range(3):
-                    async with s.post(url + "/generate", data=bomb,
-                                      headers={"Content-Encoding": "gzip",
-                                               "Content-Type": "application/json"}) as r:
-                        assert r.status == 415
-                assert peak_rss_mib(proc.pid) - idle < 100
-                async with s.post(url + "/generate", json={"text": "after"}) as r:
-                    assert r.status == 200  # still serving
-        finally:
-            proc.terminate()
-            proc.wait(15)
+    async with pd_pair() as (prefill, decode), \
+            gateway_process(prefill, decode) as (proc, url), aiohttp.ClientSession() as s:
+        async with s.post(url + "/generate", json={"text": "warm"}) as r:
+            assert r.status == 200
+        idle = peak_rss_mib(proc.pid)
+        for _ in range(3):
+            async with s.post(url + "/generate", data=bomb,
+                              headers={"Content-Encoding": "gzip",
+                                       "Content-Type": "application/json"}) as r:
+                assert r.status == 415
+        assert peak_rss_mib(proc.pid) - idle < 100
+        async with s.post(url + "/generate", json={"text": "after"}) as r:
+            assert r.status == 200  # still serving
 
 
 async def test_non_utf8_authorization_on_an_admin_path_is_a_401_not_500() -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
 import orjson
 import pytest
 
-from loadtest.procs import free_port
 from tests.gateway.fakes import start_workers
+from tests.hostile.helpers import gateway_process
 
 GRACE = 1.5
 
@@ -23,25 +21,9 @@ GRACE = 1.5
 async def test_stream_open_at_the_end_of_the_grace_period_ends_with_an_event() -> None:
     prefill = (await start_workers("prefill"))[0]
     decode = (await start_workers("decode", chunks=1000, chunk_delay=0.05))[0]
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--pd-disaggregation", "--prefill", prefill.url,
-         "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
-         "--prometheus-port", "0", "--shutdown-grace-period-secs", str(GRACE)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with s.get(url + "/readiness") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "gateway did not become ready"
-                await asyncio.sleep(0.1)
+        async with gateway_process(prefill, decode, "--shutdown-grace-period-secs",
+                                   str(GRACE)) as (proc, url), aiohttp.ClientSession() as s:
             r = await s.post(url + "/generate", json={"text": "x", "stream": True})
             await r.content.readline()
             t0 = time.monotonic()
@@ -53,7 +35,5 @@ async def test_stream_open_at_the_end_of_the_grace_period_ends_with_an_event() -
             assert GRACE - 0.2 < took < GRACE + 1.5  # once the grace period, not twice
             assert await asyncio.to_thread(proc.wait, 10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
         await prefill.close()
         await decode.close()
