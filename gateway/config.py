@@ -85,6 +85,9 @@ class Settings:
     calibration_sample_rate: float = _f(1.0, "fraction of requests written to the calibration log")
     # --- request handling ---
     request_timeout_secs: float = _f(1800.0, "upstream request timeout (seconds)")
+    client_idle_timeout_secs: float = _f(
+        75.0, "seconds a client connection may sit idle, or send an unfinished request head, "
+        "before it is closed (ours)")
     max_payload_size: int = _f(536870912, "maximum request body in bytes")
     max_response_size: int = _f(
         268435456, "maximum worker answer the gateway buffers (non-streaming), in bytes (ours)")
@@ -156,7 +159,8 @@ class Settings:
                            "health_check_interval_secs", "cb_timeout_duration_secs",
                            "cb_window_duration_secs", "retry_backoff_multiplier",
                            "queue_timeout_secs", "load_stale_secs",
-                           "worker_startup_timeout_secs", "worker_startup_check_interval")
+                           "worker_startup_timeout_secs", "worker_startup_check_interval",
+                           "client_idle_timeout_secs")
         for key in positive_floats:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")

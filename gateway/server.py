@@ -80,8 +80,12 @@ async def _serve_async(settings: Settings) -> None:
     app = create_app(settings)
     # The generation requests' grace period is the dispatcher's (`drain` below); aiohttp's own
     # shutdown only has what is left: other requests, which it waits for up to twice.
+    # keepalive_timeout: aiohttp (>= 3.10) arms it when a connection opens and closes the
+    # connection when it fires while no request is being handled, which also bounds a client
+    # that never finishes its request head (slowloris); aiohttp's default is an hour.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=HANDLER_CANCELLATION,
                            auto_decompress=AUTO_DECOMPRESS,
+                           keepalive_timeout=settings.client_idle_timeout_secs,
                            shutdown_timeout=min(settings.shutdown_grace_period_secs,
                                                 RUNNER_SHUTDOWN_SECS))
     await runner.setup()

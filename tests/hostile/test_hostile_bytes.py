@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -149,3 +150,17 @@ async def test_worker_answer_over_max_response_size_is_a_502_not_a_memory_blowup
         async with running_gateway(pd_settings([prefill], [decode])) as (url, _), \
                 s.post(url + "/generate", json={"text": "x"}) as r:
             assert r.status == 200
+
+
+@pytest.mark.slow
+async def test_an_unfinished_request_head_is_closed_after_the_idle_timeout() -> None:
+    async with pd_pair() as (prefill, decode), \
+            gateway_process(prefill, decode, "--client-idle-timeout-secs", "1") as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+        await writer.drain()
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
+        assert time.monotonic() - t0 < 3.0  # an hour with aiohttp's default
+        writer.close()
