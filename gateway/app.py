@@ -48,9 +48,10 @@ async def error_middleware(request: web.Request,
                            ) -> web.StreamResponse:
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-        # Refused before a byte is read: aiohttp would inflate the body on read, and a few
-        # hundred KiB of gzip inflate to the whole payload limit. SGLang's own server does not
-        # decode compressed request bodies either.
+        # Refused before a byte is read: a few hundred KiB of gzip inflate to the whole payload
+        # limit, and the server does not inflate bodies (AUTO_DECOMPRESS, gateway/server.py),
+        # so this answer names the problem. SGLang's own server does not decode compressed
+        # request bodies either.
         return error_response(415, f"Content-Encoding: {encoding[:40]!r} is not supported; "
                               "send the request body uncompressed", "unsupported_media_type")
     try:
