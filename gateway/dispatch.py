@@ -111,15 +111,15 @@ class Cleanup:
     """What one attempt must undo, run last-in first-out by `aclose()` on every exit path.
 
     A lean `AsyncExitStack` for the fixed cleanup set of an attempt (in-flight guards, upstream
-    responses, leg tasks): plain callables, no per-entry wrapper closures. As with the stack,
+    responses, the prefill leg): plain callables, no per-entry wrapper closures. As with the stack,
     every entry runs even when an earlier one raises, and the last exception raised propagates.
     """
 
     __slots__ = ("_items",)
 
     def __init__(self) -> None:
-        # (callable, args, is_async); a task entry is (None, (task,), False)
-        self._items: list[tuple[Callable[..., Any] | None, tuple[Any, ...], bool]] = []
+        # (callable, args, is_async)
+        self._items: list[tuple[Callable[..., Any], tuple[Any, ...], bool]] = []
 
     def enter(self, guard: InFlight) -> InFlight:
         guard.__enter__()
@@ -132,25 +132,13 @@ class Cleanup:
     def push_async(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._items.append((fn, args, True))
 
-    def task(self, task: asyncio.Future[Any]) -> None:
-        """Cancel `task` (and wait for it) unless it is done; a done one has its outcome
-        retrieved, so a failure nobody looked at is not logged as never retrieved."""
-        self._items.append((None, (task,), False))
-
     async def aclose(self) -> None:
         items = self._items
         error: BaseException | None = None
         while items:
             fn, args, is_async = items.pop()
             try:
-                if fn is None:
-                    task = args[0]
-                    if task.done():
-                        if not task.cancelled():
-                            task.exception()
-                    else:
-                        await _cancel(task)
-                elif is_async:
+                if is_async:
                     await fn(*args)
                 else:
                     fn(*args)
