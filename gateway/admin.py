@@ -196,7 +196,7 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def reload_zones(request: web.Request) -> web.Response:
     locality = request.app[STATE].locality
-    if locality is None:
+    if locality is None or locality.runtime.path is None:
         raise ConflictError("zones: no zone table path configured (--zones)")
     runtime = locality.runtime
     result = await runtime.reload()
@@ -209,7 +209,7 @@ async def reload_zones(request: web.Request) -> web.Response:
 
 async def show_zones(request: web.Request) -> web.Response:
     locality = request.app[STATE].locality
-    if locality is None:
+    if locality is None or locality.runtime.path is None:
         raise ConflictError("zones: no zone table path configured (--zones)")
     return json_response(locality.runtime.info())
 

@@ -118,7 +118,7 @@ def _build_state(settings: Settings) -> GatewayState:
 
 
 async def _start_locality(state: GatewayState) -> None:
-    if not state.settings.zones:
+    if not (state.settings.zones or state.settings.calibration_log):
         return
     # Imported here so a gateway without --zones never loads the locality stack.
     from gateway.eldr.locality import start_locality
@@ -126,7 +126,8 @@ async def _start_locality(state: GatewayState) -> None:
     locality = await start_locality(state.settings, state.registry)
     state.locality = locality
     state.decode_workers_changed()
-    state.tasks.append(asyncio.ensure_future(locality.runtime.watch()))
+    if state.settings.zones:
+        state.tasks.append(asyncio.ensure_future(locality.runtime.watch()))
 
 
 async def _metrics_site(state: GatewayState) -> web.AppRunner | None:

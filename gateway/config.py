@@ -21,6 +21,7 @@ from gateway.eldr.signature_cache import (
 )
 from gateway.errors import ConfigError
 from gateway.urls import check_url
+from zones.geometry import GeometryError, ModelGeometry, parse_geometry
 
 LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
 POLICIES = (*LOAD_POLICIES, "eldr")
@@ -81,6 +82,10 @@ class Settings:
         DEFAULT_BLOCK_TOKENS, "signature cache block length for token-id prompts (tokens)")
     signature_cache_block_bytes: int = _f(
         DEFAULT_BLOCK_BYTES, "signature cache block length for text prompts (UTF-8 bytes)")
+    model_geometry: str | None = _f(
+        None, "served model's routing shape: a known model name or LAYERSxEXPERTSxTOP_K; zone "
+        "tables of another shape are rejected, and --calibration-log records without --zones "
+        "(ours)")
     calibration_log: str | None = _f(None, "append decode routing results to this JSONL file")
     calibration_sample_rate: float = _f(1.0, "fraction of requests written to the calibration log")
     # --- request handling ---
@@ -136,6 +141,11 @@ class Settings:
     @property
     def effective_prefill_policy(self) -> str:
         return self.prefill_policy or self.policy
+
+    @property
+    def geometry(self) -> ModelGeometry | None:
+        """`model_geometry` parsed (validate() has checked it)."""
+        return None if self.model_geometry is None else parse_geometry(self.model_geometry)
 
     @property
     def effective_decode_policy(self) -> str:
@@ -196,6 +206,14 @@ class Settings:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
         if "eldr" in (self.effective_prefill_policy,):
             raise ConfigError("prefill_policy cannot be eldr: expert locality is a decode concern")
+        if self.model_geometry is not None:
+            try:
+                parse_geometry(self.model_geometry)
+            except GeometryError as exc:
+                raise ConfigError(f"model_geometry: {exc}") from None
+        if self.calibration_log and not (self.zones or self.model_geometry):
+            raise ConfigError("calibration_log needs zones or model_geometry: a record is stored "
+                              "in the served model's routing shape (--model-geometry 26x64x6)")
         if self.effective_decode_policy == "eldr" and not self.zones:
             raise ConfigError("decode_policy eldr needs zones (--zones PATH)")
         if not self.health_check_endpoint.startswith("/"):

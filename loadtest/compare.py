@@ -168,6 +168,7 @@ def router_argv(
     prefill_policy: str,
     zones: Path | None,
     calibration_log: Path | None = None,
+    model: str | None = None,
 ) -> list[str]:
     common = [
         "--pd-disaggregation",
@@ -201,6 +202,8 @@ def router_argv(
         args += ["--zones", str(zones)]
     if calibration_log is not None:
         args += ["--calibration-log", str(calibration_log)]
+    if model is not None:
+        args += ["--model-geometry", model]
     return python_argv("gateway", args)
 
 
@@ -413,7 +416,8 @@ class Experiment:
         assert self.cluster is not None
         port = free_port()
         argv = router_argv(
-            spec, self.cluster, port, self.opts.prefill_policy, zones, calibration_log
+            spec, self.cluster, port, self.opts.prefill_policy, zones, calibration_log,
+            None if spec.kind == "sglang" else self.opts.model,
         )
         proc = ManagedProcess(spec.name, argv, self.logs / f"{tag}.log")
         await proc.start()

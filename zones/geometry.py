@@ -72,3 +72,26 @@ def geometry_by_name(name: str) -> ModelGeometry:
             return geometry
     known = ", ".join(sorted(KNOWN_GEOMETRIES))
     raise GeometryError(f"unknown model {name!r}; known geometries: {known}")
+
+
+def parse_geometry(spec: str) -> ModelGeometry:
+    """A geometry from a known model name or `LAYERSxEXPERTSxTOP_K` (e.g. `26x64x6`)."""
+    parts = spec.lower().split("x")
+    if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
+        layers, experts, top_k = (int(p) for p in parts)
+        return ModelGeometry(spec, num_layers=layers, num_experts=experts, top_k=top_k)
+    try:
+        return geometry_by_name(spec)
+    except GeometryError as exc:
+        raise GeometryError(f"{exc}; or give LAYERSxEXPERTSxTOP_K, e.g. 26x64x6") from None
+
+
+def describe(geometry: ModelGeometry) -> str:
+    """`DeepSeek-V2-Lite (26 layers x 64 experts, top_k 6)`: for error messages."""
+    return (f"{geometry.name} ({geometry.num_layers} layers x {geometry.num_experts} experts, "
+            f"top_k {geometry.top_k})")
+
+
+def same_shape(a: ModelGeometry, b: ModelGeometry) -> bool:
+    """Equal routing shape; names are labels and may differ (`26x64x6` vs `DeepSeek-V2-Lite`)."""
+    return (a.num_layers, a.num_experts, a.top_k) == (b.num_layers, b.num_experts, b.top_k)

@@ -8,14 +8,15 @@ building blocks (sampler, record, writer, strip) live in `calibration_log.py`; t
 connects them to `Dispatcher`.
 
 Not sampled: streams and batched requests (one record describes one prompt and one output), and
-any request while no zone table is active (a record needs the model geometry, which the table
-carries).
+any request while the routing shape is unknown: a record needs the model geometry, which the
+active zone table carries or `--model-geometry` gives (the latter lets the first table's data be
+collected by the gateway itself).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.eldr.calibration_log import (
     CalibrationSampler,
@@ -26,21 +27,28 @@ from gateway.eldr.calibration_log import (
     strip_routed_experts,
 )
 from gateway.eldr.prompts import output_expert_counts, prompt_of, token_counts_of
-from gateway.eldr.resolver import ZoneSource
 from gateway.resolver import RequestContext
 from gateway.routing import Selection
+from zones.geometry import ModelGeometry
+
+
+class GeometrySource(Protocol):
+    """Where the routing shape comes from (a `ZoneRuntime`, or a stub in tests)."""
+
+    @property
+    def geometry(self) -> ModelGeometry | None: ...
 
 
 class CalibrationHook:
     def __init__(self, writer: CalibrationWriter, sampler: CalibrationSampler,
-                 zones: ZoneSource) -> None:
+                 zones: GeometrySource) -> None:
         self._writer = writer
         self._sampler = sampler
         self._zones = zones
 
     def prepare(self, ctx: RequestContext) -> dict[str, Any] | None:
         """The body to send upstream when this request is sampled, else None (unchanged)."""
-        if ctx.stream or ctx.batch is not None or self._zones.active is None or \
+        if ctx.stream or ctx.batch is not None or self._zones.geometry is None or \
                 not self._sampler.sample():
             return None
         ctx.calibration_sampled = True
@@ -52,9 +60,8 @@ class CalibrationHook:
         """Record a sampled answer; True when `parsed` was modified (routed experts stripped)."""
         if not ctx.calibration_sampled or not isinstance(parsed, dict):
             return False
-        active = self._zones.active
-        if active is not None:
-            geometry = active.table.geometry
+        geometry = self._zones.geometry
+        if geometry is not None:
             counts = output_expert_counts(parsed, ctx.body, geometry)
             prompt_tokens, output_tokens = token_counts_of(parsed)
             if counts is not None:

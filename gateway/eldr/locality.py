@@ -1,4 +1,5 @@
-"""Expert locality for one app: everything `--zones` switches on, built from `Settings`.
+"""Expert locality for one app: everything `--zones` (or `--calibration-log` alone) switches on,
+built from `Settings`.
 
 `start_locality` loads the zone table (failing start-up when it cannot), and builds the metrics,
 the signature resolver and, with `--calibration-log`, the calibration hook; `Locality.policy`
@@ -38,14 +39,19 @@ class Locality:
 
 async def start_locality(settings: Settings, registry: CollectorRegistry) -> Locality:
     """Load the zone table and build locality's parts; GatewayError when the table cannot load
-    (at start-up a bad table is fatal; later reloads keep the old one serving)."""
-    assert settings.zones, "start_locality needs settings.zones"
+    (at start-up a bad table is fatal; later reloads keep the old one serving).
+
+    Without `--zones` (only `--calibration-log` with `--model-geometry`) no table is loaded:
+    the resolver finds no signatures and only the calibration hook works.
+    """
+    assert settings.zones or settings.calibration_log, "start_locality needs zones or a log"
     metrics = EldrMetrics(registry)
-    runtime = ZoneRuntime(settings.zones, metrics=metrics)
-    result = await runtime.reload()
-    if runtime.active is None:
-        raise GatewayError(f"zones: cannot load {settings.zones}: "
-                           f"{runtime.last_error or result}")
+    runtime = ZoneRuntime(settings.zones, metrics=metrics, geometry=settings.geometry)
+    if settings.zones:
+        result = await runtime.reload()
+        if runtime.active is None:
+            raise GatewayError(f"zones: cannot load {settings.zones}: "
+                               f"{runtime.last_error or result}")
     resolver = LocalityResolver(SignatureResolver(
         runtime, ResolverSettings.from_settings(settings), metrics=metrics))
     hook = None

@@ -27,6 +27,7 @@ dispatch calls (`gateway.resolver.RoutingResolver`); `SignatureResolver` is its 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,12 +61,13 @@ from gateway.routing import (
     RoutingInput,
     Selection,
 )
-from zones.geometry import ModelGeometry
+from zones.geometry import ModelGeometry, describe
 from zones.routed_experts import RoutedExpertsError, decode_counts
 from zones.signature import SignatureError
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int32]
+log = logging.getLogger(__name__)
 
 
 class ZoneSource(Protocol):
@@ -289,6 +291,7 @@ class LocalityResolver:
 
     def __init__(self, core: SignatureResolver) -> None:
         self.core = core
+        self._mismatches_logged: set[tuple[Any, Any]] = set()
 
     async def resolve(self, ctx: RequestContext) -> RoutingInput:
         return self.core.resolve(prompt_of(ctx))
@@ -315,7 +318,14 @@ class LocalityResolver:
             if isinstance(reported, dict):
                 shape = (reported.get("num_layers"), reported.get("num_experts"))
                 if shape != (geometry.num_layers, geometry.num_experts):
-                    return None  # another model's routing: meaningless for this table
+                    # Another model's routing: meaningless for this table. Said once per
+                    # shape, since every request would repeat it.
+                    if shape not in self._mismatches_logged:
+                        self._mismatches_logged.add(shape)
+                        log.error("prefill reports routing of %s layers x %s experts but the zone "
+                                  "table is for %s: every decision falls back until a matching "
+                                  "table is loaded", shape[0], shape[1], describe(geometry))
+                    return None
             try:
                 return decode_counts(meta["prompt_expert_counts"], geometry)
             except RoutedExpertsError:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from gateway.eldr.band import normalize_worker_key
 from gateway.eldr.metrics import EldrMetrics
 from gateway.urls import redact_url
+from zones.geometry import ModelGeometry, describe, same_shape
 from zones.table import ZoneTable, ZoneTableError, load_table
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,12 @@ class ZoneRuntime:
         metrics: EldrMetrics | None = None,
         loader: Callable[[str], ZoneTable] = load_table,
         clock: Callable[[], float] = time.time,
+        geometry: ModelGeometry | None = None,
     ) -> None:
         self.path: str | None = None if path is None else os.fspath(path)
+        # The served model's routing shape (--model-geometry): a table of another shape would
+        # decode no signature and turn every decision into a fallback, so it is refused.
+        self.expected_geometry = geometry
         self.active: ActiveZones | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -156,6 +161,11 @@ class ZoneRuntime:
                 return self._fail(f"{path}: {exc}")
             except Exception as exc:
                 return self._fail(f"{path}: unexpected error loading zone table: {exc!r}")
+            expected = self.expected_geometry
+            if expected is not None and not same_shape(table.geometry, expected):
+                return self._fail(
+                    f"{path}: zone table is for {describe(table.geometry)}, but the served model "
+                    f"is {describe(expected)} (--model-geometry)")
             return self._install(table)
 
     def _install(self, table: ZoneTable) -> ReloadResult:
@@ -201,6 +211,12 @@ class ZoneRuntime:
             self._metrics.set_active_table(
                 a.version, a.checksum, a.table.num_zones, a.unmapped, a.loaded_at
             )
+
+    @property
+    def geometry(self) -> ModelGeometry | None:
+        """The routing shape records and signatures use: the active table's, else the
+        configured one."""
+        return self.active.table.geometry if self.active is not None else self.expected_geometry
 
     # --- workers -------------------------------------------------------------------------------
     def set_workers(self, workers: Sequence[tuple[str, str]]) -> None:
@@ -270,6 +286,8 @@ class ZoneRuntime:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "last_attempt_at": self.last_attempt_at,
+            "model_geometry": None if self.expected_geometry is None
+            else self.expected_geometry.to_dict(),
         }
         if a is not None:
             doc.update(

@@ -38,6 +38,10 @@ class FakeActive:
 class FakeZones:
     active: FakeActive
 
+    @property
+    def geometry(self) -> Any:
+        return self.active.table.geometry
+
 
 def _run(body: dict[str, Any], rows: list[int], prompt_tokens: int | None
          ) -> tuple[FakeWriter, dict[str, Any]]:

@@ -301,6 +301,27 @@ async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source):
                 assert resolved[source] == 4
 
 
+async def test_calibration_log_records_before_the_first_table_with_model_geometry(tmp_path):
+    """The first table's data: no --zones, --model-geometry gives the records' routing shape."""
+    from zones.calibration import read_calibration
+
+    async with run_cluster(ClusterConfig(prefill=1, decode=2, engine=ENGINE)) as cluster:
+        log_path = str(tmp_path / "calib.jsonl")
+        settings = _settings(cluster, calibration_log=log_path, model_geometry=ENGINE.model,
+                             decode_policy="least_load")
+        async with running_gateway(settings) as (url, _state), aiohttp.ClientSession() as s:
+            for i in range(3):
+                async with s.post(url + "/generate", json={
+                        "text": f"first data {i}", "sampling_params": {"max_new_tokens": 4}}) as r:
+                    assert r.status == 200, await r.text()
+                    assert "routed_experts" not in (await r.json())["meta_info"]
+            async with s.get(url + "/zones") as r:
+                assert r.status == 404  # no table path: no zone routes
+    records = list(read_calibration(log_path))
+    assert len(records) == 3
+    assert all(rec.output_counts is not None for rec in records)
+
+
 async def test_calibration_log_records_sampled_requests_and_hides_routed_experts(tmp_path):
     from zones.calibration import read_calibration
 
