@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,6 +64,7 @@ from gateway.upstream import (
     LegResult,
     UrlCache,
     close_response,
+    is_handshake_failure,
     post_open,
     post_read,
 )
@@ -485,9 +486,10 @@ class Dispatcher:
         stack.enter(InFlight(decode, self.metrics))
         # The decode leg runs in this task; a failing prefill interrupts it (see _PrefillWatch).
         watch = _PrefillWatch(prefill_task)
-        resp = await self._unless_prefill_fails(
-            post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body, headers,
-                      self._left(ctx)), watch, prefill)
+        with _handshake_faults_to(prefill):
+            resp = await self._unless_prefill_fails(
+                post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body,
+                          headers, self._left(ctx)), watch, prefill)
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_task=prefill_task)
         if not ctx.stream or ctx.return_logprob:
@@ -561,9 +563,9 @@ class Dispatcher:
         ctx.signature_source = routing.signature_source
         decode, selection = self._select("decode", routing, ctx.failed_workers)
         stack.enter(InFlight(decode, self.metrics))
-        resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
-                               _encode(injected),
-                               headers, self._left(ctx))
+        with _handshake_faults_to(prefill):
+            resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
+                                   _encode(injected), headers, self._left(ctx))
         released = True  # the decode connected: the room is consumed by it
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_result=result)
@@ -766,6 +768,19 @@ def _encode(body: dict[str, Any]) -> bytes:
     except orjson.JSONEncodeError as exc:
         # orjson reads 1024 levels of nesting but writes only 254: reject rather than fail late.
         raise BadRequestError(f"request body cannot be forwarded: {exc}") from None
+
+
+@contextlib.contextmanager
+def _handshake_faults_to(prefill: Worker) -> Iterator[None]:
+    """Around opening a decode leg: a failed bootstrap handshake is charged to the prefill (its
+    bootstrap address is what failed), so breakers and the retry's avoidance hit the worker at
+    fault (`is_handshake_failure`). What the client gets is unchanged."""
+    try:
+        yield
+    except AttemptFailed as failure:
+        if failure.worker is not prefill and is_handshake_failure(failure):
+            raise failure.blamed_on(prefill) from None
+        raise
 
 
 def _task_result(task: asyncio.Task[LegResult] | None) -> LegResult | None:

@@ -62,6 +62,26 @@ class AttemptFailed(Exception):
         return web.Response(status=self.status, body=self.body,
                             content_type=self.content_type or "application/json")
 
+    def blamed_on(self, worker: Worker) -> AttemptFailed:
+        """The same failure (what the client gets is unchanged) charged to `worker`."""
+        return AttemptFailed(worker, self.status, self.body, self.content_type, self.retryable,
+                             self.kind)
+
+
+# SGLang's decode aborts a request whose bootstrap handshake with the prefill failed with this
+# message (sglang 0.5.23 `srt/disaggregation/decode.py`, `_update_handshake_waiters`, a 500).
+# The handshake targets the address the gateway injected for the prefill (bootstrap_host/port),
+# so the fault is the prefill's (down, or its configured bootstrap port is wrong), not the
+# decode's: charging the decode would open healthy decodes' breakers one by one.
+HANDSHAKE_FAILURE_MARK = b"Decode handshake failed"
+_MARK_WINDOW = 4096  # the message sits at the start of SGLang's small error body
+
+
+def is_handshake_failure(failure: AttemptFailed) -> bool:
+    """A decode's 5xx saying its KV bootstrap handshake with the prefill failed."""
+    return failure.kind == "status" and failure.status >= 500 and \
+        HANDSHAKE_FAILURE_MARK in failure.body[:_MARK_WINDOW]
+
 
 # `Http1Error` (the worker legs' client, gateway/http1.py) is a ConnectionError; aiohttp's errors
 # stay listed for the calls that still go through the aiohttp session.

@@ -31,6 +31,7 @@ class FakeWorker:
     paths: list[str] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnects: int = 0  # hanging requests whose client closed the connection (SGLang aborts)
     server: TestServer | None = None
 
     @property
@@ -91,7 +92,13 @@ class FakeWorker:
         self.paths.append(request.path)
         self.connected.set()
         if self.hang:
-            await self.released.wait()
+            try:
+                await self.released.wait()
+            except asyncio.CancelledError:
+                # The client closed the connection (TestServer cancels the handler then): SGLang
+                # notices the same way and aborts the request.
+                self.disconnects += 1
+                raise
         if self.status != 200:
             return web.json_response({"error": {"message": f"{self.role} says {self.status}",
                                                 "code": self.status}}, status=self.status)

@@ -53,9 +53,11 @@ async def test_stream_answered_while_prefill_hangs_releases_everything_at_once()
             # Answered at once although the prefill leg is open for 30 s.
             assert time.perf_counter() - t0 < 2.0
             assert in_flight(state)["decode"] == 0
-            # The prefill leg lingers at most PREFILL_LINGER_SECS, then is abandoned.
+            # The prefill leg lingers at most PREFILL_LINGER_SECS, then is abandoned, and its
+            # connection closed: that is how SGLang learns to abort the request.
             assert await until(lambda: in_flight(state)["prefill"] == 0) < 1.5
             assert unfinished(state) == 0
+            assert await until(lambda: prefill.disconnects == 1) < 1.0
     finally:
         await prefill.close()
         await decode.close()
