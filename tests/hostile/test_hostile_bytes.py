@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -164,3 +165,29 @@ async def test_an_unfinished_request_head_is_closed_after_the_idle_timeout() -> 
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
         assert time.monotonic() - t0 < 3.0  # an hour with aiohttp's default
         writer.close()
+
+
+@pytest.mark.slow
+async def test_a_trickled_request_head_does_not_extend_its_deadline() -> None:
+    """Slowloris: one header byte every 0.2 s. The deadline runs from the connection's start,
+    so trickling cannot keep it open past the idle timeout."""
+    async with pd_pair() as (prefill, decode), \
+            gateway_process(prefill, decode, "--client-idle-timeout-secs", "1") as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        t0 = time.monotonic()
+        closed_after = None
+        while time.monotonic() - t0 < 6.0:
+            try:
+                writer.write(b"a")
+                await writer.drain()
+            except ConnectionError:
+                closed_after = time.monotonic() - t0
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                    closed_after = time.monotonic() - t0
+                    break
+        writer.close()
+        assert closed_after is not None and closed_after < 3.0, closed_after
