@@ -35,6 +35,7 @@ from gateway.policies.registry import make_policy
 from gateway.resolver import NullResolver
 from gateway.responses import error_response
 from gateway.state import STATE, GatewayState
+from gateway.tls import client_context
 from gateway.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ async def error_middleware(request: web.Request,
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc.status, exc.message, exc.code)
+        return error_response(exc.status, exc.message, exc.code, exc.param)
     except RequestPayloadError as exc:  # a body that broke off or did not decode
-        return error_response(400, f"request body could not be read: {exc}", "invalid_request")
+        return error_response(400, f"request body could not be read: {exc}", "invalid_request_body")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -68,7 +69,9 @@ async def error_middleware(request: web.Request,
             limit = request.app[STATE].settings.max_payload_size
             reason = f"request body exceeds max_payload_size ({limit} bytes)"
         return error_response(exc.status, f"{reason}: {request.method} {request.path}"
-                              if exc.status in (404, 405) else reason, "http_error")
+                              if exc.status in (404, 405) else reason,
+                              {404: "unknown_url", 405: "method_not_allowed",
+                               413: "payload_too_large"}.get(exc.status, "http_error"))
     except Exception as exc:
         # A bug of ours: log it with its traceback and answer in our JSON error shape, so a plain
         # aiohttp "Server got itself in trouble" 500 can only have come from a worker.
@@ -164,14 +167,17 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
     app[STATE] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        # One TLS context (gateway/tls.py) for every worker connection, both clients below.
+        tls = client_context(settings)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                         ssl=True if tls is None else tls)
         # The aiohttp session serves health checks, load polls and the info/flush fan-out; the
         # generation legs use `state.client` (gateway/http1.py). DummyCookieJar: workers are not
         # cookie-based and the Rust router keeps no cookie state.
         state.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               json_serialize=lambda o: orjson.dumps(o).decode())
-        state.client = Http1Pool()
+        state.client = Http1Pool(ssl_context=tls)
         await _start_locality(state)
         locality = state.locality
         state.dispatcher = Dispatcher(

@@ -5,9 +5,8 @@ precedence is flag > environment > dataclass default. List-valued environment va
 comma-separated; `GATEWAY_PREFILL` entries are `URL` or `URL BOOTSTRAP_PORT`
 (e.g. `GATEWAY_PREFILL="http://p1:8000 8998,http://p2:8000"`).
 
-Rust-router flags we accept but do not act on (cache-aware, tokenizer, service discovery, history
-backends, TLS, tracing) are listed in `IGNORED_FLAGS`: they are rejected with a message saying so,
-rather than silently ignored, because silently ignoring e.g. TLS settings would be unsafe.
+The Rust routers' flags without a `Settings` field are accepted or rejected by name as
+`gateway/compat.py` lists them; a flag no router has is an error.
 """
 
 from __future__ import annotations
@@ -21,17 +20,12 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.compat import classify, split_foreign
 from gateway.config import Settings, parse_prefill
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
-IGNORED_FLAGS = (
-    "--cache-threshold", "--balance-abs-threshold", "--balance-rel-threshold",
-    "--eviction-interval-secs", "--max-tree-size", "--dp-aware", "--enable-igw", "--mini-lb",
-    "--service-discovery", "--model-path", "--tokenizer-path", "--tls-cert-path",
-    "--tls-key-path", "--enable-trace", "--history-backend", "--cors-allowed-origins",
-    "--rate-limit-tokens-per-second", "--prometheus-duration-buckets",
-)
+
 
 
 _HINTS = typing.get_type_hints(Settings)
@@ -59,35 +53,34 @@ def _parse_bool(key: str, raw: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eldr-gateway",
+        prog="eldr-gateway", allow_abbrev=False,  # `--model` must not mean `--model-geometry`
         description="ELDR gateway: SGLang PD router with expert-locality decode routing. "
                     f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment.",
     )
     for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         kind = f.metadata.get("kind")
         help_text = f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()})"
         base = _base_type(_HINTS[f.name])
         if kind == "prefill":
-            parser.add_argument(flag, nargs="+", action="append", metavar="URL_OR_PORT",
+            parser.add_argument(*flags, nargs="+", action="append", metavar="URL_OR_PORT",
                                 dest=f.name, default=None, help=help_text)
         elif kind == "append":
-            parser.add_argument(flag, action="append", metavar="URL", dest=f.name, default=None,
+            parser.add_argument(*flags, action="append", metavar="URL", dest=f.name, default=None,
                                 help=help_text)
         elif kind == "nargs":
-            parser.add_argument(flag, nargs="*", dest=f.name, default=None, help=help_text)
+            # extend: a repeated flag adds to the list, as in the Rust routers' parsers
+            parser.add_argument(*flags, nargs="*", action="extend", dest=f.name, default=None,
+                                help=help_text)
         elif base is bool and f.default is True:  # on by default: --no-<flag> turns it off
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name,
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, dest=f.name,
                                 default=None, help=help_text)
         elif base is bool:
-            parser.add_argument(flag, action="store_true", dest=f.name, default=None,
+            parser.add_argument(*flags, action="store_true", dest=f.name, default=None,
                                 help=help_text)
         else:
-            parser.add_argument(flag, type=base, dest=f.name, default=None,
+            parser.add_argument(*flags, type=base, dest=f.name, default=None,
                                 choices=f.metadata.get("choices"), help=help_text)
-    for flag in IGNORED_FLAGS:
-        parser.add_argument(flag, nargs="*", dest="unsupported_" + flag[2:].replace("-", "_"),
-                            default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -119,16 +112,23 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def settings_from_args(argv: Sequence[str] | None = None,
-                       env: Mapping[str, str] | None = None) -> Settings:
-    """Parse flags and environment into validated Settings (ConfigError names the key)."""
-    args = build_parser().parse_args(argv)
-    used_unsupported = [k for k, v in vars(args).items() if k.startswith("unsupported_") and
-                        v is not None]
-    if used_unsupported:
-        names = ", ".join("--" + k[len("unsupported_"):].replace("_", "-")
-                          for k in used_unsupported)
-        raise ConfigError(f"not supported by this gateway: {names}")
+def parse_command_line(argv: Sequence[str] | None = None,
+                       env: Mapping[str, str] | None = None
+                       ) -> tuple[Settings, dict[str, list[str]]]:
+    """Flags and environment -> validated Settings, plus the Rust-router flags accepted without
+    effect (flag -> values). ConfigError names the key, or the rejected flag and what to use."""
+    args, extras = build_parser().parse_known_args(argv)
+    foreign, unknown = split_foreign(extras)
+    if unknown:
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}")
+    rejected = [(flag, entry) for flag in foreign
+                if (entry := classify(flag)) is not None and entry.status == "rejected"]
+    if rejected:
+        raise ConfigError("; ".join(f"{flag} is not supported by this gateway: {entry.why}"
+                                    for flag, entry in rejected))
+    backend = foreign.get("--backend")
+    if backend and backend != ["sglang"]:
+        raise ConfigError(f"--backend {' '.join(backend)}: only sglang workers are supported")
     values = _from_env(os.environ if env is None else env)
     for f in dataclasses.fields(Settings):
         value = getattr(args, f.name)
@@ -137,15 +137,25 @@ def settings_from_args(argv: Sequence[str] | None = None,
         if f.metadata.get("kind") == "prefill":
             value = [parse_prefill(v) for v in value]
         values[f.name] = value
-    return Settings(**values).validate()
+    return Settings(**values).validate(), foreign
+
+
+def settings_from_args(argv: Sequence[str] | None = None,
+                       env: Mapping[str, str] | None = None) -> Settings:
+    """Parse flags and environment into validated Settings (ConfigError names the key)."""
+    return parse_command_line(argv, env)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = settings_from_args(argv)
+        settings, accepted = parse_command_line(argv)
     except ConfigError as exc:
         print(f"eldr-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    for flag in accepted:
+        entry = classify(flag)
+        assert entry is not None
+        print(f"eldr-gateway: {flag} accepted with no effect: {entry.why}", file=sys.stderr)
     if settings.zones:
         # Fail fast with one line naming the file and the problem, before any socket or client
         # session exists; at run time a bad table is only ever rejected while the old one serves.

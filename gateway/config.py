@@ -24,7 +24,9 @@ from gateway.urls import check_url
 from zones.geometry import GeometryError, ModelGeometry, parse_geometry
 
 LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
-POLICIES = (*LOAD_POLICIES, "eldr")
+# Policies that route on the request's prefix or key (gateway/policies), as the Rust routers.
+REQUEST_POLICIES = ("cache_aware", "prefix_hash", "consistent_hashing", "manual")
+POLICIES = (*LOAD_POLICIES, *REQUEST_POLICIES, "eldr")
 PD_FLOWS = ("dual", "prefill-first")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
@@ -63,6 +65,31 @@ class Settings:
     prefill_policy: str | None = _f(None, "policy for prefill workers", choices=POLICIES)
     decode_policy: str | None = _f(None, "policy for decode workers", choices=POLICIES)
     pd_flow: str = _f("dual", "PD flow: dual (stock SGLang) or prefill-first", choices=PD_FLOWS)
+    # --- prefix and key policies (names, defaults and meaning as smg 1.13) ---
+    cache_threshold: float = _f(
+        0.3, "cache_aware: matched-prefix share (0-1) above which a request goes to the worker "
+        "holding the prefix", aliases=("--cache-match-threshold",))
+    balance_abs_threshold: int = _f(
+        64, "cache_aware: balance when max - min load exceeds this (and the relative threshold)",
+        aliases=("--spill-abs-threshold",))
+    balance_rel_threshold: float = _f(
+        1.5, "cache_aware: balance when max load exceeds min load x this (and the absolute one)",
+        aliases=("--spill-rel-threshold",))
+    eviction_interval_secs: int = _f(60, "cache_aware: seconds between prefix tree evictions")
+    max_tree_size: int = _f(
+        67108864, "cache_aware: characters each worker's prefix tree keeps after an eviction")
+    routing_key_headers: list[str] = field(default_factory=lambda: ["x-smg-routing-key"],
+                                           metadata={
+        "help": "headers checked, in order, for a request's routing key (manual policy)",
+        "kind": "nargs"})
+    max_idle_secs: int = _f(14400, "manual: seconds an unused routing key stays pinned",
+                            aliases=("--sticky-key-idle-secs",))
+    assignment_mode: str = _f("random", "manual: how a new routing key gets its worker",
+                              choices=("random", "min_load"))
+    prefix_token_count: int = _f(
+        256, "prefix_hash: prefix tokens hashed (text requests: 4 characters per token)")
+    prefix_hash_load_factor: float = _f(
+        1.25, "prefix_hash: load (x the average) above which the ring is walked further")
     # --- expert locality (gateway/eldr; active with --zones) ---
     zones: str | None = _f(None, "zone table path (enables the eldr policy)")
     eldr_tau: float | None = _f(
@@ -88,11 +115,23 @@ class Settings:
         "(ours)")
     calibration_log: str | None = _f(None, "append decode routing results to this JSONL file")
     calibration_sample_rate: float = _f(1.0, "fraction of requests written to the calibration log")
+    # --- TLS (flag names as the Rust routers) ---
+    client_cert_path: str | None = _f(
+        None, "client certificate (PEM) presented to https workers (mTLS); with "
+        "--client-key-path")
+    client_key_path: str | None = _f(None, "unencrypted PEM private key of --client-cert-path")
+    ca_cert_paths: list[str] = field(default_factory=list, metadata={
+        "help": "CA certificates (PEM) trusted for worker TLS, in addition to the system store",
+        # The sglang-router README spells it --ca-cert-path (argparse's prefix match took it).
+        "kind": "nargs", "aliases": ("--ca-cert-path",)})
+    tls_cert_path: str | None = _f(
+        None, "serve the gateway over HTTPS with this certificate (PEM); with --tls-key-path")
+    tls_key_path: str | None = _f(None, "unencrypted PEM private key of --tls-cert-path")
     # --- request handling ---
     request_timeout_secs: float = _f(1800.0, "upstream request timeout (seconds)")
     client_idle_timeout_secs: float = _f(
         75.0, "seconds a client connection may sit idle, or send an unfinished request head, "
-        "before it is closed (ours)")
+        "before it is closed", aliases=("--idle-connection-timeout-secs",))
     max_payload_size: int = _f(536870912, "maximum request body in bytes")
     max_response_size: int = _f(
         268435456, "maximum worker answer the gateway buffers (non-streaming), in bytes (ours)")
@@ -128,7 +167,8 @@ class Settings:
     worker_startup_check_interval: float = _f(
         30.0, "seconds between health probes of a new worker until it passes")
     # --- load polling (ours: the Rust router polls loads only for power_of_two) ---
-    load_poll_interval_secs: float = _f(1.0, "seconds between /v1/loads polls (0 disables)")
+    load_poll_interval_secs: float = _f(1.0, "seconds between /v1/loads polls (0 disables)",
+                                        aliases=("--load-monitor-interval",))
     load_stale_secs: float = _f(5.0, "worker-reported load older than this is ignored")
     # --- observability / admin ---
     prometheus_host: str = _f("0.0.0.0", "address for the Prometheus metrics server")
@@ -186,6 +226,14 @@ class Settings:
             raise ConfigError(
                 f"calibration_sample_rate must be in [0, 1], got {self.calibration_sample_rate}"
             )
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}")
+        if not self.balance_rel_threshold >= 1.0 or not self.prefix_hash_load_factor >= 1.0:
+            raise ConfigError("balance_rel_threshold and prefix_hash_load_factor must be >= 1")
+        for key in ("balance_abs_threshold", "eviction_interval_secs", "max_tree_size",
+                    "max_idle_secs", "prefix_token_count"):
+            if getattr(self, key) < (0 if key == "balance_abs_threshold" else 1):
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.eldr_tau is not None and not 0.0 <= self.eldr_tau <= 2.0:
             raise ConfigError(f"eldr_tau must be in [0, 2], got {self.eldr_tau}")
         if self.eldr_min_candidates is not None and self.eldr_min_candidates < 1:
@@ -231,6 +279,9 @@ class Settings:
                               "--pd-disaggregation")
         if not self.pd_disaggregation and (self.prefill or self.decode):
             raise ConfigError("prefill/decode workers need --pd-disaggregation")
+        from gateway.tls import check_settings  # the TLS files: paired, readable, loadable
+
+        check_settings(self)
         return self
 
     def replace(self, **changes: Any) -> Settings:

@@ -35,8 +35,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -55,7 +55,9 @@ from gateway.limiter import ConcurrencyLimiter
 from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
 from gateway.metrics import GatewayMetrics
+from gateway.policies.request_text import routing_text
 from gateway.resolver import NullResolver, RequestContext, ResultHook, RoutingResolver
+from gateway.responses import sse_error_event
 from gateway.retry import RetryConfig
 from gateway.routing import NO_ROUTING_INPUT, Policy, RoutingInput, Selection
 from gateway.upstream import (
@@ -91,8 +93,7 @@ PREFILL_LINGER_SECS = 0.5
 ROOM_RELEASE_TIMEOUT_SECS = 5.0
 # A stream still open when the shutdown grace period ends gets this error event before it is cut
 # (SGLang's in-stream error shape), written within this long.
-SHUTDOWN_EVENT = (b'data: {"error": {"message": "gateway shutting down; the stream was cut", '
-                  b'"type": "shutdown", "code": 503}}\n\n')
+SHUTDOWN_EVENT = sse_error_event(503, "gateway shutting down; the stream was cut", "shutdown")
 SHUTDOWN_WRITE_SECS = 1.0
 
 
@@ -303,27 +304,33 @@ class Dispatcher:
                 f"request body must be a JSON object, got {type(body).__name__}")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise BadRequestError("stream: must be a boolean")
+            raise BadRequestError("stream: must be a boolean", param="stream")
         if endpoint == "/v1/chat/completions" and not isinstance(body.get("messages"), list):
-            raise BadRequestError("messages: required, must be an array")
+            raise BadRequestError("messages: required, must be an array", param="messages")
         if endpoint == "/v1/completions" and "prompt" not in body:
-            raise BadRequestError("prompt: required")
+            raise BadRequestError("prompt: required", param="prompt")
         if endpoint == "/generate" and not any(k in body for k in
                                                ("text", "input_ids", "input_embeds")):
-            raise BadRequestError("text or input_ids: one is required")
+            raise BadRequestError("text or input_ids: one is required", param="text")
         n = body.get("n")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1
                               or n > bootstrap.MAX_BATCH):
-            raise BadRequestError(f"n: must be an integer in 1..{bootstrap.MAX_BATCH}")
+            raise BadRequestError(f"n: must be an integer in 1..{bootstrap.MAX_BATCH}", param="n")
         batch = bootstrap.batch_size(body) if self.settings.pd_disaggregation else None
         request_id = None
         for name in self._request_id_names:
             request_id = request.headers.get(name)
             if request_id:
                 break
+        routing_key = None
+        for name in self.settings.routing_key_headers:
+            routing_key = request.headers.get(name)
+            if routing_key:
+                break
         return RequestContext(endpoint=endpoint, body=body, stream=stream,
                               return_logprob=body.get("return_logprob") is True, batch=batch,
-                              started=started, request_id=request_id)
+                              started=started, request_id=request_id,
+                              routing_key=routing_key or None)
 
     def _headers(self, request: web.Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -417,9 +424,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ selection
     def _select(self, role: str, routing: RoutingInput,
-                avoid: Collection[str] = ()) -> tuple[Worker, Selection]:
-        """Ask the role's policy for a worker among the available ones, leaving out `avoid`
-        (workers that failed this request's earlier attempts) unless nothing else is left."""
+                ctx: RequestContext) -> tuple[Worker, Selection]:
+        """Ask the role's policy for a worker among the available ones, leaving out the workers
+        that failed this request's earlier attempts unless nothing else is left."""
+        avoid = ctx.failed_workers
         workers = self.registry.available(role)
         if not workers:
             raise NoWorkersError(f"no available {role} workers (all unhealthy, circuit-open or "
@@ -428,6 +436,9 @@ class Dispatcher:
             others = [w for w in workers if w.worker_id not in avoid]
             workers = others or workers
         policy = self.policies[role]
+        if policy.needs_request:
+            routing = replace(routing, text=routing_text(ctx.endpoint, ctx.body),
+                              routing_key=ctx.routing_key)
         views = self.registry.views(workers)
         started = time.perf_counter()
         selection = policy.select(views, routing)
@@ -454,7 +465,7 @@ class Dispatcher:
 
     async def _open_regular(self, ctx: RequestContext, headers: dict[str, str],
                             stack: Cleanup) -> Opened:
-        worker, selection = self._select("regular", NO_ROUTING_INPUT, ctx.failed_workers)
+        worker, selection = self._select("regular", NO_ROUTING_INPUT, ctx)
         stack.enter(InFlight(worker, self.metrics))
         body = _encode(_outgoing(ctx))
         resp = await post_open(self.client, worker, self._urls.get(worker, ctx.endpoint), body,
@@ -467,12 +478,12 @@ class Dispatcher:
 
     async def _open_dual(self, ctx: RequestContext, headers: dict[str, str],
                          stack: Cleanup) -> Opened:
-        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx.failed_workers)
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx)
         decode_policy = self.policies["decode"]
         routing = (await self.resolver.resolve(ctx) if decode_policy.needs_signature
                    else NO_ROUTING_INPUT)
         ctx.signature_source = routing.signature_source
-        decode, selection = self._select("decode", routing, ctx.failed_workers)
+        decode, selection = self._select("decode", routing, ctx)
         rooms = bootstrap.new_rooms(ctx.batch, self.rng)
         body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
                                         rooms))
@@ -536,7 +547,7 @@ class Dispatcher:
 
     async def _open_prefill_first(self, ctx: RequestContext, headers: dict[str, str],
                                   stack: Cleanup) -> Opened:
-        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx.failed_workers)
+        prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx)
         room = bootstrap.new_rooms(None, self.rng)
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
         prefill_body = dict(injected, prefill_first=True, stream=False)
@@ -561,7 +572,7 @@ class Dispatcher:
                 parsed = None
             routing = self.resolver.from_prefill(ctx, parsed)
         ctx.signature_source = routing.signature_source
-        decode, selection = self._select("decode", routing, ctx.failed_workers)
+        decode, selection = self._select("decode", routing, ctx)
         stack.enter(InFlight(decode, self.metrics))
         with _handshake_faults_to(prefill):
             resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
@@ -732,7 +743,9 @@ class Dispatcher:
             self._record_failure(failure)
             log.warning("stream from %s broke: %s", opened.worker.worker_id, exc)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await out.write(b"data: " + failure.body + b"\n\n")
+                await out.write(sse_error_event(
+                    failure.status, f"{opened.worker.role} worker {opened.worker.worker_id} "
+                    f"broke off the stream: {type(exc).__name__}: {exc}", "upstream_error"))
                 await out.write_eof()
             return out
         except asyncio.CancelledError:

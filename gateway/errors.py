@@ -23,9 +23,10 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when there is one
 
 
 class BadRequestError(GatewayError):
@@ -54,12 +55,20 @@ class ConflictError(GatewayError):
 
 
 class OverloadedError(GatewayError):
-    status = 429
-    code = "overloaded"
+    """The concurrency queue is full (smg 1.13: 429 `admission_queue_full`)."""
 
-    def __init__(self, message: str, reason: str = "overloaded") -> None:
-        super().__init__(message)
-        self.reason = reason  # metrics label: "queue_full" | "queue_timeout"
+    status = 429
+    code = "admission_queue_full"
+    reason = "queue_full"  # metrics label
+
+
+class QueueTimeoutError(OverloadedError):
+    """A request waited `--queue-timeout-secs` for a slot (smg 1.13: 503
+    `admission_queue_timeout`; sglang-router 0.3.2 answered 408)."""
+
+    status = 503
+    code = "admission_queue_timeout"
+    reason = "queue_timeout"
 
 
 class NoWorkersError(GatewayError):

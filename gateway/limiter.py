@@ -2,7 +2,7 @@
 `--queue-size`, `--queue-timeout-secs`).
 
 -1 disables the limit. When all slots are taken, up to `queue_size` requests wait (FIFO) for at
-most `queue_timeout_secs`; a full queue or an expired wait is answered 429 at once.
+most `queue_timeout_secs`; a full queue is answered 429, an expired wait 503 (smg 1.13's codes).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
-from gateway.errors import OverloadedError
+from gateway.errors import OverloadedError, QueueTimeoutError
 
 
 class ConcurrencyLimiter:
@@ -53,8 +53,7 @@ class ConcurrencyLimiter:
         if len(self._waiters) >= self._queue_size:
             raise OverloadedError(
                 f"too many concurrent requests: {self._max} active and the queue "
-                f"(queue_size={self._queue_size}) is full", reason="queue_full"
-            )
+                f"(queue_size={self._queue_size}) is full")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -66,9 +65,8 @@ class ConcurrencyLimiter:
                 fut.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-            raise OverloadedError(
-                f"request waited longer than queue_timeout_secs={self._timeout} for a slot",
-                reason="queue_timeout",
+            raise QueueTimeoutError(
+                f"request waited longer than queue_timeout_secs={self._timeout} for a slot"
             ) from None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():

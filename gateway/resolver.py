@@ -31,6 +31,7 @@ class RequestContext:
     batch: int | None  # batch size from bootstrap.batch_size (None: single request)
     started: float  # time.perf_counter() at arrival
     request_id: str | None = None
+    routing_key: str | None = None  # the first --routing-key-headers header present
     upstream_body: dict[str, Any] | None = None  # set by a ResultHook: what workers get instead
     signature_source: SignatureSource = "none"  # how the decode's routing input was resolved
     # Locality's view of the request, parsed once on first use (gateway.eldr.prompts.prompt_of).

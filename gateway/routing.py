@@ -3,8 +3,10 @@
 A policy gets the AVAILABLE candidate workers (healthy, circuit not open; never empty) as
 `WorkerView` snapshots and a small `RoutingInput`, and returns a `Selection`. It does no I/O and
 raises nothing HTTP, so it can be unit tested with plain objects. Dispatch resolves a signature
-only for policies with `needs_signature = True`. Both `gateway.policies` (load-only policies)
-and `gateway.eldr` (expert locality) import this module; it imports neither.
+only for policies with `needs_signature = True`, and fills the request's routing text and key
+(`RoutingInput.text`, `.routing_key`) only for policies with `needs_request = True`. Both
+`gateway.policies` (load and prefix policies) and `gateway.eldr` (expert locality) import this
+module; it imports neither.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class RoutingInput:
     signature: Signature | None  # a unit vector in `zones`' signature space, or its coords
     signature_source: SignatureSource
     zones: ActiveZones | None = None
+    # For prefix and key policies (cache_aware, prefix_hash, consistent_hashing, manual): the
+    # request's text as the Rust routers extract it, and its routing key header's value.
+    text: str | None = None
+    routing_key: str | None = None
 
 
 NO_ROUTING_INPUT = RoutingInput(None, "none")
@@ -85,5 +91,6 @@ class Selection:
 class Policy(Protocol):
     name: str
     needs_signature: bool  # dispatch resolves a signature only when True
+    needs_request: bool  # dispatch fills RoutingInput.text / .routing_key only when True
 
     def select(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection: ...

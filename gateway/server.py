@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.state import STATE
+from gateway.tls import server_context
 
 # Cyclic GC tuning for the serving process, applied once the app is built (see `_tune_gc`).
 # Measured with the gateway under closed-loop load on the instant fake PD upstream: at CPython's
@@ -90,10 +91,12 @@ async def _serve_async(settings: Settings) -> None:
                                                 RUNNER_SHUTDOWN_SECS))
     await runner.setup()
     _tune_gc()
+    tls = server_context(settings)  # --tls-cert-path/--tls-key-path: HTTPS (gateway/tls.py)
     site = web.TCPSite(runner, settings.host, settings.port, backlog=2048,
-                       reuse_port=settings.processes > 1)
+                       reuse_port=settings.processes > 1, ssl_context=tls)
     await site.start()
-    logging.getLogger("gateway").info("listening on %s:%d", settings.host, settings.port)
+    logging.getLogger("gateway").info("listening on %s://%s:%d", "http" if tls is None else
+                                      "https", settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.http1 import Http1Pool, Response, Target
+from gateway.responses import error_body
 from gateway.retry import is_retryable_status
 from gateway.workers import Worker
 
@@ -54,8 +55,8 @@ class AttemptFailed(Exception):
         kind = "timeout" if timeout else "transport"
         message = (f"{worker.role} worker {worker.worker_id} "
                    f"{'timed out' if timeout else 'failed'}: {type(exc).__name__}: {exc}")
-        body = orjson.dumps({"error": {"message": message, "type": "upstream_error",
-                                       "code": status}})
+        body = orjson.dumps(error_body(status, message,
+                                       "upstream_timeout" if timeout else "upstream_error"))
         return cls(worker, status, body, "application/json", True, kind)
 
     def response(self) -> web.Response:

@@ -38,6 +38,7 @@ TAU_RANGE = (0.0, 2.0)  # similarities lie in [0, 1] (module gateway.eldr.band);
 class EldrPolicy:
     name = "eldr"
     needs_signature = True
+    needs_request = False
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from gateway.routing import RoutingInput, Selection, WorkerView
 class LeastLoadPolicy:
     name = "least_load"
     needs_signature = False
+    needs_request = False
 
     def select(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
         best = candidates[0]

@@ -17,6 +17,7 @@ from gateway.routing import RoutingInput, Selection, WorkerView
 class PowerOfTwoPolicy:
     name = "power_of_two"
     needs_signature = False
+    needs_request = False
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()

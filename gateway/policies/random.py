@@ -11,6 +11,7 @@ from gateway.routing import RoutingInput, Selection, WorkerView
 class RandomPolicy:
     name = "random"
     needs_signature = False
+    needs_request = False
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()

@@ -14,6 +14,7 @@ from gateway.routing import RoutingInput, Selection, WorkerView
 class RoundRobinPolicy:
     name = "round_robin"
     needs_signature = False
+    needs_request = False
 
     def __init__(self) -> None:
         self._counter = 0

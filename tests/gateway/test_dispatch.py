@@ -372,14 +372,14 @@ async def test_admin_guard_runs_before_routing_and_only_with_a_token(pd_cluster,
                              ("PATCH", "/workers"), ("POST", "/admin/unknown")):
             async with session.request(method, url + path) as r:
                 assert r.status == 401, (method, path)
-                assert (await r.json())["error"]["type"] == "unauthorized"
+                assert (await r.json())["error"]["code"] == "unauthorized"
         async with session.get(url + "/workers", headers={"Authorization": "Bearer no"}) as r:
             assert r.status == 401
         async with session.get(url + "/workers", headers=auth) as r:
             assert r.status == 200
         async with session.post(url + "/admin/unknown", headers=auth) as r:
             assert r.status == 404
-            assert (await r.json())["error"]["type"] == "http_error"
+            assert (await r.json())["error"]["code"] == "unknown_url"
         async with session.post(url + "/generate", json={"text": "x"}) as r:
             assert r.status == 200  # generation needs no admin token
         async with session.post(url + "/generate", data=b"{bad") as r:

@@ -250,7 +250,9 @@ def test_env_vars_and_flag_precedence():
     (["--decode", "ftp://x"], {}, "decode"),
     (["--pd-disaggregation", "--decode-policy", "eldr"], {}, "zones"),
     (["--pd-disaggregation", "--prefill", "http://p:1", "notaport"], {}, "prefill"),
-    (["--cache-threshold", "0.5"], {}, "--cache-threshold"),
+    (["--cache-threshold", "1.5"], {}, "cache_threshold"),
+    (["--enable-mesh"], {}, "--enable-mesh is not supported"),
+    (["--no-such-flag", "1"], {}, "unrecognized arguments: --no-such-flag 1"),
     (["--decode", "http://d:1"], {}, "pd-disaggregation"),
 ])
 def test_bad_config_fails_fast_naming_the_key(argv, env, key):

@@ -75,7 +75,7 @@ async def test_without_a_token_admin_mutations_from_another_host_are_refused(
     assert not reached
     assert response.status == 403
     error = error_of(response)
-    assert error["type"] == "forbidden" and error["code"] == 403
+    assert error["type"] == "permission_error" and error["code"] == "forbidden"
     assert "--admin-token" in error["message"] and "GATEWAY_ADMIN_TOKEN" in error["message"]
 
 
@@ -115,7 +115,7 @@ async def test_with_a_token_the_bearer_check_applies_to_every_peer(token_app, pe
     for method, path in [*MUTATIONS, ("GET", "/workers")]:
         response, reached = await through_app(token_app, method, path, peer)
         assert response.status == 401 and not reached, (method, path)  # loopback: no exemption
-        assert error_of(response)["type"] == "unauthorized"
+        assert error_of(response)["code"] == "unauthorized"
         _, reached = await through_app(token_app, method, path, peer,
                                        {"Authorization": "Bearer tok"})
         assert reached, (method, path)
