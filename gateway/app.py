@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, info
 from gateway.circuit import BreakerConfig
 from gateway.config import Settings
+from gateway.cors import CorsPolicy
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthChecker
@@ -85,6 +86,8 @@ def _middlewares(settings: Settings) -> list[Any]:
     runs each middleware as an extra coroutine per request, generation requests included, so
     the two share one)."""
     check = admin.auth_check_for(settings)
+    if settings.cors_allowed_origins:
+        return [_cors_middleware(CorsPolicy(settings.cors_allowed_origins), check)]
 
     @web.middleware
     async def admin_auth_then_errors(
@@ -97,6 +100,28 @@ def _middlewares(settings: Settings) -> list[Any]:
         return await error_middleware(request, handler)
 
     return [admin_auth_then_errors]
+
+
+def _cors_middleware(cors: CorsPolicy, check: Callable[[web.Request], web.Response | None]
+                     ) -> Any:
+    """The middleware with `--cors-allowed-origins`: preflights answered first (a browser sends
+    them without credentials), then the admin guard and errors, with CORS headers on the answer.
+    Streams get theirs from dispatch before their headers go out (`GatewayState.cors`)."""
+
+    @web.middleware
+    async def cors_then_admin_auth_then_errors(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        preflight = cors.preflight(request)
+        if preflight is not None:
+            return preflight
+        denied = check(request)
+        response = denied if denied is not None else await error_middleware(request, handler)
+        cors.decorate(request, response)
+        return response
+
+    return cors_then_admin_auth_then_errors
 
 
 def _build_state(settings: Settings) -> GatewayState:

@@ -110,8 +110,7 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
     ForeignFlags(("--enable-igw",), "rejected", "one model per gateway: run one per model"),
     ForeignFlags(("--enable-rl", "--rl-"), "rejected", "no RL control plane here"),
     ForeignFlags(("--zmq-engine-count",), "rejected", "workers are HTTP URLs, not ZMQ sockets"),
-    ForeignFlags(("--dp-aware", "--routing-key-override", "--sticky-sessions",
-                  "--rate-limit-tokens-per-second", "--cors-allowed-origins"), "rejected",
+    ForeignFlags(("--dp-aware", "--routing-key-override", "--sticky-sessions"), "rejected",
                  "not implemented yet (docs/gateway.md, Compatibility)"),
 )
 

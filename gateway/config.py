@@ -138,6 +138,11 @@ class Settings:
     max_concurrent_requests: int = _f(-1, "concurrent request limit (-1 disables)")
     queue_size: int = _f(100, "requests waiting for a slot when the limit is reached (0: 429 now)")
     queue_timeout_secs: float = _f(60.0, "maximum seconds a request waits in the queue")
+    rate_limit_tokens_per_second: float | None = _f(
+        None, "sustained admissions per second, bursting up to max_concurrent_requests "
+        "(as smg 1.13; unset: no rate limit)")
+    cors_allowed_origins: list[str] = field(default_factory=list, metadata={
+        "help": "origins browsers may call the gateway from ('*' alone: any)", "kind": "nargs"})
     request_id_headers: list[str] = field(default_factory=list, metadata={
         "help": "headers that carry a request id", "kind": "nargs"})
     shutdown_grace_period_secs: float = _f(180.0, "grace period for in-flight requests on stop")
@@ -238,6 +243,9 @@ class Settings:
             raise ConfigError(f"eldr_tau must be in [0, 2], got {self.eldr_tau}")
         if self.eldr_min_candidates is not None and self.eldr_min_candidates < 1:
             raise ConfigError(f"eldr_min_candidates must be >= 1, got {self.eldr_min_candidates}")
+        rate = self.rate_limit_tokens_per_second
+        if rate is not None and not rate > 0:
+            raise ConfigError(f"rate_limit_tokens_per_second must be > 0, got {rate!r}")
         if self.max_concurrent_requests == 0 or self.max_concurrent_requests < -1:
             raise ConfigError("max_concurrent_requests must be -1 (unlimited) or >= 1")
         for key in ("port", "prometheus_port"):

@@ -44,6 +44,7 @@ from aiohttp import web
 
 from gateway import bootstrap
 from gateway.config import Settings
+from gateway.cors import CorsPolicy
 from gateway.errors import (
     BadRequestError,
     NoWorkersError,
@@ -51,7 +52,7 @@ from gateway.errors import (
     PayloadTooLargeError,
 )
 from gateway.http1 import Http1Pool, Response
-from gateway.limiter import ConcurrencyLimiter
+from gateway.limiter import AdmissionRate, ConcurrencyLimiter
 from gateway.loads import InFlight
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
 from gateway.metrics import GatewayMetrics
@@ -213,8 +214,14 @@ class Dispatcher:
             multiplier=settings.retry_backoff_multiplier,
             jitter_factor=settings.retry_jitter_factor,
         )
+        self.cors = CorsPolicy(settings.cors_allowed_origins) \
+            if settings.cors_allowed_origins else None
         self.limiter = ConcurrencyLimiter(settings.max_concurrent_requests, settings.queue_size,
                                           settings.queue_timeout_secs)
+        rate = settings.rate_limit_tokens_per_second
+        self.admission = None if rate is None else AdmissionRate(
+            rate, settings.max_concurrent_requests if settings.max_concurrent_requests > 0
+            else int(rate), settings.queue_size, settings.queue_timeout_secs)
         # The whole request's budget, retries included: each leg gets what is left of it, so a
         # hanging worker costs one request timeout, not one per attempt.
         self.timeout = settings.request_timeout_secs
@@ -261,6 +268,8 @@ class Dispatcher:
             self._active.add(task)
         try:
             ctx = await self._parse(request, endpoint, started)
+            if self.admission is not None:
+                await self.admission.admit()
             if self.limiter.enabled:
                 async with self.limiter.slot():
                     response = await self._attempts(request, ctx)
@@ -711,6 +720,8 @@ class Dispatcher:
         out = web.StreamResponse(status=resp.status)
         out.content_type = resp.content_type or "text/event-stream"
         out.headers.update(SSE_HEADERS)
+        if self.cors is not None:  # the middleware cannot add headers once they are sent
+            self.cors.decorate(request, out)
         await out.prepare(request)
         merge_source: Any = None
         prefill = opened.prefill_result or _task_result(opened.prefill_task)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from gateway.errors import OverloadedError, QueueTimeoutError
 
@@ -85,3 +86,53 @@ class ConcurrencyLimiter:
                 fut.set_result(None)
                 return
         self._active -= 1
+
+
+class AdmissionRate:
+    """`--rate-limit-tokens-per-second` (smg 1.13: a sustained admission rate in requests per
+    second, bursting up to `--max-concurrent-requests`): a token bucket in front of the
+    concurrency limit.
+
+    A request that finds the bucket empty reserves the next token (the count goes negative), so
+    waiters are served in arrival order, and sleeps until it is due; a wait longer than
+    `queue_timeout` is answered 503 at once rather than after the timeout, and more than
+    `queue_size` sleepers 429, as the concurrency queue answers.
+    """
+
+    def __init__(self, rate: float, burst: int, queue_size: int, queue_timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = float(max(1, burst))
+        self._queue_size = queue_size
+        self._timeout = queue_timeout
+        self._clock = clock
+        self._tokens = self._burst
+        self._last = clock()
+        self._sleeping = 0
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+
+    async def admit(self) -> None:
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return
+        if self._sleeping >= self._queue_size:
+            raise OverloadedError(f"admission rate ({self._rate:g}/s) exceeded and "
+                                  f"{self._sleeping} requests already wait (queue_size)")
+        wait = (1.0 - self._tokens) / self._rate
+        if wait > self._timeout:
+            raise QueueTimeoutError(f"admission rate ({self._rate:g}/s): the next slot is "
+                                    f"{wait:.1f}s away, over queue_timeout_secs={self._timeout}")
+        self._tokens -= 1.0  # reserved: later arrivals queue behind this one
+        self._sleeping += 1
+        try:
+            await asyncio.sleep(wait)
+        except asyncio.CancelledError:
+            self._tokens += 1.0  # the client left: its reservation goes to the next one
+            raise
+        finally:
+            self._sleeping -= 1

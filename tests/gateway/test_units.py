@@ -4,7 +4,9 @@ policies, config/CLI, limiter, health counters, load parsing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import time
 
 import orjson
 import pytest
@@ -13,9 +15,9 @@ from gateway import bootstrap
 from gateway.circuit import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
 from gateway.cli import settings_from_args
 from gateway.config import PrefillSpec, Settings
-from gateway.errors import BadRequestError, ConfigError, OverloadedError
+from gateway.errors import BadRequestError, ConfigError, OverloadedError, QueueTimeoutError
 from gateway.health import apply_health_result
-from gateway.limiter import ConcurrencyLimiter
+from gateway.limiter import AdmissionRate, ConcurrencyLimiter
 from gateway.loads import parse_get_load, parse_v1_loads
 from gateway.logprobs import merge_logprobs, merge_sse_line, prefill_logprobs_from_stream
 from gateway.policies.registry import make_policy
@@ -331,3 +333,47 @@ def test_worker_view_is_reused_until_its_counts_change():
     worker.in_flight -= 1
     assert worker.view(106.0, 5.0).in_flight == 0
     assert [v.in_flight for v in registry.views(registry.available("decode"))] == [0]
+
+
+async def test_limiter_answers_as_smg_429_when_full_503_on_timeout():
+    limiter = ConcurrencyLimiter(1, queue_size=0, queue_timeout=5)
+    async with limiter.slot():
+        with pytest.raises(OverloadedError) as full:
+            async with limiter.slot():
+                pass
+    assert (full.value.status, full.value.code) == (429, "admission_queue_full")
+    limiter = ConcurrencyLimiter(1, queue_size=5, queue_timeout=0.01)
+    async with limiter.slot():
+        with pytest.raises(QueueTimeoutError) as late:
+            async with limiter.slot():
+                pass
+    assert (late.value.status, late.value.code) == (503, "admission_queue_timeout")
+
+
+async def test_admission_rate_bursts_then_paces_in_order():
+    now = [0.0]
+    rate = AdmissionRate(10.0, burst=3, queue_size=10, queue_timeout=5.0, clock=lambda: now[0])
+    for _ in range(3):  # the burst passes at once
+        await asyncio.wait_for(rate.admit(), 0.05)
+    started = time.perf_counter()
+    await rate.admit()  # the 4th waits for one refill: 0.1 s at 10/s
+    assert 0.08 <= time.perf_counter() - started < 1.0
+    now[0] = 10.0  # a long pause refills the bucket to its burst, no more
+    for _ in range(3):
+        await asyncio.wait_for(rate.admit(), 0.05)
+
+
+async def test_admission_rate_refuses_what_cannot_be_served_in_time():
+    rate = AdmissionRate(0.1, burst=1, queue_size=1, queue_timeout=5.0, clock=lambda: 0.0)
+    await rate.admit()
+    with pytest.raises(QueueTimeoutError, match=r"10\.0s away"):
+        await rate.admit()  # the next token is 10 s away, over the 5 s queue timeout
+    rate = AdmissionRate(1.0, burst=1, queue_size=1, queue_timeout=5.0, clock=lambda: 0.0)
+    await rate.admit()
+    sleeper = asyncio.ensure_future(rate.admit())
+    await asyncio.sleep(0.01)
+    with pytest.raises(OverloadedError, match="already wait"):
+        await rate.admit()  # one sleeper is the whole queue
+    sleeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sleeper
