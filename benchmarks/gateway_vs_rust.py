@@ -1,4 +1,4 @@
-"""Gateway vs the Rust SGLang router (PyPI sglang-router), side by side in one run.
+"""Gateway vs the Rust routers (PyPI sglang-router and smg), side by side in one run.
 
 Setup: one PD upstream in its own process. `--upstream fake` (default): a minimal aiohttp prefill
 and decode pair speaking SGLang's /generate shape that answer at once (no KV handshake), so the
@@ -11,8 +11,13 @@ and never at the same time (the machine may have only 2 cores):
   direct   no router: the load generator does the dual dispatch itself (same bootstrap room to
            prefill and decode, both POSTed at once); the reference for "added latency"
   gateway  python -m gateway (`--processes N`, SO_REUSEPORT when N > 1)
-  rust     python -m sglang_router.launch_router --pd-disaggregation
-Both routers use round_robin for prefill and decode, retries and health checks at defaults.
+  rust     python -m sglang_router.launch_router --pd-disaggregation   (sglang-router)
+  smg      python -m smg.launch_router --pd-disaggregation --disable-tokenizer-autoload
+           (PyPI smg, a Rust router; it registers workers in the background after /health
+           answers, so it is waited for on /readiness)
+All routers use round_robin for prefill and decode, retries and health checks at defaults
+(smg's worker overload protection and PD admission gate included; the fake upstream reports no
+running window, so the gate never applies to it).
 `--decode-policy P [P ...]` runs one gateway phase per decode policy instead (named
 `gateway:P`); with `eldr` the gateway gets a zone table for the decode workers, built here:
 Qwen3-30B-A3B geometry with every layer kept (48 x 128 = 6,144 dimensions), clustered centroids,
@@ -28,14 +33,15 @@ loop (`--rate` Poisson arrivals/s, at most `--concurrency` outstanding; latency 
 arrival; this gives added latency at a fixed moderate load). `--duration` seconds measured after
 `--warmup`, non-streaming `/generate` (requests/s, p50/p99 latency) and streaming `/generate`
 (requests/s, SSE chunks/s). Added latency = router p50/p99 minus direct p50/p99 of the same
-round. `--repeat N` runs N interleaved rounds of direct/gateway/rust and prints per-round rows,
-medians and the gateway/Rust throughput ratio per round; the 1-minute load average is printed
-per phase, since on a shared machine the numbers move with other jobs. `cpu us` is the router
-process's CPU time (user + system, its children and threads included) per answered request
-over the phase, warm-up included: it moves much less with other jobs than latency does.
+round. `--repeat N` runs N interleaved rounds of direct/gateway/rust/smg and prints per-round
+rows, medians and the gateway/rust and gateway/smg throughput ratios per round (`--only` picks
+phases); the 1-minute load average is printed per phase, since on a shared machine the numbers
+move with other jobs. `cpu us` is the router process's CPU time (user + system, its children
+and threads included) per answered request over the phase, warm-up included: it moves much less
+with other jobs than latency does.
 
 Run:  python benchmarks/gateway_vs_rust.py [--duration 8] [--concurrency 64] [--rate 0]
-      [--repeat 1] [--processes 1] [--upstream fake|emulator]
+      [--repeat 1] [--processes 1] [--upstream fake|emulator] [--only direct gateway rust smg]
 Every phase and every subprocess is bounded; the script prints a table and, with --json, one JSON
 line per phase.
 """
@@ -62,6 +68,9 @@ from loadtest.procs import free_port
 
 MAX_NEW_TOKENS = 8
 STREAM_TOKENS = 16
+PHASES = ("direct", "gateway", "rust", "smg")
+# Rust baselines the gateway is compared with: phase name -> label in the ratio lines.
+BASELINES = {"rust": "sglang-router", "smg": "smg"}
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -303,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0,
                    help="open-loop Poisson arrivals per second (0: closed loop)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="rounds of direct/gateway/rust, interleaved; medians are reported")
+                   help="rounds of direct/gateway/rust/smg, interleaved; medians are reported")
     p.add_argument("--processes", type=int, default=1, help="gateway server processes")
     p.add_argument("--decode", type=int, default=1, help="emulated decode workers")
-    p.add_argument("--only", nargs="*", choices=("direct", "gateway", "rust"),
-                   default=["direct", "gateway", "rust"])
+    p.add_argument("--only", nargs="*", choices=PHASES, default=list(PHASES),
+                   help="phases to run: rust = sglang-router, smg = smg (default: all)")
     p.add_argument("--upstream", choices=("fake", "emulator"), default="fake")
     p.add_argument("--decode-policy", nargs="+", default=None,
                    choices=("round_robin", "least_load", "random", "power_of_two", "eldr"),
@@ -376,14 +385,19 @@ def main(argv: list[str] | None = None) -> int:
                                    os.path.join(args.log_dir, "bench_gateway.log"))
                 else:
                     target = {"mode": "router", "url": f"http://127.0.0.1:{port}"}
-                    ctx = _process([py, "-m", "sglang_router.launch_router", *pd_args,
+                    module, extra = (("smg.launch_router", ["--disable-tokenizer-autoload"])
+                                     if name == "smg" else ("sglang_router.launch_router", []))
+                    ctx = _process([py, "-m", module, *pd_args,
                                     "--host", "127.0.0.1", "--port", str(port), "--policy",
                                     "round_robin", "--prometheus-port", str(free_port()),
-                                    "--log-level", "warn"],
-                                   os.path.join(args.log_dir, "bench_rust.log"))
+                                    "--prometheus-host", "127.0.0.1", "--log-level", "warn",
+                                    *extra],
+                                   os.path.join(args.log_dir, f"bench_{name}.log"))
                 with ctx as router_proc:
                     if target["mode"] == "router":
-                        _wait_http(target["url"] + "/health", 60)
+                        # smg's /health answers before its workers are registered.
+                        ready = "/readiness" if name == "smg" else "/health"
+                        _wait_http(target["url"] + ready, 60)
                     for stream in (False, True):
                         ticks = _cpu_ticks(router_proc.pid) if router_proc else None
                         r = run_load(target, stream, args)
@@ -481,8 +495,9 @@ def _median(values: list[float]) -> float:
 
 def _print_table(results: list[dict[str, Any]]) -> None:
     """Per round: every phase; then medians over rounds (added latency and ratios are taken per
-    round, against that round's direct and Rust phases, then the median of those)."""
+    round, against that round's direct phase and each Rust baseline, then the median of those)."""
     rounds = sorted({r["round"] for r in results})
+    nan = float("nan")
     head = (f"{'round':>5s} {'phase':18s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} "
             f"{'p50 ms':>7s} {'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'err':>4s} "
             f"{'skip':>4s} {'load':>5s} {'cpu us':>6s}")
@@ -491,44 +506,53 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     for rnd in rounds:
         mine = [r for r in results if r["round"] == rnd]
         direct = {r["stream"]: r for r in mine if r["name"] == "direct"}
-        rust = {r["stream"]: r for r in mine if r["name"] == "rust"}
+        base = {b: {r["stream"]: r for r in mine if r["name"] == b} for b in BASELINES}
         for r in mine:
             d = direct.get(r["stream"])
-            add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else float("nan")
-            add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else float("nan")
-            ru = rust.get(r["stream"])
-            ratio = (r["rps"] / ru["rps"] if ru and ru["rps"] > 0 and
-                     r["name"].startswith("gateway") else float("nan"))
-            derived.append(dict(r, add50=add50, add99=add99, ratio=ratio))
+            add50 = r["p50_ms"] - d["p50_ms"] if d and r["name"] != "direct" else nan
+            add99 = r["p99_ms"] - d["p99_ms"] if d and r["name"] != "direct" else nan
+            per_base: dict[str, float] = {}
+            for b, by_stream in base.items():
+                ru = by_stream.get(r["stream"])
+                per_base[f"ratio_{b}"] = (r["rps"] / ru["rps"] if ru and ru["rps"] > 0 and
+                                        r["name"].startswith("gateway") else nan)
+            derived.append(dict(r, add50=add50, add99=add99, **per_base))
             print(f"{rnd:5d} {r['name']:18s} {'stream' if r['stream'] else 'non-strm':9s} "
                   f"{r['rps']:7.0f} {r['chunks_per_s']:8.0f} {r['p50_ms']:7.2f} "
                   f"{r['p99_ms']:7.2f} {add50:7.2f} {add99:7.2f} {r['errors']:4d} "
                   f"{r.get('skipped', 0):4d} {r['loadavg']:5.2f} "
-                  f"{r.get('cpu_us', float('nan')):6.0f}")
-    print(f"# medians over {len(rounds)} round(s)")
+                  f"{r.get('cpu_us', nan):6.0f}")
+    print(f"# medians over {len(rounds)} round(s); gw/rust = gateway/sglang-router req/s, "
+          f"gw/smg = gateway/smg req/s")
     print(f"{'phase':18s} {'mode':9s} {'req/s':>7s} {'chunks/s':>8s} {'p50 ms':>7s} "
-          f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s} {'cpu us':>6s}")
+          f"{'p99 ms':>7s} {'+p50 ms':>7s} {'+p99 ms':>7s} {'gw/rust':>7s} {'gw/smg':>7s} "
+          f"{'cpu us':>6s}")
     names = list(dict.fromkeys(r["name"] for r in results))
+    keys = ("rps", "chunks_per_s", "p50_ms", "p99_ms", "add50", "add99", "ratio_rust",
+            "ratio_smg", "cpu_us")
+    medians: dict[tuple[str, bool], dict[str, float]] = {}
     for name in names:
         for stream in (False, True):
             rows = [d for d in derived if d["name"] == name and d["stream"] == stream]
             if not rows:
                 continue
-            med = {k: _median([float(d[k]) for d in rows])
-                   for k in ("rps", "chunks_per_s", "p50_ms", "p99_ms", "add50", "add99",
-                             "ratio", "cpu_us")}
+            med = medians[name, stream] = {k: _median([float(d[k]) for d in rows]) for k in keys}
             print(f"{name:18s} {'stream' if stream else 'non-strm':9s} {med['rps']:7.0f} "
                   f"{med['chunks_per_s']:8.0f} {med['p50_ms']:7.2f} {med['p99_ms']:7.2f} "
-                  f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio']:7.2f} "
-                  f"{med['cpu_us']:6.0f}")
+                  f"{med['add50']:7.2f} {med['add99']:7.2f} {med['ratio_rust']:7.2f} "
+                  f"{med['ratio_smg']:7.2f} {med['cpu_us']:6.0f}")
     for stream in (False, True):
-        ratios = [d["ratio"] for d in derived if d["name"].startswith("gateway")
-                  and d["stream"] == stream and d["ratio"] == d["ratio"]]
-        if ratios:
-            kind = "stream" if stream else "non-stream"
-            print(f"gateway/rust throughput ratio ({kind}): median {_median(ratios):.2f} "
-                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
-
+        kind = "stream" if stream else "non-stream"
+        for b, label in BASELINES.items():
+            ratios = [d[f"ratio_{b}"] for d in derived if d["name"].startswith("gateway")
+                      and d["stream"] == stream and d[f"ratio_{b}"] == d[f"ratio_{b}"]]
+            if ratios:
+                print(f"gateway/{label} throughput ratio ({kind}): median {_median(ratios):.2f} "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        added = [f"{name} {med['add50']:.2f}" for (name, s), med in medians.items()
+                 if s == stream and name != "direct" and med["add50"] == med["add50"]]
+        if added:
+            print(f"added p50 ms ({kind}): {', '.join(added)}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,9 @@ host-lag VOID rule does not apply. Calibration then needs SGLang started with
 `--enable-return-routed-experts`, or a ready table via `--zones`.
 
 Routers are named `gateway:POLICY` (our gateway, dual PD flow), `gateway:eldr-prefill-first`
-(our gateway, prefill-first flow) and `sglang:POLICY` (the Rust `sglang-router`). Every router
+(our gateway, prefill-first flow), `sglang:POLICY` (the Rust `sglang-router`) and `smg:POLICY`
+(the Rust `smg`, `python -m smg.launch_router`, at its defaults bar tokenizer autoload; not in
+the default list, since each router costs a full run: name them with `--routers`). Every router
 uses the same prefill policy (`--prefill-policy`, default round_robin) so that only decode
 selection differs. The cluster is started with prefill-first support whenever a prefill-first
 router is under test; dual-flow routers never send the `prefill_first` field, so to them the
@@ -75,14 +77,20 @@ from zones.geometry import GeometryError, geometry_by_name
 DEFAULT_MODEL = "Qwen3-30B-A3B"
 GATEWAY_POLICIES = ("random", "round_robin", "least_load", "power_of_two", "eldr")
 SGLANG_POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+SMG_POLICIES = ("random", "round_robin", "least_load", "power_of_two", "cache_aware")
+ROUTER_KINDS = ("gateway", "sglang", "smg")
+# The default `--routers` list (smg is opt-in: each router costs a full run per rate).
 ALL_ROUTERS = (
     *(f"gateway:{p}" for p in GATEWAY_POLICIES),
     "gateway:eldr-prefill-first",
     *(f"sglang:{p}" for p in SGLANG_POLICIES),
 )
+SMG_ROUTERS = tuple(f"smg:{p}" for p in SMG_POLICIES)
 # Routers that use no locality signal: "best load-only router" in the report is the best of
-# these at each rate.
-LOAD_ONLY_ROUTERS = tuple(r for r in ALL_ROUTERS if "eldr" not in r and r != "sglang:cache_aware")
+# these at each rate (cache_aware routes on prefix locality).
+LOAD_ONLY_ROUTERS = tuple(
+    r for r in (*ALL_ROUTERS, *SMG_ROUTERS) if "eldr" not in r and not r.endswith(":cache_aware")
+)
 QUICK_ROUTERS = ("gateway:round_robin", "gateway:least_load", "gateway:eldr", "sglang:round_robin")
 
 
@@ -93,27 +101,37 @@ class CompareError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class RouterSpec:
     name: str
-    kind: str  # "gateway" | "sglang"
+    kind: str  # one of ROUTER_KINDS
     policy: str
     pd_flow: str = "dual"
 
     @classmethod
     def parse(cls, name: str) -> RouterSpec:
         kind, sep, policy = name.partition(":")
-        if not sep or kind not in ("gateway", "sglang"):
-            raise CompareError(f"--routers entry {name!r} must be gateway:POLICY or sglang:POLICY")
+        if not sep or kind not in ROUTER_KINDS:
+            raise CompareError(
+                f"--routers entry {name!r} must be gateway:POLICY, sglang:POLICY or smg:POLICY"
+            )
         if kind == "gateway":
             if policy == "eldr-prefill-first":
                 return cls(name, kind, "eldr", "prefill-first")
             if policy not in GATEWAY_POLICIES:
                 raise CompareError(f"--routers {name!r}: gateway policies are {GATEWAY_POLICIES}")
-        elif policy not in SGLANG_POLICIES:
+        elif kind == "sglang" and policy not in SGLANG_POLICIES:
             raise CompareError(f"--routers {name!r}: sglang policies are {SGLANG_POLICIES}")
+        elif kind == "smg" and policy not in SMG_POLICIES:
+            raise CompareError(f"--routers {name!r}: smg policies are {SMG_POLICIES}")
         return cls(name, kind, policy)
 
     @property
     def needs_zones(self) -> bool:
         return self.policy == "eldr"
+
+    @property
+    def ready_path(self) -> str:
+        """Where the router answers 200 once it can route: smg's `/health` answers before its
+        workers are registered (that happens in the background), its `/readiness` after."""
+        return "/readiness" if self.kind == "smg" else "/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,19 +200,21 @@ def router_argv(
         "--decode-policy",
         spec.policy,
     ]
-    if spec.kind == "sglang":
-        return python_argv(
-            "sglang_router.launch_router",
-            [
-                *common,
-                "--prometheus-port",
-                str(free_port()),
-                "--prometheus-host",
-                "127.0.0.1",
-                "--log-level",
-                "warn",
-            ],
-        )
+    if spec.kind in ("sglang", "smg"):
+        rust = [
+            *common,
+            "--prometheus-port",
+            str(free_port()),
+            "--prometheus-host",
+            "127.0.0.1",
+            "--log-level",
+            "warn",
+        ]
+        if spec.kind == "sglang":
+            return python_argv("sglang_router.launch_router", rust)
+        # smg would otherwise fetch the workers' tokenizer (a HuggingFace id) in the background;
+        # PD routing on /generate needs none.
+        return python_argv("smg.launch_router", [*rust, "--disable-tokenizer-autoload"])
     args = [*common, "--pd-flow", spec.pd_flow, "--prometheus-port", "0"]
     if spec.needs_zones:
         if zones is None:
@@ -417,13 +437,13 @@ class Experiment:
         port = free_port()
         argv = router_argv(
             spec, self.cluster, port, self.opts.prefill_policy, zones, calibration_log,
-            None if spec.kind == "sglang" else self.opts.model,
+            self.opts.model if spec.kind == "gateway" else None,
         )
         proc = ManagedProcess(spec.name, argv, self.logs / f"{tag}.log")
         await proc.start()
         url = f"http://127.0.0.1:{port}"
         try:
-            await proc.wait_http_ok(url + "/health", self.opts.startup_timeout)
+            await proc.wait_http_ok(url + spec.ready_path, self.opts.startup_timeout)
         except BaseException:
             await proc.stop()
             raise
@@ -682,7 +702,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--routers",
         nargs="+",
         default=None,
-        help=f"routers under test (default all: {' '.join(ALL_ROUTERS)})",
+        help=f"routers under test (default: {' '.join(ALL_ROUTERS)}; also smg:POLICY, "
+        f"POLICY one of {' '.join(SMG_POLICIES)})",
     )
     parser.add_argument("--prefill", type=int, default=None, help=f"default {d.prefill}")
     parser.add_argument("--decode", type=int, default=None, help=f"default {d.decode}")

@@ -11,6 +11,8 @@ import pytest
 
 from loadtest.compare import (
     ALL_ROUTERS,
+    LOAD_ONLY_ROUTERS,
+    SMG_ROUTERS,
     ClusterInfo,
     CompareError,
     RouterSpec,
@@ -25,10 +27,16 @@ from loadtest.procs import ManagedProcess, ProcessStartError
 def test_router_specs() -> None:
     assert RouterSpec.parse("gateway:eldr-prefill-first").pd_flow == "prefill-first"
     assert RouterSpec.parse("sglang:cache_aware").kind == "sglang"
-    for bad in ("gateway", "nginx:random", "gateway:cache_aware", "sglang:eldr"):
+    assert RouterSpec.parse("smg:least_load").kind == "smg"
+    for bad in (
+        "gateway", "nginx:random", "gateway:cache_aware", "sglang:eldr", "sglang:least_load",
+        "smg:eldr", "smg",
+    ):
         with pytest.raises(CompareError, match="--routers"):
             RouterSpec.parse(bad)
-    assert all(RouterSpec.parse(r) for r in ALL_ROUTERS)
+    assert all(RouterSpec.parse(r) for r in (*ALL_ROUTERS, *SMG_ROUTERS))
+    assert not set(SMG_ROUTERS) & set(ALL_ROUTERS)  # opt-in: each router costs a full run
+    assert "smg:least_load" in LOAD_ONLY_ROUTERS and "smg:cache_aware" not in LOAD_ONLY_ROUTERS
 
 
 def test_cluster_line_shapes() -> None:
@@ -60,6 +68,26 @@ def test_router_argv_same_workers_same_prefill_policy() -> None:
     assert "--zones z.json" in " ".join(g) and "--pd-flow dual" in " ".join(g)
     with pytest.raises(CompareError, match="zone table"):
         router_argv(RouterSpec.parse("gateway:eldr"), cluster, 5000, "round_robin", None)
+
+
+def test_router_argv_smg() -> None:
+    cluster = ClusterInfo([("http://127.0.0.1:1", 9)], ["http://127.0.0.1:2", "http://127.0.0.1:3"])
+    spec = RouterSpec.parse("smg:power_of_two")
+    argv = router_argv(spec, cluster, 5002, "round_robin", None)
+    assert argv[1:3] == ["-m", "smg.launch_router"]
+    joined = " ".join(argv)
+    assert (
+        "--pd-disaggregation --prefill http://127.0.0.1:1 9 --decode http://127.0.0.1:2 "
+        "--decode http://127.0.0.1:3 --host 127.0.0.1 --port 5002 "
+        "--prefill-policy round_robin --decode-policy power_of_two" in joined
+    )
+    assert "--prometheus-host 127.0.0.1" in joined and "--disable-tokenizer-autoload" in argv
+    # Gateway-only flags never reach a Rust router.
+    for flag in ("--pd-flow", "--zones", "--model-geometry", "--calibration-log"):
+        assert flag not in argv
+    # smg's /health answers before its workers are registered; /readiness after.
+    assert spec.ready_path == "/readiness"
+    assert RouterSpec.parse("sglang:random").ready_path == "/health"
 
 
 def _parse(*argv: str) -> argparse.Namespace:
