@@ -70,14 +70,16 @@ class Settings:
         0.3, "cache_aware: matched-prefix share (0-1) above which a request goes to the worker "
         "holding the prefix", aliases=("--cache-match-threshold",))
     balance_abs_threshold: int = _f(
-        64, "cache_aware: balance when max - min load exceeds this (and the relative threshold)",
+        64, "cache_aware: cap on the spill margin: a cache hit's worker is skipped for the "
+        "least loaded when above mean load x the relative threshold and mean + the margin",
         aliases=("--spill-abs-threshold",))
     balance_rel_threshold: float = _f(
-        1.5, "cache_aware: balance when max load exceeds min load x this (and the absolute one)",
+        1.5, "cache_aware: spill when the matched worker's load exceeds mean load x this (and "
+        "the margin)",
         aliases=("--spill-rel-threshold",))
     eviction_interval_secs: int = _f(60, "cache_aware: seconds between prefix tree evictions")
     max_tree_size: int = _f(
-        67108864, "cache_aware: characters each worker's prefix tree keeps after an eviction")
+        67108864, "cache_aware: characters the prefix tree keeps (all workers) after an eviction")
     routing_key_headers: list[str] = field(default_factory=lambda: ["x-smg-routing-key"],
                                            metadata={
         "help": "headers checked, in order, for a request's routing key (manual policy)",
@@ -89,7 +91,9 @@ class Settings:
     prefix_token_count: int = _f(
         256, "prefix_hash: prefix tokens hashed (text requests: 4 characters per token)")
     prefix_hash_load_factor: float = _f(
-        1.25, "prefix_hash: load (x the average) above which the ring is walked further")
+        1.25, "prefix_hash: load (x the average) above which the prefix's worker is overloaded")
+    prefix_hash_balance_abs_threshold: int = _f(
+        10, "prefix_hash: load over the average a worker must also exceed to be overloaded")
     # --- expert locality (gateway/eldr; active with --zones) ---
     zones: str | None = _f(None, "zone table path (enables the eldr policy)")
     eldr_tau: float | None = _f(
@@ -235,9 +239,10 @@ class Settings:
             raise ConfigError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}")
         if not self.balance_rel_threshold >= 1.0 or not self.prefix_hash_load_factor >= 1.0:
             raise ConfigError("balance_rel_threshold and prefix_hash_load_factor must be >= 1")
-        for key in ("balance_abs_threshold", "eviction_interval_secs", "max_tree_size",
-                    "max_idle_secs", "prefix_token_count"):
-            if getattr(self, key) < (0 if key == "balance_abs_threshold" else 1):
+        for key in ("balance_abs_threshold", "prefix_hash_balance_abs_threshold",
+                    "eviction_interval_secs", "max_tree_size", "max_idle_secs",
+                    "prefix_token_count"):
+            if getattr(self, key) < (0 if "balance" in key else 1):
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.eldr_tau is not None and not 0.0 <= self.eldr_tau <= 2.0:
             raise ConfigError(f"eldr_tau must be in [0, 2], got {self.eldr_tau}")
@@ -257,8 +262,8 @@ class Settings:
                              ("log_level", LOG_LEVELS)):
             value = getattr(self, key)
             if value is not None and value not in allowed:
-                hint = " (the Rust router's cache_aware/manual are not implemented)" \
-                    if value in ("cache_aware", "manual", "bucket") else ""
+                hint = " (the Rust routers' bucket policy is not implemented)" \
+                    if value == "bucket" else ""
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
         if "eldr" in (self.effective_prefill_policy,):
             raise ConfigError("prefill_policy cannot be eldr: expert locality is a decode concern")

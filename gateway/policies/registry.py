@@ -1,8 +1,8 @@
 """Policy registry: `make_policy(name, settings, rng=..., locality=...)`.
 
-Every role gets a fresh instance (round-robin counters are per role). `eldr` needs the app's
-`Locality` (gateway/eldr/locality.py, built when `--zones` is set) and wraps a fresh instance of
-its load-only fallback policy (`--eldr-fallback-policy`).
+Every role gets a fresh instance (round-robin counters, prefix trees and sticky keys are per
+role). `eldr` needs the app's `Locality` (gateway/eldr/locality.py, built when `--zones` is set)
+and wraps a fresh instance of its load-only fallback policy (`--eldr-fallback-policy`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from typing import TYPE_CHECKING
 
 from gateway.config import Settings
 from gateway.errors import ConfigError
+from gateway.policies.cache_aware import CacheAwarePolicy
+from gateway.policies.consistent_hashing import ConsistentHashingPolicy
 from gateway.policies.least_load import LeastLoadPolicy
+from gateway.policies.manual import ManualPolicy
 from gateway.policies.power_of_two import PowerOfTwoPolicy
+from gateway.policies.prefix_hash import PrefixHashPolicy
 from gateway.policies.random import RandomPolicy
 from gateway.policies.round_robin import RoundRobinPolicy
 from gateway.routing import Policy
@@ -33,6 +37,14 @@ def make_policy(name: str, settings: Settings, *, rng: random.Random | None = No
         return LeastLoadPolicy()
     if name == "power_of_two":
         return PowerOfTwoPolicy(rng)
+    if name == "cache_aware":
+        return CacheAwarePolicy.from_settings(settings, rng=rng)
+    if name == "manual":
+        return ManualPolicy.from_settings(settings, rng=rng)
+    if name == "consistent_hashing":
+        return ConsistentHashingPolicy(rng)
+    if name == "prefix_hash":
+        return PrefixHashPolicy.from_settings(settings)
     if name == "eldr":
         if locality is None:
             raise ConfigError("decode_policy eldr needs a zone table (--zones PATH)")

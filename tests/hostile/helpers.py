@@ -84,12 +84,20 @@ async def gateway_process(
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`python -m gateway` in PD mode over the two fakes, as an operator runs it (signals,
     process memory); yields (process, base URL) once `/readiness` answers 200."""
+    async with gateway_command("--pd-disaggregation", "--prefill", prefill.url,
+                               "--decode", decode.url, "--log-level", "warn", *args) as started:
+        yield started
+
+
+@asynccontextmanager
+async def gateway_command(*args: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m gateway ARGS` on a free loopback port; yields (process, base URL) once
+    `/readiness` answers 200 (the gateway's stderr is shown when it exits at start-up)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--pd-disaggregation", "--prefill", prefill.url,
-         "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
-         "--prometheus-port", "0", "--log-level", "warn", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, "-m", "gateway", *args, "--host", "127.0.0.1", "--port", str(port),
+         "--prometheus-port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as s:
@@ -101,7 +109,9 @@ async def gateway_process(
                             break
                 except aiohttp.ClientError:
                     pass
-                assert proc.poll() is None, "gateway exited at start-up"
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise AssertionError(f"gateway exited at start-up: {err}")
                 assert time.monotonic() < deadline, "gateway did not become ready"
                 await asyncio.sleep(0.1)  # polling a condition
         yield proc, url
@@ -109,3 +119,5 @@ async def gateway_process(
         if proc.poll() is None:
             proc.terminate()
         await asyncio.to_thread(proc.wait, 15)
+        if proc.stderr is not None:
+            proc.stderr.close()
