@@ -22,6 +22,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -149,12 +150,16 @@ async def add_worker(request: web.Request) -> web.Response:
     if not worker.healthy:
         state.activate(worker)
     return json_response({"status": "accepted", "worker_id": worker.worker_id,
+                          "url": redact_url(worker.url),
+                          "location": f"/workers/{quote(worker.worker_id, safe='')}",
                           "message": "worker added; it enters rotation once healthy"}, 202)
 
 
 async def list_workers(request: web.Request) -> web.Response:
     workers = [w.to_json() for w in request.app[STATE].workers]
-    return json_response({"workers": workers, "total": len(workers)})
+    stats = {f"{role}_count": sum(1 for w in workers if w["worker_type"] == role)
+             for role in ("prefill", "decode", "regular")}
+    return json_response({"workers": workers, "total": len(workers), "stats": stats})
 
 
 async def get_worker(request: web.Request) -> web.Response:

@@ -54,9 +54,13 @@ class Worker:
 
     def to_json(self) -> dict[str, Any]:
         # Redacted although `check_url` refuses credentials: a display path never echoes them.
+        # smg 1.13's fields first (`status`, `connection_mode`, `load`: its in-flight count),
+        # then ours.
         return {
             "id": redact_url(self.worker_id), "url": redact_url(self.url), "worker_type": self.role,
-            "bootstrap_port": self.bootstrap_port, "is_healthy": self.healthy,
+            "connection_mode": "http", "is_healthy": self.healthy,
+            "status": "ready" if self.healthy else "unhealthy", "load": self.in_flight,
+            "bootstrap_port": self.bootstrap_port,
             "circuit_state": self.breaker.state, "in_flight": self.in_flight,
             "reported_load": self.reported_load, "available": self.available,
         }
