@@ -110,8 +110,9 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
     ForeignFlags(("--enable-igw",), "rejected", "one model per gateway: run one per model"),
     ForeignFlags(("--enable-rl", "--rl-"), "rejected", "no RL control plane here"),
     ForeignFlags(("--zmq-engine-count",), "rejected", "workers are HTTP URLs, not ZMQ sockets"),
-    ForeignFlags(("--dp-aware", "--routing-key-override", "--sticky-sessions"), "rejected",
-                 "not implemented yet (docs/gateway.md, Compatibility)"),
+    ForeignFlags(("--dp-aware",), "rejected",
+                 "not implemented yet: without it each worker's SGLang balances its own DP "
+                 "ranks; drop the flag"),
 )
 
 

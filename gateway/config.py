@@ -84,6 +84,9 @@ class Settings:
                                            metadata={
         "help": "headers checked, in order, for a request's routing key (manual policy)",
         "kind": "nargs"})
+    routing_key_override: bool = _f(
+        False, "sticky sessions on any policy: requests with the same routing key go to the "
+        "same worker", aliases=("--sticky-sessions",))
     max_idle_secs: int = _f(14400, "manual: seconds an unused routing key stays pinned",
                             aliases=("--sticky-key-idle-secs",))
     assignment_mode: str = _f("random", "manual: how a new routing key gets its worker",

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.config import Settings
-from gateway.routing import RoutingInput, Selection, WorkerView
+from gateway.routing import Policy, RoutingInput, Selection, WorkerView
 
 MAX_CANDIDATE_WORKERS = 2
 ASSIGNMENT_MODES = ("random", "min_load")
@@ -70,22 +70,22 @@ class ManualPolicy:
             self.sweep(now)
         key = routing.routing_key
         if not key:
-            return Selection(worker=self._assign(candidates))
+            return self._choose(candidates, routing)
         pin = self._pins.get(key)
         if pin is None:
-            view = self._assign(candidates)
-            self._pins[key] = _Pin([view.worker_id], now)
-            return Selection(worker=view)
+            chosen = self._choose(candidates, routing)
+            self._pins[key] = _Pin([chosen.worker.worker_id], now)
+            return chosen
         pin.last_access = now
         by_id = {view.worker_id: view for view in candidates}
         for worker_id in pin.workers:
             found = by_id.get(worker_id)
             if found is not None:
                 return Selection(worker=found)
-        view = self._assign(candidates)
+        chosen = self._choose(candidates, routing)
         del pin.workers[:len(pin.workers) - MAX_CANDIDATE_WORKERS + 1]
-        pin.workers.append(view.worker_id)
-        return Selection(worker=view)
+        pin.workers.append(chosen.worker.worker_id)
+        return chosen
 
     def pinned(self, key: str) -> tuple[str, ...]:
         """The workers a key remembers, oldest first (empty when unknown)."""
@@ -101,9 +101,33 @@ class ManualPolicy:
             del self._pins[key]
         return len(idle)
 
+    def _choose(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
+        """A worker for a request without a key, or for a key that has none available."""
+        return Selection(worker=self._assign(candidates))
+
     def _assign(self, candidates: Sequence[WorkerView]) -> WorkerView:
         if self.assignment_mode == "min_load":
             low = min(view.in_flight for view in candidates)
             ties = [view for view in candidates if view.in_flight == low]
             return ties[0] if len(ties) == 1 else ties[self._rng.randrange(len(ties))]
         return candidates[self._rng.randrange(len(candidates))]
+
+
+class StickyPolicy(ManualPolicy):
+    """`--routing-key-override` / `--sticky-sessions` (smg 1.13): on any policy, every request
+    with the same routing key goes to the same worker. The wrapped policy chooses for requests
+    without a key and for a key's first request (or when its workers are unavailable), so its
+    own decision (an `eldr` zone, a `cache_aware` hit) is kept there; pins then work as in
+    `ManualPolicy`."""
+
+    def __init__(self, inner: Policy, *, max_idle_secs: float = 14400,
+                 eviction_interval_secs: float = 60,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_idle_secs=max_idle_secs,
+                         eviction_interval_secs=eviction_interval_secs, clock=clock)
+        self.inner = inner
+        self.name = inner.name
+        self.needs_signature = inner.needs_signature
+
+    def _choose(self, candidates: Sequence[WorkerView], routing: RoutingInput) -> Selection:
+        return self.inner.select(candidates, routing)

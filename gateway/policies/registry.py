@@ -15,7 +15,7 @@ from gateway.errors import ConfigError
 from gateway.policies.cache_aware import CacheAwarePolicy
 from gateway.policies.consistent_hashing import ConsistentHashingPolicy
 from gateway.policies.least_load import LeastLoadPolicy
-from gateway.policies.manual import ManualPolicy
+from gateway.policies.manual import ManualPolicy, StickyPolicy
 from gateway.policies.power_of_two import PowerOfTwoPolicy
 from gateway.policies.prefix_hash import PrefixHashPolicy
 from gateway.policies.random import RandomPolicy
@@ -28,7 +28,17 @@ if TYPE_CHECKING:
 
 def make_policy(name: str, settings: Settings, *, rng: random.Random | None = None,
                 locality: Locality | None = None) -> Policy:
-    """Build a fresh policy instance for one role."""
+    """Build a fresh policy instance for one role (pinned by routing key with
+    `--routing-key-override`)."""
+    policy = _make(name, settings, rng=rng, locality=locality)
+    if settings.routing_key_override and name != "manual":  # manual pins by key already
+        return StickyPolicy(policy, max_idle_secs=settings.max_idle_secs,
+                            eviction_interval_secs=settings.eviction_interval_secs)
+    return policy
+
+
+def _make(name: str, settings: Settings, *, rng: random.Random | None,
+          locality: Locality | None) -> Policy:
     if name == "random":
         return RandomPolicy(rng)
     if name == "round_robin":
@@ -48,6 +58,6 @@ def make_policy(name: str, settings: Settings, *, rng: random.Random | None = No
     if name == "eldr":
         if locality is None:
             raise ConfigError("decode_policy eldr needs a zone table (--zones PATH)")
-        fallback = make_policy(settings.eldr_fallback_policy, settings, rng=rng)
+        fallback = _make(settings.eldr_fallback_policy, settings, rng=rng, locality=None)
         return locality.policy(settings, fallback)
     raise ConfigError(f"unknown policy {name!r}")

@@ -78,3 +78,32 @@ def test_settings_and_validation():
     assert (policy.assignment_mode, policy.max_idle_secs) == ("min_load", 77)
     with pytest.raises(ValueError):
         ManualPolicy(assignment_mode="min_group")
+
+
+def test_sticky_sessions_pin_keys_over_any_policy_and_keep_its_choice_otherwise():
+    from gateway.config import Settings
+    from gateway.policies.registry import make_policy
+
+    sticky = make_policy("round_robin", Settings(routing_key_override=True))
+    assert sticky.name == "round_robin" and sticky.needs_request
+    workers = views(0, 0, 0)
+    first = sticky.select(workers, text_input(key="conv-1")).worker.worker_id
+    # Without a key the wrapped round_robin decides: it moves on every request.
+    unkeyed = {sticky.select(workers, text_input()).worker.worker_id for _ in range(3)}
+    assert len(unkeyed) == 3
+    assert {sticky.select(workers, text_input(key="conv-1")).worker.worker_id
+            for _ in range(5)} == {first}
+    # The pinned worker leaves: the wrapped policy picks a new one, which then sticks.
+    others = [w for w in workers if w.worker_id != first]
+    second = sticky.select(others, text_input(key="conv-1")).worker.worker_id
+    assert second != first
+    assert sticky.select(others, text_input(key="conv-1")).worker.worker_id == second
+    plain = make_policy("round_robin", Settings())
+    assert not plain.needs_request  # no wrapper without the flag
+
+
+def test_sticky_sessions_flag_spellings():
+    from gateway.cli import settings_from_args
+
+    for flag in ("--routing-key-override", "--sticky-sessions"):
+        assert settings_from_args([flag], env={}).routing_key_override
