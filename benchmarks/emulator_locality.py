@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="token-hash context weight (sensitivity only; the emulator default)")
     ap.add_argument("--context-decay", type=float, default=CONTEXT_DECAY)
     ap.add_argument("--topic-mix", type=float, default=TOPIC_MIX,
-                    help="token-hash topic weight (the emulator default is calibrated by "
-                         "benchmarks/calibrate_token_hash.py)")
+                    help="token-hash topic weight (the emulator default is fitted by "
+                         "benchmarks/routing_stats.py --fit)")
     ap.add_argument("--source", choices=("token-hash", "trace", "both"), default="both")
     return ap
 

@@ -7,13 +7,18 @@ routing is driven by token identity, so each token id gets a seeded random embed
 real hidden state also carries what the document is about, so the router's hidden state mixes
 that embedding with a little short context (an exponential moving average of the previous
 embeddings) and with the request's topic (the direction of the mean of ALL its earlier
-embeddings, carried from the prompt into the decode). Each layer has its own seeded random
-projection from hidden state to expert logits, of which the top-k win. Text from one domain
-shares vocabulary and topic, hence shares experts. The topic weight is the one calibrated
-constant: fitted so that this source's same-domain vs mixed-domain decode locality matches the
-real trace on the trace's geometry (benchmarks/calibrate_token_hash.py). Decode tokens continue
-the same text: a seeded walk over the bigrams of the prompt's own tokens, so the output stays
-in-domain and its experts correlate with the prompt's (measured: benchmarks/emulator_locality.py).
+embeddings, carried from the prompt into the decode), mostly the topic its first few tokens
+set (its instruction: in real routing the requests of one task route as alike as the tokens of
+one request). Real tokens of one request also route far less alike than a shared topic alone
+makes them, so each token occurrence adds its own seeded noise vector (keyed by a hash of the
+request's prefix up to that token: the same text still routes the same way, and a shared
+prefix routes identically). Each layer has its own seeded random projection from hidden state
+to expert logits, of which the top-k win. Text from one domain shares vocabulary and topic,
+hence shares experts. The weights are fitted together on routing statistics of the real trace
+at the trace's geometry (benchmarks/routing_stats.py --fit; see TOPIC_MIX). Decode tokens
+continue the same text: a seeded walk over the bigrams of the prompt's own tokens, so the
+output stays in-domain and its experts correlate with the prompt's (measured:
+benchmarks/routing_stats.py, benchmarks/emulator_locality.py).
 
 `trace`: replays real routing recorded from DeepSeek-V2-Lite on the ESFT task data
 (../shared/data/esft_routing_shared.npz, see ../shared/DESIGN.md). The prompt selects a trace
@@ -26,7 +31,7 @@ bigram walk, so decode text is plausible; only the experts come from the trace.
 
 Threads: `route_prompt` may run in a worker thread while the event loop pulls continuations.
 The only shared mutable state is the token-hash embedding cache, which holds deterministic
-values: a race at worst computes an embedding twice.
+values: a race at worst computes an embedding twice (the noise table and core are read-only).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -64,16 +69,48 @@ CONTEXT_MIX = 0.25
 # The running context is an exponential moving average with this decay per token, so it
 # summarises roughly the last 1 / (1 - 0.8) = 5 tokens.
 CONTEXT_DECAY = 0.8
-# Hidden state = (1 - TOPIC_MIX) * local part + TOPIC_MIX * topic (unit direction of the mean of
-# all the request's earlier token embeddings; see TokenHashRouting._hidden). CALIBRATED, not
-# chosen: `python benchmarks/calibrate_token_hash.py` (2026-11-27) runs this source on the
-# DeepSeek-V2-Lite geometry (26 layers, 64 experts, top-6) at decode batch 16 over the 4 offline
-# text domains and picks the grid value whose mixed/same-domain distinct-experts ratio is nearest
-# the real ESFT trace's at batch 16, 1.228x: 0.7 gives 1.229x (0 gave 1.020x). Secondary check,
-# not fitted: prefill-vs-decode cosine same request / same domain / other domain is
-# 0.866 / 0.405 / 0.240 against the trace's 0.735 / 0.648 / 0.544 (domains separate more
-# sharply here than in real routing). Other geometries use the same value, untuned.
-TOPIC_MIX = 0.7
+# The weights of the hidden state (TokenHashRouting._hidden):
+#   hidden = (1 - TOPIC_MIX) * local
+#            + TOPIC_MIX * ((1 - TOPIC_OPENING_SHARE) * topic + TOPIC_OPENING_SHARE * opening)
+#            + TOKEN_NOISE_MIX * noise + CORE_MIX * core
+# local: the token's embedding + short context; topic: unit direction of the mean of all the
+# request's earlier token embeddings (what the text is about); opening: the same over its first
+# TOPIC_OPENING_TOKENS tokens only (its instruction: which task it is); noise: a unit vector per
+# token occurrence (variation the tokens of one request do not share); core: one fixed unit
+# vector per router (experts every request favours). All unit vectors, so the weights are
+# scale-free: the same values apply to any (layers, experts, top-k).
+# FITTED TOGETHER, not chosen: `python benchmarks/routing_stats.py --fit --seeds 0,1,2`
+# (2026-12-02, its default grid: topic 0.2-0.5, opening share 0.6-1 of 6 or 8 tokens, noise
+# 0.3-0.8, core 0 or 0.1; 6 min) routes length-matched twins of the 108 real ESFT trace requests
+# (prompts from loadtest.workloads, decode from the emulator's own continuation) on the trace's
+# geometry, DeepSeek-V2-Lite (26 layers, 64 experts, top-6), and keeps the grid point with the
+# least mean squared relative error against the trace over its 13 routing statistics
+# (token-pair overlap, signature and prefill-vs-decode cosines for the same request / same
+# domain / other domain, distinct experts of 16-request batches, busiest-1/8 load share):
+# 0.3 / 0.9 of 6 / 0.4 / 0, rms error 8.5%, 11 of 13 within 15% (prefill-vs-decode cosine of
+# the same request +17%, of other requests of the same domain +19%: the decode walk reuses the
+# prompt's own words). Neighbours (topic 0.25-0.4, share 0.8-1, 8 tokens) are within seed
+# noise; any core makes it worse (0.1: loss 0.0087 vs 0.0073): the topic and the random
+# projections already give the trace's popularity skew. Before (topic 0.7 over the whole
+# request, no opening, no noise): two tokens of one request shared 55% of their experts vs the
+# trace's 16%, other-domain signature cosine 0.25 vs 0.58. Qwen3-30B-A3B and GPT-OSS-120B use
+# these values untuned: that real routing on those models has the same mix is an assumption (no
+# trace to fit them on). docs/emulator-cost-model.md section 4.
+TOPIC_MIX = 0.3
+TOPIC_OPENING_SHARE = 0.9
+TOPIC_OPENING_TOKENS = 6
+TOKEN_NOISE_MIX = 0.4
+CORE_MIX = 0.0
+# Unit noise vectors drawn once per router; a token occurrence picks one by a hash of the
+# request's whole prefix up to and including it (two occurrences share one with probability
+# 1/4096, negligible next to the 6/64-or-less chance overlap of experts; 1 MiB per router).
+_NOISE_INDEX_BITS = 12
+_NOISE_TABLE_SIZE = 1 << _NOISE_INDEX_BITS
+# 64-bit FNV-1a over token ids for the prefix hash, then a multiplicative mix for the index.
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = (1 << 64) - 1
+_INDEX_MIX = 0x9E3779B97F4A7C15
 # Decode continuation: tokens generated per batch of routing work (amortises the matmul).
 _CONTINUATION_CHUNK = 32
 # Rows of [T * L, E] logits per top-k block: 2048 x 128 float32 = 1 MiB, cache-sized.
@@ -142,10 +179,43 @@ class _ContextState:
 
     short: FloatArray        # exponential moving average of earlier embeddings
     topic_sum: FloatArray    # sum of all earlier embeddings of the request
+    prefix_hash: int = _FNV_OFFSET   # FNV-1a of all earlier token ids (keys the token noise)
+    position: int = 0                # tokens seen so far
+    opening_sum: FloatArray | None = None   # sum of the embeddings of the opening tokens seen
 
     @classmethod
     def empty(cls) -> _ContextState:
         return cls(np.zeros(EMBED_DIM, dtype=np.float32), np.zeros(EMBED_DIM, dtype=np.float32))
+
+
+def prefix_hashes(token_ids: Sequence[int], start: int = _FNV_OFFSET) -> list[int]:
+    """FNV-1a (64-bit) over token ids: element i hashes `start`'s prefix + token_ids[: i + 1]."""
+    out = []
+    h = start
+    for tid in token_ids:
+        h = ((h ^ (int(tid) & _MASK64)) * _FNV_PRIME) & _MASK64
+        out.append(h)
+    return out
+
+
+def _unit_rows(rows: FloatArray) -> FloatArray:
+    """Each row scaled to unit length; rows of (near) zero length stay zero."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 1e-6)
+
+
+def noise_index(prefix_hash: int) -> int:
+    """Row of the noise table a token with this prefix hash uses (top 12 bits of a mix)."""
+    return ((prefix_hash * _INDEX_MIX) & _MASK64) >> (64 - _NOISE_INDEX_BITS)
+
+
+class RouterParts(NamedTuple):
+    """The weight-free rows `TokenHashRouting.mix` combines into hidden states."""
+
+    local: FloatArray     # (1 - context_mix) * embedding + context_mix * short context
+    topic: FloatArray     # unit direction of the sum of all earlier embeddings
+    opening: FloatArray   # unit direction of the sum of the earlier opening-token embeddings
+    noise: FloatArray     # the token occurrence's unit noise vector
 
 
 class TokenHashRouting:
@@ -153,12 +223,25 @@ class TokenHashRouting:
 
     def __init__(self, geometry: ModelGeometry, tokenizer: Tokenizer, *, seed: int = 0,
                  context_mix: float = CONTEXT_MIX, context_decay: float = CONTEXT_DECAY,
-                 topic_mix: float = TOPIC_MIX) -> None:
+                 topic_mix: float = TOPIC_MIX, opening_share: float = TOPIC_OPENING_SHARE,
+                 opening_tokens: int = TOPIC_OPENING_TOKENS,
+                 token_noise_mix: float = TOKEN_NOISE_MIX, core_mix: float = CORE_MIX) -> None:
         for name, value in (("context_mix", context_mix), ("context_decay", context_decay),
                             ("topic_mix", topic_mix)):
             if not 0.0 <= value < 1.0:
                 raise RoutingError(f"{name} must be in [0, 1), got {value!r}")
+        if not 0.0 <= opening_share <= 1.0:
+            raise RoutingError(f"opening_share must be in [0, 1], got {opening_share!r}")
+        if not (isinstance(opening_tokens, int) and opening_tokens >= 1):
+            raise RoutingError(f"opening_tokens must be an integer >= 1, got {opening_tokens!r}")
+        for name, value in (("token_noise_mix", token_noise_mix), ("core_mix", core_mix)):
+            if not 0.0 <= value <= 100.0:   # weights relative to unit vectors; any >= 0 works
+                raise RoutingError(f"{name} must be in [0, 100], got {value!r}")
         self.topic_mix = topic_mix
+        self.opening_share = opening_share
+        self.opening_tokens = opening_tokens
+        self.token_noise_mix = token_noise_mix
+        self.core_mix = core_mix
         self.context_mix = context_mix
         self.context_decay = context_decay
         self.geometry = geometry
@@ -169,6 +252,13 @@ class TokenHashRouting:
         self._projection = rng.standard_normal(
             (EMBED_DIM, geometry.num_layers * geometry.num_experts), dtype=np.float32)
         self._embeddings: dict[int, FloatArray] = {}   # bounded by the tokenizer's vocab
+        # Own rng stream, so adding them left the projection and embeddings unchanged.
+        noise_rng = np.random.default_rng([seed & 0xFFFFFFFF, 0x4015E])
+        table = noise_rng.standard_normal((_NOISE_TABLE_SIZE, EMBED_DIM), dtype=np.float32)
+        table /= np.linalg.norm(table, axis=1, keepdims=True)
+        self._noise_table = table
+        core = noise_rng.standard_normal(EMBED_DIM, dtype=np.float32)
+        self._core = core / np.linalg.norm(core)
 
     def embedding(self, token_id: int) -> FloatArray:
         vec = self._embeddings.get(token_id)
@@ -183,10 +273,19 @@ class TokenHashRouting:
                 ) -> tuple[FloatArray, _ContextState]:
         """Hidden states for consecutive tokens, carrying the running context along.
 
-        hidden = (1 - topic_mix) * local + topic_mix * topic, where
-        local = (1 - context_mix) * embedding + context_mix * short EMA of earlier embeddings and
+        hidden = (1 - topic_mix) * local
+                 + topic_mix * ((1 - opening_share) * topic + opening_share * opening)
+                 + token_noise_mix * noise + core_mix * core, where
+        local = (1 - context_mix) * embedding + context_mix * short EMA of earlier embeddings,
         topic = unit direction of the mean of ALL earlier embeddings of the request (zero before
-        the first token). Both context terms see only earlier tokens, as a causal model does.
+        the first token), opening = the same over the request's first `opening_tokens` tokens
+        only (its instruction or system prompt: what task the request is, shared by the
+        requests of one task), noise = a unit vector of the router's noise table picked by a hash of
+        the request's prefix up to and including this token (per-token variation that tokens of
+        one request do not share; the same text still routes the same way) and core = one fixed
+        unit vector per router (through each layer's projection, a fixed Gaussian bias on that
+        layer's expert logits: the experts every request favours). Both context terms see only
+        earlier tokens, as a causal model does.
 
         Vectorised over tokens except for the EMA recurrence ctx[i+1] = decay * ctx[i] +
         (1 - decay) * emb[i], which stays a loop of two in-place float32 ufuncs per token: the
@@ -195,6 +294,31 @@ class TokenHashRouting:
         form (scipy.signal.lfilter, cumulative sums of decay powers) would round differently and
         could flip near-tied top-k choices.
         """
+        parts, new_state = self._parts(token_ids, state)
+        return self.mix(parts, self.topic_mix, self.opening_share, self.token_noise_mix,
+                        self.core_mix), new_state
+
+    def mix(self, parts: RouterParts, topic_mix: float, opening_share: float,
+            token_noise_mix: float, core_mix: float) -> FloatArray:
+        """Combine `_parts` into hidden states (in place on `parts.local`; the weights are
+        explicit so that benchmarks/routing_stats.py --fit can try others on the same parts)."""
+        local = parts.local
+        if len(local):
+            if topic_mix > 0.0:
+                topic = parts.topic
+                if opening_share > 0.0:
+                    topic = (1.0 - opening_share) * topic + opening_share * parts.opening
+                local *= 1.0 - topic_mix
+                local += topic_mix * topic
+            if token_noise_mix > 0.0:
+                local += token_noise_mix * parts.noise
+            if core_mix > 0.0:
+                local += core_mix * self._core
+        return local
+
+    def _parts(self, token_ids: Sequence[int], state: _ContextState
+               ) -> tuple[RouterParts, _ContextState]:
+        """The rows of `_hidden`'s formula before weighting, and the state after the tokens."""
         n = len(token_ids)
         embedding = self.embedding
         embs = (np.stack([embedding(int(tid)) for tid in token_ids]) if n
@@ -214,12 +338,23 @@ class TokenHashRouting:
         sums = np.cumsum(embs, axis=0)
         total = state.topic_sum + (sums[-1] if n else 0.0)
         before = state.topic_sum + sums - embs
-        if self.topic_mix > 0.0 and n:
-            norms = np.linalg.norm(before, axis=1, keepdims=True)
-            topic = np.divide(before, norms, out=np.zeros_like(before), where=norms > 1e-6)
-            local *= 1.0 - self.topic_mix
-            local += self.topic_mix * topic
-        return local, _ContextState(ctxs[n].copy(), total.astype(np.float32))
+        topic = _unit_rows(before)
+        # The same over the opening tokens only (positions < opening_tokens).
+        opening_sum = (state.opening_sum if state.opening_sum is not None
+                       else np.zeros(EMBED_DIM, dtype=np.float32))
+        in_opening = max(0, min(n, self.opening_tokens - state.position))
+        open_sums = np.cumsum(embs[:in_opening], axis=0)
+        open_before = np.empty_like(before)
+        open_before[:in_opening] = opening_sum + open_sums - embs[:in_opening]
+        open_total = opening_sum + (open_sums[-1] if in_opening else 0.0)
+        open_before[in_opening:] = open_total
+        opening = _unit_rows(open_before)
+        hashes = prefix_hashes(token_ids, state.prefix_hash)
+        noise = self._noise_table[[noise_index(h) for h in hashes]]
+        new_state = _ContextState(ctxs[n].copy(), total.astype(np.float32),
+                                  hashes[-1] if n else state.prefix_hash, state.position + n,
+                                  np.asarray(open_total, dtype=np.float32))
+        return RouterParts(local, topic, opening, noise), new_state
 
     def _top_k(self, hidden: FloatArray) -> IntArray:
         g = self.geometry

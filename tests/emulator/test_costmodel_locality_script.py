@@ -40,13 +40,15 @@ def test_locality_script_sees_disjoint_domains_as_local(tmp_path):
     assert "decode finds own prefill" in out
 
 
-# The calibration target: trace/DeepSeek-V2-Lite, decode batch 16, mixed / same-domain distinct
-# experts per layer, measured by benchmarks/calibrate_token_hash.py (1.228x over seeds 0-2; the
-# single-seed benchmark run prints 1.228x too). docs/emulator-cost-model.md section 2.
+# The trace's mixed / same-domain distinct experts per layer at decode batch 16 in this script
+# (aligned decode steps): 1.228x. token-hash used to be calibrated to it on the script's
+# offline corpora (topic weight 0.7: 1.229x). Since the refit on the trace's routing statistics
+# (benchmarks/routing_stats.py, docs/emulator-cost-model.md section 4) its same-domain locality
+# comes mostly from a shared opening (a task's instruction): on templated workload prompts it
+# matches the trace (tests/emulator/test_routing_stats.py), while random chunks of the corpora,
+# which share no opening, are barely local (measured 1.028-1.030x, seeds 0-1).
 TRACE_RATIO_BATCH16 = 1.228
-# Seed-to-seed spread of the token-hash ratio near the chosen topic weight is ~0.02 (the
-# calibration grid prints it); two seeds averaged must land within 3 such spreads.
-RATIO_TOLERANCE = 0.06
+UNTEMPLATED_RATIO_RANGE = (1.0, 1.12)
 
 
 def _text_domains_available() -> bool:
@@ -71,17 +73,20 @@ def _token_hash_ratio(model: str, batch: int, seed: int, steps: int, trials: int
 
 
 @pytest.mark.slow
-def test_calibrated_token_hash_matches_the_trace_ratio_on_its_geometry():
+def test_token_hash_on_untemplated_corpora_is_only_slightly_local_on_the_trace_geometry():
     if not _text_domains_available():
         pytest.skip("the 4 offline text domains are not on this machine")
     ratios = [_token_hash_ratio("DeepSeek-V2-Lite", 16, seed, steps=32, trials=5)
               for seed in (0, 1)]
-    assert abs(float(np.mean(ratios)) - TRACE_RATIO_BATCH16) < RATIO_TOLERANCE, ratios
+    low, high = UNTEMPLATED_RATIO_RANGE
+    assert low < float(np.mean(ratios)) < min(high, TRACE_RATIO_BATCH16), ratios
 
 
 @pytest.mark.slow
 def test_token_hash_same_domain_batches_are_local_on_qwen3():
-    # Not tuned on this geometry: the calibrated topic weight is applied as is.
+    # Not tuned on this geometry: the fitted weights are applied as is. On the untemplated
+    # corpora the effect is small (1.016-1.023x, seeds 0-2); templated prompts:
+    # test_routing_stats.py::test_fitted_weights_carry_over_to_the_other_geometries.
     if not _text_domains_available():
         pytest.skip("the 4 offline text domains are not on this machine")
-    assert _token_hash_ratio("Qwen3-30B-A3B", 64, 0, steps=8, trials=2) > 1.05
+    assert _token_hash_ratio("Qwen3-30B-A3B", 64, 0, steps=8, trials=2) > 1.0

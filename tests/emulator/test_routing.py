@@ -67,11 +67,11 @@ def _overlap(a: np.ndarray, b: np.ndarray, geometry: ModelGeometry) -> float:
 
 
 def test_without_topic_token_identity_dominates_routing():
-    # topic_mix=0 leaves token embedding + short context: the same token in two different
-    # contexts shares most of its experts; two different tokens share about what chance gives
-    # (top_k / num_experts).
+    # topic_mix=0 and no per-token noise leave token embedding + short context: the same token
+    # in two different contexts shares most of its experts; two different tokens share about
+    # what chance gives (top_k / num_experts).
     tok = Tokenizer()
-    source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=0.0)
+    source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=0.0, token_noise_mix=0.0)
     ids = tok.encode("alpha beta gamma server delta epsilon zeta server")
     rows = source.route_prompt(ids, None)
     same_token = _overlap(rows[3], rows[7], QWEN)
@@ -82,12 +82,14 @@ def test_without_topic_token_identity_dominates_routing():
 
 
 def test_topic_makes_one_texts_tokens_share_experts_but_not_another_texts():
-    # With the calibrated topic weight, once a text has established its topic: the same token
-    # still shares the most experts, different tokens of the SAME text share well above chance
-    # (the topic), and tokens of an unrelated text share only chance (0.0625 for 8 of 128).
+    # With the fitted weights, once a text has established its topic: the same token still
+    # shares the most experts, different tokens of the SAME text share above chance (the topic)
+    # but only modestly, as real tokens of one request do (ESFT trace: 16% vs 10% across
+    # domains; this router shared 71% here before the per-token noise), and tokens of an
+    # unrelated text share about chance (0.0625 for 8 of 128).
     tok = Tokenizer()
     source = TokenHashRouting(QWEN, tok, seed=0)
-    assert source.topic_mix == TOPIC_MIX > 0.0
+    assert source.topic_mix == TOPIC_MIX > 0.0 and source.token_noise_mix > 0.0
     ids = tok.encode(TEXT * 3)
     other_ids = tok.encode(OTHER_TEXT * 3)
     rows, other = source.route_prompt(ids, None), source.route_prompt(other_ids, None)
@@ -98,7 +100,7 @@ def test_topic_makes_one_texts_tokens_share_experts_but_not_another_texts():
     other_text = np.mean([_overlap(rows[i], other[j], QWEN)
                           for i in late for j in range(len(other_ids) // 2, len(other_ids))])
     assert same_token > same_text + 0.15
-    assert same_text > 3 * other_text
+    assert 1.5 * other_text < same_text < 0.3
     assert other_text < 0.1
 
 
@@ -109,15 +111,17 @@ def test_topic_reaches_back_past_the_short_context_and_into_decode():
     head_a = tok.encode(" ".join(f"alpha{i}" for i in range(40)))
     head_b = tok.encode(" ".join(f"omega{i}" for i in range(40)))
     tail = tok.encode(" ".join(f"word{i % 60}" for i in range(120)))
-    for topic_mix, expect_equal in ((0.0, True), (TOPIC_MIX, False)):
-        source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=topic_mix)
+    # (No per-token noise here: it is keyed by the whole prefix, so it reaches back too.)
+    for topic_mix, expect_equal in ((0.0, True), (0.7, False)):
+        source = TokenHashRouting(QWEN, tok, seed=0, topic_mix=topic_mix, token_noise_mix=0.0,
+                                  opening_share=0.0)
         a = source.route_prompt(head_a + tail, None)[-20:]
         b = source.route_prompt(head_b + tail, None)[-20:]
         assert np.array_equal(a, b) == expect_equal
     # Decode continues the prompt's topic: the same decode token ids route differently after
     # the two prompts only because of the carried topic (the walk depends on the whole prompt,
     # so compare the first decode step of each with the same forced token instead).
-    source = TokenHashRouting(QWEN, tok, seed=0)
+    source = TokenHashRouting(QWEN, tok, seed=0, token_noise_mix=0.0)
     _, state_a = source._hidden(head_a + tail, _ContextState.empty())
     _, state_b = source._hidden(head_b + tail, _ContextState.empty())
     probe = tail[:16]

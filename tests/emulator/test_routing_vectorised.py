@@ -1,7 +1,9 @@
 """The vectorised token-hash router gives exactly the experts of its one-token-at-a-time definition.
 
 `reference_hidden` and `reference_top_k` are the original loop implementations of
-`TokenHashRouting._hidden` / `_top_k`, kept here verbatim as the specification.
+`TokenHashRouting._hidden` / `_top_k`, kept here as the specification (verbatim, plus the
+opening topic, the per-token noise keyed by a 64-bit FNV-1a hash of the prefix and the core
+term, added with the refit of docs/emulator-cost-model.md section 4).
 """
 
 from __future__ import annotations
@@ -31,22 +33,45 @@ def reference_hidden(r: TokenHashRouting, token_ids: Sequence[int], state: _Cont
     n = len(token_ids)
     embs = np.empty((n, EMBED_DIM), dtype=np.float32)
     local = np.empty((n, EMBED_DIM), dtype=np.float32)
+    noise = np.empty((n, EMBED_DIM), dtype=np.float32)
     ctx = state.short.copy()
+    prefix = state.prefix_hash
     mix, decay = r.context_mix, r.context_decay
     for i, tid in enumerate(token_ids):
         emb = r.embedding(int(tid))
         embs[i] = emb
         local[i] = (1.0 - mix) * emb + mix * ctx
         ctx = decay * ctx + (1.0 - decay) * emb
+        prefix = ((prefix ^ int(tid)) * 0x100000001B3) % 2**64          # FNV-1a, 64-bit
+        noise[i] = r._noise_table[((prefix * 0x9E3779B97F4A7C15) % 2**64) >> 52]
     sums = np.cumsum(embs, axis=0)
     total = state.topic_sum + (sums[-1] if n else 0.0)
     before = state.topic_sum + sums - embs
+    # The opening topic: the same sums over the request's first `opening_tokens` tokens only.
+    opening_sum = (state.opening_sum if state.opening_sum is not None
+                   else np.zeros(EMBED_DIM, dtype=np.float32))
+    k = max(0, min(n, r.opening_tokens - state.position))
+    open_sums = np.cumsum(embs[:k], axis=0)
+    open_before = np.empty_like(before)
+    open_before[:k] = opening_sum + open_sums - embs[:k]
+    open_total = opening_sum + (open_sums[-1] if k else 0.0)
+    open_before[k:] = open_total
     if r.topic_mix > 0.0 and n:
         norms = np.linalg.norm(before, axis=1, keepdims=True)
         topic = np.divide(before, norms, out=np.zeros_like(before), where=norms > 1e-6)
+        if r.opening_share > 0.0:
+            norms = np.linalg.norm(open_before, axis=1, keepdims=True)
+            opening = np.divide(open_before, norms, out=np.zeros_like(open_before),
+                                where=norms > 1e-6)
+            topic = (1.0 - r.opening_share) * topic + r.opening_share * opening
         local *= 1.0 - r.topic_mix
         local += r.topic_mix * topic
-    return local, _ContextState(ctx, total.astype(np.float32))
+    if r.token_noise_mix > 0.0 and n:
+        local += r.token_noise_mix * noise
+    if r.core_mix > 0.0 and n:
+        local += r.core_mix * r._core
+    return local, _ContextState(ctx, total.astype(np.float32), prefix, state.position + n,
+                                np.asarray(open_total, dtype=np.float32))
 
 
 def reference_top_k(r: TokenHashRouting, hidden: np.ndarray) -> np.ndarray:
@@ -83,11 +108,15 @@ GEOMETRIES = [*KNOWN_GEOMETRIES.values(), ModelGeometry("odd", 3, 5, 2)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: g.name)
-@pytest.mark.parametrize("topic_mix", [0.0, 0.7])
+@pytest.mark.parametrize("weights", [(0.0, 0.0, 0.0, 0.0, 8), (0.7, 0.0, 0.0, 0.0, 8),
+                                     "defaults", (0.5, 1.0, 0.3, 0.6, 40)], ids=str)
 def test_route_prompt_matches_the_reference_on_random_ids(geometry: ModelGeometry,
-                                                          topic_mix: float) -> None:
+                                                          weights) -> None:
     tok = Tokenizer()
-    r = TokenHashRouting(geometry, tok, seed=3, topic_mix=topic_mix)
+    r = (TokenHashRouting(geometry, tok, seed=3) if weights == "defaults" else
+         TokenHashRouting(geometry, tok, seed=3, topic_mix=weights[0],
+                          token_noise_mix=weights[1], core_mix=weights[2],
+                          opening_share=weights[3], opening_tokens=weights[4]))
     rng = np.random.default_rng(11)
     # Lengths around the top-k block size and 0/1-token edge cases; ids repeat (a small
     # vocabulary) so the EMA/topic see recurring tokens, as in text.
@@ -98,7 +127,16 @@ def test_route_prompt_matches_the_reference_on_random_ids(geometry: ModelGeometr
         assert np.array_equal(hidden, ref_hidden)
         assert np.array_equal(state.short, ref_state.short)
         assert np.array_equal(state.topic_sum, ref_state.topic_sum)
+        assert state.prefix_hash == ref_state.prefix_hash
+        assert state.position == ref_state.position == n
+        assert np.array_equal(state.opening_sum, ref_state.opening_sum)
         assert np.array_equal(r.route_prompt(ids, None), reference_top_k(r, ref_hidden))
+        # Carried state: the rest of the tokens continue from the state (the opening window of
+        # 40 tokens straddles the 31-token boundary).
+        more = rng.integers(2, 400, 33).tolist()
+        hidden, _ = r._hidden(more, state)
+        ref_hidden, _ = reference_hidden(r, more, ref_state)
+        assert np.array_equal(hidden, ref_hidden)
 
 
 @pytest.mark.parametrize("geometry", list(KNOWN_GEOMETRIES.values()), ids=lambda g: g.name)
