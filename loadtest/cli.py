@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("loadtest.driver", "drive load at a router URL and record TTFT/TPOT"),
     "compare": ("loadtest.compare", "compare routers side by side on identical arrivals"),
     "report": ("loadtest.report", "render a comparison's markdown report and plots"),
+    "seeds": ("loadtest.multiseed", "the eldr headline over several seeds, with 95% intervals"),
     "demo": ("loadtest.demo", "emulated cluster + fitted zones + gateway, ready for requests"),
 }
 

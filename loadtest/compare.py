@@ -104,6 +104,8 @@ class RouterSpec:
     kind: str  # one of ROUTER_KINDS
     policy: str
     pd_flow: str = "dual"
+    # Extra gateway flags of a variant: `gateway:eldr+eldr-load-bound=2` -> --eldr-load-bound 2.
+    extra_args: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, name: str) -> RouterSpec:
@@ -112,11 +114,16 @@ class RouterSpec:
             raise CompareError(
                 f"--routers entry {name!r} must be gateway:POLICY, sglang:POLICY or smg:POLICY"
             )
+        policy, *variant = policy.split("+")
+        if variant and kind != "gateway":
+            raise CompareError(f"--routers {name!r}: +FLAG=VALUE variants are for gateway:POLICY")
+        extra = variant_args(name, variant)
         if kind == "gateway":
             if policy == "eldr-prefill-first":
-                return cls(name, kind, "eldr", "prefill-first")
+                return cls(name, kind, "eldr", "prefill-first", extra)
             if policy not in GATEWAY_POLICIES:
                 raise CompareError(f"--routers {name!r}: gateway policies are {GATEWAY_POLICIES}")
+            return cls(name, kind, policy, extra_args=extra)
         elif kind == "sglang" and policy not in SGLANG_POLICIES:
             raise CompareError(f"--routers {name!r}: sglang policies are {SGLANG_POLICIES}")
         elif kind == "smg" and policy not in SMG_POLICIES:
@@ -132,6 +139,22 @@ class RouterSpec:
         """Where the router answers 200 once it can route: smg's `/health` answers before its
         workers are registered (that happens in the background), its `/readiness` after."""
         return "/readiness" if self.kind == "smg" else "/health"
+
+
+def variant_args(name: str, variant: Sequence[str]) -> tuple[str, ...]:
+    """`["eldr-load-bound=2", "no-signature-cache"]` -> `--eldr-load-bound 2 --no-signature-cache`.
+
+    The gateway parses them when the run starts; a flag it does not know fails that run by
+    name (the other routers' runs go on)."""
+    out: list[str] = []
+    for item in variant:
+        flag, eq, value = item.partition("=")
+        if not flag or flag.startswith("-") or (eq and not value):
+            raise CompareError(
+                f"--routers {name!r}: a variant is +FLAG or +FLAG=VALUE (flag without dashes), "
+                f"got {item!r}")
+        out += [f"--{flag}", value] if eq else [f"--{flag}"]
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +238,7 @@ def router_argv(
         # smg would otherwise fetch the workers' tokenizer (a HuggingFace id) in the background;
         # PD routing on /generate needs none.
         return python_argv("smg.launch_router", [*rust, "--disable-tokenizer-autoload"])
-    args = [*common, "--pd-flow", spec.pd_flow, "--prometheus-port", "0"]
+    args = [*common, "--pd-flow", spec.pd_flow, "--prometheus-port", "0", *spec.extra_args]
     if spec.needs_zones:
         if zones is None:
             raise CompareError(f"{spec.name} needs a zone table (calibration failed or --zones)")
@@ -725,6 +748,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-requests", type=int, default=None)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help="run the whole comparison once per seed into OUT/seed-N, then write OUT/summary.md "
+        "(median change over seeds with 95%% intervals, loadtest/multiseed.py); overrides --seed",
+    )
+    parser.add_argument(
         "--turns", type=int, default=None, help="user turns per evaluation conversation (default 1)"
     )
     parser.add_argument("--warmup", type=int, default=None, help=f"default {d.warmup}")
@@ -876,6 +904,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         opts = options_from_args(args)
         argv_text = "python -m loadtest compare " + shlex.join(sys.argv[2:])
+        if args.seeds:
+            return _main_seeds(opts, args.seeds, argv_text, report=not args.no_report)
         results = asyncio.run(Experiment(opts).run(argv_text))
     except (CompareError, ProcessStartError, WorkloadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -887,3 +917,22 @@ def main(args: argparse.Namespace) -> int:
         print(f"report: {path}")
     ok = [r for r in results["runs"] if not r.get("error")]
     return 0 if ok else 1
+
+
+def _main_seeds(opts: CompareOptions, seeds: Sequence[int], argv_text: str, report: bool) -> int:
+    """One full comparison per seed (its own calibration and zone fit: nothing is tuned on an
+    evaluation seed), then the multi-seed summary."""
+    from loadtest.multiseed import summarize
+    from loadtest.report import render_report
+
+    dirs = []
+    any_ok = False
+    for seed in seeds:
+        one = replace(opts, seed=seed, out=opts.out / f"seed-{seed}")
+        results = asyncio.run(Experiment(one).run(f"{argv_text}  # seed {seed}"))
+        any_ok = any_ok or any(not r.get("error") for r in results["runs"])
+        if report:
+            print(f"report: {render_report(one.out)}")
+        dirs.append(one.out)
+    print(f"summary: {summarize(dirs, opts.out, plot=report)}")
+    return 0 if any_ok else 1
