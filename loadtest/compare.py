@@ -288,6 +288,9 @@ class CompareOptions:
     # Already-running workers (both set, or neither): no emulator is started.
     prefill_urls: list[tuple[str, int | None]] | None = None
     decode_urls: list[str] | None = None
+    # Router processes per run, identical configuration, each with only its own state; the
+    # driver spreads conversations across them (loadtest.driver.url_for).
+    gateway_replicas: int = 1
 
     @property
     def external(self) -> bool:
@@ -550,9 +553,17 @@ class Experiment:
         o = self.opts
         assert self.cluster is not None
         run_dir = o.out / "runs" / spec.name.replace(":", "_") / f"rate_{rate:g}"
-        proc, url = await self.start_router(spec, zones, f"{spec.name.replace(':', '_')}-{rate:g}")
+        tag = f"{spec.name.replace(':', '_')}-{rate:g}"
+        procs: list[ManagedProcess] = []
+        urls: list[str] = []
         try:
-            pids = {"router": proc.pid, "driver": os.getpid()}
+            # N identical router processes (--gateway-replicas), each with only its own view.
+            for i in range(o.gateway_replicas):
+                proc, url = await self.start_router(spec, zones, tag if i == 0 else f"{tag}-r{i}")
+                procs.append(proc)
+                urls.append(url)
+            pids = {("router" if i == 0 else f"router-{i}"): p.pid for i, p in enumerate(procs)}
+            pids["driver"] = os.getpid()
             if self.cluster_proc is not None:
                 pids["emulator"] = self.cluster_proc.pid
             sampler = CpuSampler(pids)
@@ -565,18 +576,23 @@ class Experiment:
                     sampler.start()
 
                 try:
-                    config = self.driver_config(url, rate, o.num_requests)
+                    config = replace(self.driver_config(urls[0], rate, o.num_requests),
+                                     replica_urls=tuple(urls[1:]))
                     result = await run_load(config, convs, measurement_starts)
                 finally:
                     await sampler.stop()
                 after = await fetch_stats(session, decode_urls)
         finally:
-            await proc.stop()
+            await asyncio.gather(*(p.stop() for p in procs))
         summary = write_run(result, run_dir)
         cluster: ClusterRunStats = (
             decode_run_stats(before, after) if self.stats_available else unavailable_run_stats()
         )
         cpu = sampler.usage()
+        if len(procs) > 1:
+            # "router" is every replica together (the report's router cores column).
+            cores = cpu.process_cores
+            cores["router"] = sum(v for k, v in cores.items() if k.startswith("router"))
         reasons = void_reasons(cluster, cpu.system_percent_mean)
         if summary["completed"] < 0.9 * summary["requests"]:
             reasons.append(f"only {summary['completed']}/{summary['requests']} requests completed")
@@ -748,6 +764,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-requests", type=int, default=None)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
+        "--gateway-replicas", type=int, default=None, metavar="N",
+        help="run N identical processes of every router under test, each with only its own "
+        "view, the driver spreading conversations across them like a Service (default 1)",
+    )
+    parser.add_argument(
         "--seeds", type=int, nargs="+", default=None,
         help="run the whole comparison once per seed into OUT/seed-N, then write OUT/summary.md "
         "(median change over seeds with 95%% intervals, loadtest/multiseed.py); overrides --seed",
@@ -845,6 +866,7 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         "zones": args.zones,
         "endpoint": args.endpoint,
         "calibration_via": args.calibration_via,
+        "gateway_replicas": args.gateway_replicas,
     }
     for key, value in explicit.items():
         if value is not None:
@@ -870,6 +892,8 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
         raise CompareError("--rates must all be > 0")
     if opts.turns < 1 or opts.warmup < 0 or opts.num_requests < 1:
         raise CompareError("--turns and --num-requests must be >= 1, --warmup >= 0")
+    if opts.gateway_replicas < 1:
+        raise CompareError("--gateway-replicas must be >= 1")
     if opts.time_scale <= 0:
         raise CompareError("--time-scale must be > 0")
     for name in opts.routers:

@@ -22,6 +22,7 @@ import csv
 import math
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,10 +69,14 @@ class DriverConfig:
     seed: int = 0
     progress: bool = True
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # More routers (gateway replicas) beside `url`: each conversation goes to one of them, as
+    # a Kubernetes Service sends each client connection to one replica (see `url_for`).
+    replica_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise DriverError(f"--url must start with http:// or https://, got {self.url!r}")
+        for u in (self.url, *self.replica_urls):
+            if not u.startswith(("http://", "https://")):
+                raise DriverError(f"--url must start with http:// or https://, got {u!r}")
         if self.endpoint not in ENDPOINTS:
             raise DriverError(f"--endpoint must be one of {', '.join(ENDPOINTS)}")
         if not (self.rate > 0):
@@ -117,6 +122,17 @@ class RequestRecord:
         for key in ("output_text", "prompt_text", "routed_experts"):
             d.pop(key)
         return d
+
+
+def url_for(config: DriverConfig, conversation_id: str) -> str:
+    """The router a conversation talks to: `config.url`, or with replicas one chosen by a CRC of
+    the conversation id. Stable (every turn of a conversation and every router under test
+    sees the same split) and even in expectation, like a Service balancing client connections;
+    a multi-turn conversation stays on its replica as a keep-alive connection would."""
+    if not config.replica_urls:
+        return config.url
+    urls = (config.url, *config.replica_urls)
+    return urls[zlib.crc32(conversation_id.encode()) % len(urls)]
 
 
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
@@ -257,7 +273,7 @@ async def send_request(
     clock_zero: float,
 ) -> RequestRecord:
     """Send one streaming request and fill `record`. Never raises (errors land in the record)."""
-    url = config.url.rstrip("/") + ENDPOINTS[config.endpoint]
+    url = url_for(config, record.conversation_id).rstrip("/") + ENDPOINTS[config.endpoint]
     body = build_payload(
         config.endpoint, config.model, history, record.max_tokens, config.extra_body
     )

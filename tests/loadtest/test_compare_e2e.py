@@ -36,3 +36,23 @@ def test_compare_tiny_cluster_calibrates_runs_and_reports(tmp_path: Path) -> Non
     report = (out / "report.md").read_text()
     assert "| gateway:eldr |" in report
     assert (out / "plots" / "tpot_p50.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_compare_with_two_gateway_replicas(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "loadtest", "compare", "--quick", "--prefill", "1", "--decode", "2",
+        "--num-requests", "8", "--rates", "8", "--max-output-tokens", "8", "--time-scale", "2",
+        "--no-progress", "--no-report", "--routers", "gateway:least_load",
+        "--gateway-replicas", "2", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = orjson.loads((out / "results.json").read_bytes())["runs"]
+    assert run["summary"]["completed"] == 8
+    # Both processes ran and were measured; "router" is their sum.
+    cores = run["cpu"]["process_cores"]
+    assert {"router", "router-1"} <= set(cores) and cores["router"] >= cores["router-1"]
+    assert (out / "logs" / "gateway_least_load-8-r1.log").is_file()

@@ -252,3 +252,17 @@ async def test_cli_run_writes_results(server: tuple[str, FakeSSE], tmp_path: Pat
     lines = (out / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert all(orjson.loads(line)["success"] for line in lines)
+
+
+def test_replicas_split_conversations_stably_and_evenly() -> None:
+    from loadtest.driver import url_for
+
+    one = DriverConfig(url="http://a:1")
+    assert url_for(one, "c-1") == "http://a:1"
+    cfg = DriverConfig(url="http://a:1", replica_urls=("http://b:1", "http://c:1"))
+    picks = [url_for(cfg, f"conv-{i}") for i in range(3000)]
+    assert picks == [url_for(cfg, f"conv-{i}") for i in range(3000)]  # stable
+    for u in ("http://a:1", "http://b:1", "http://c:1"):
+        assert 900 < picks.count(u) < 1100  # even within ~3 standard deviations
+    with pytest.raises(DriverError, match="--url"):
+        DriverConfig(url="http://a:1", replica_urls=("b:1",))
