@@ -99,6 +99,10 @@ class ClusterRunStats:
     # False when the workers expose no `/emulator/stats` (real SGLang workers): every counter
     # field above is then None or empty, and the host-lag VOID rule cannot apply.
     stats_available: bool = True
+    # Mean decode batch between the end of ramp-up and the last arrival (compare's
+    # `steady_window`), the batch a rate plan aims at; None when not measured.
+    steady_mean_batch_size: float | None = None
+    steady_window_s: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shlex
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 
 from loadtest.calibration_capture import ROUTED_EXPERTS_BODY, write_calibration_log
@@ -51,8 +53,10 @@ from loadtest.cluster_stats import (
     unavailable_run_stats,
     void_reasons,
 )
-from loadtest.driver import DriverConfig, run_load, write_run
+from loadtest.driver import DriverConfig, arrival_offsets, run_load, write_run
 from loadtest.emulator.costmodel import CostModel
+from loadtest.emulator.routing import make_routing_source
+from loadtest.emulator.tokenizer import Tokenizer
 from loadtest.procs import (
     CpuSampler,
     ManagedProcess,
@@ -61,7 +65,7 @@ from loadtest.procs import (
     free_port_block,
     python_argv,
 )
-from loadtest.rate_plan import RatePlan, plan_for_batch
+from loadtest.rate_plan import RatePlan, plan_for_batch, sampled_distinct_experts
 from loadtest.workloads import (
     DEFAULT_CORPUS,
     DEFAULT_TRACES,
@@ -291,6 +295,8 @@ class CompareOptions:
     # Router processes per run, identical configuration, each with only its own state; the
     # driver spreads conversations across them (loadtest.driver.url_for).
     gateway_replicas: int = 1
+    # The rate plan behind `rates` when `batches` was given (rate_plan.RatePlan as dicts).
+    plans: list[dict[str, Any]] | None = None
 
     @property
     def external(self) -> bool:
@@ -571,9 +577,21 @@ class Experiment:
             async with aiohttp.ClientSession() as session:
                 decode_urls = self.cluster.decode if self.stats_available else []
 
+                window = steady_window(o, rate)
+                steady: list[list[dict[str, float]]] = []
+                tasks: list[asyncio.Task[None]] = []
+
+                async def snapshots_at(times: Sequence[float]) -> None:
+                    start = time.monotonic()
+                    for t in times:
+                        await asyncio.sleep(max(0.0, start + t - time.monotonic()))
+                        steady.append(await fetch_stats(session, decode_urls))
+
                 async def measurement_starts() -> None:
                     before.extend(await fetch_stats(session, decode_urls))
                     sampler.start()
+                    if window is not None and decode_urls:
+                        tasks.append(asyncio.create_task(snapshots_at(window)))
 
                 try:
                     config = replace(self.driver_config(urls[0], rate, o.num_requests),
@@ -581,6 +599,9 @@ class Experiment:
                     result = await run_load(config, convs, measurement_starts)
                 finally:
                     await sampler.stop()
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
                 after = await fetch_stats(session, decode_urls)
         finally:
             await asyncio.gather(*(p.stop() for p in procs))
@@ -588,6 +609,11 @@ class Experiment:
         cluster: ClusterRunStats = (
             decode_run_stats(before, after) if self.stats_available else unavailable_run_stats()
         )
+        if len(steady) == 2 and window is not None:
+            # The same counters between the end of ramp-up and the last arrival: the batch the
+            # rate plan aims at (the whole-window mean includes ramp-up and drain).
+            cluster = replace(cluster, steady_mean_batch_size=decode_run_stats(*steady)
+                              .mean_batch_size, steady_window_s=window)
         cpu = sampler.usage()
         if len(procs) > 1:
             # "router" is every replica together (the report's router cores column).
@@ -658,8 +684,52 @@ class Experiment:
         return {"meta": meta, "runs": runs}
 
 
-def rate_plans(opts: CompareOptions) -> list[RatePlan]:
-    """Rates giving `opts.batches` requests decoding per worker (see loadtest/rate_plan.py)."""
+# Evaluation requests whose decode routing `workload_routing_sample` computes for the plan.
+PLAN_SAMPLE_REQUESTS = 96
+
+
+def steady_window(opts: CompareOptions, rate: float) -> tuple[float, float] | None:
+    """Seconds after the measured phase starts between which the decode batch is in steady
+    state: from one planned request lifetime (ramp-up; a third of the arrivals when there is no
+    plan) to the last arrival (drain starts). None when that leaves under a second."""
+    offsets = arrival_offsets(opts.num_requests, rate, opts.seed)
+    last = offsets[-1] if offsets else 0.0
+    lifetime = next((p["request_seconds"] for p in opts.plans or [] if p["rate"] == rate),
+                    last / 3)
+    start = min(lifetime, last / 2)
+    return (start, last) if last - start >= 1.0 else None
+
+
+def workload_routing_sample(opts: CompareOptions) -> list[np.ndarray]:
+    """Decode routing ([tokens, layers, top_k]) of the first evaluation requests, routed offline
+    by the same source and seed the emulated cluster uses (`loadtest cluster` defaults), for
+    `rate_plan.sampled_distinct_experts`. Empty for external workers (no emulator to ask)."""
+    if opts.external:
+        return []
+    geometry = geometry_by_name(opts.model)
+    tok = Tokenizer()
+    source = make_routing_source(
+        "trace" if opts.workload == "trace" else "token-hash", geometry, tok,
+        trace_path=str(opts.traces) if opts.workload == "trace" else None)
+    spec = WorkloadSpec(
+        kind=opts.workload, split="evaluation", num_conversations=PLAN_SAMPLE_REQUESTS,
+        seed=opts.seed, turns=1, min_prompt_chars=opts.min_prompt_chars,
+        max_prompt_chars=opts.max_prompt_chars, min_output_tokens=opts.min_output_tokens,
+        max_output_tokens=opts.max_output_tokens)
+    rows = []
+    for conv in build_workload(spec, load_corpus(opts.corpus), opts.traces):
+        turn = conv.turns[0]
+        ids = tok.encode(turn.text)
+        steps = itertools.islice(source.continuation(ids, turn.text, 0), turn.max_tokens)
+        rows.append(np.stack([r for _, r in steps]))
+    return rows
+
+
+def rate_plans(opts: CompareOptions, sample: Sequence[np.ndarray] | None = None
+               ) -> list[RatePlan]:
+    """Rates giving `opts.batches` requests decoding per worker (see loadtest/rate_plan.py),
+    with the distinct-experts term measured on `sample` (the workload's decode routing) when
+    given, else the uniform-routing upper bound."""
     geometry = geometry_by_name(opts.model)
     cost = CostModel.for_geometry(geometry, time_scale=opts.time_scale)
     # ~4 characters per token for the corpus's mostly Latin-script text; the prompt only enters
@@ -674,6 +744,8 @@ def rate_plans(opts: CompareOptions) -> list[RatePlan]:
             batch=b,
             mean_output_tokens=output_tokens,
             mean_prompt_tokens=prompt_tokens,
+            distinct_experts=(sampled_distinct_experts(sample, b, geometry.num_experts)
+                              if sample else None),
         )
         for b in opts.batches or []
     ]
@@ -908,9 +980,13 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
     if opts.batches is not None:
         if any(b < 1 for b in opts.batches):
             raise CompareError("--batches must all be >= 1")
-        plans = rate_plans(opts)
+        plans = rate_plans(opts, workload_routing_sample(opts))
         opts.rates = [round(p.rate, 3) for p in plans]
+        opts.plans = [{**asdict(p), "rate": r} for p, r in zip(plans, opts.rates, strict=True)]
         for p in plans:
+            print(f"plan: batch {p.batch} -> {p.rate:.3g} req/s (step {p.step_seconds * 1e3:.0f} "
+                  f"ms with {p.distinct_experts:.1f} distinct experts per layer)",
+                  file=sys.stderr)
             if not p.arrival_window_ok(opts.num_requests):
                 print(
                     f"warning: batch {p.batch}: {opts.num_requests} requests at {p.rate:.3g} "

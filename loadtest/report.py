@@ -45,6 +45,7 @@ class RunRow:
     load_cv: float | None
     host_lag: float | None
     mean_batch: float | None
+    steady_batch: float | None  # between ramp-up and drain (what a rate plan aims at)
     router_cores: float | None
     emulator_cores: float | None
     system_cpu: float | None
@@ -88,6 +89,7 @@ def rows_from_results(results: dict[str, Any]) -> list[RunRow]:
                 load_cv=_get(run, "cluster", "load_cv"),
                 host_lag=_get(run, "cluster", "host_lag_fraction"),
                 mean_batch=_get(run, "cluster", "mean_batch_size"),
+                steady_batch=_get(run, "cluster", "steady_mean_batch_size"),
                 router_cores=_get(run, "cpu", "process_cores", "router"),
                 emulator_cores=_get(run, "cpu", "process_cores", "emulator"),
                 system_cpu=_get(run, "cpu", "system_percent_mean"),
@@ -200,12 +202,19 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
             f"{_pct(c.ttft_p50_change)} |"
         )
     lines.append("")
+    planned = {float(p["rate"]): p for p in opts.get("plans") or []}
     for rate in sorted({r.rate for r in rows}):
+        plan = planned.get(rate)
+        title = f"## Rate {rate:g} req/s"
+        if plan:
+            title += (f" (planned decode batch {plan['batch']} per worker, modelled step "
+                      f"{plan['step_seconds'] * 1e3:.0f} ms)")
         lines += [
-            f"## Rate {rate:g} req/s",
+            title,
             "",
             "| router | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | TTFT p99 ms | out tok/s "
-            "| req/s | ok/failed | distinct experts/step | mean batch | load CV | router cores "
+            "| req/s | ok/failed | distinct experts/step | mean batch (steady) | load CV "
+            "| router cores "
             "| emulator cores | machine CPU % | host lag % | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -215,7 +224,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
                 f"| {r.router} | {_f(r.tpot_p50)} | {_f(r.tpot_p99)} | {_f(r.ttft_p50)} | "
                 f"{_f(r.ttft_p99)} | {_f(r.output_throughput)} | "
                 f"{_f(r.request_throughput, '{:.2f}')} | {r.completed}/{r.failed} | "
-                f"{_emu(r, r.distinct_experts)} | {_emu(r, r.mean_batch, '{:.1f}')} | "
+                f"{_emu(r, r.distinct_experts)} | {_emu(r, r.mean_batch, '{:.1f}')} "
+                f"({_emu(r, r.steady_batch, '{:.1f}')}) | "
                 f"{_emu(r, r.load_cv, '{:.3f}')} | "
                 f"{_f(r.router_cores, '{:.2f}')} | {_f(r.emulator_cores, '{:.2f}')} | "
                 f"{_f(r.system_cpu, '{:.0f}')} | "
@@ -255,7 +265,8 @@ def render_markdown(results: dict[str, Any], plot_names: Sequence[str] = ()) -> 
         "Definitions: TTFT, TPOT and ITL as `sglang.bench_serving` computes them "
         "(TPOT = (latency - TTFT) / (output tokens - 1)); distinct experts/step = mean "
         "over decode steps of the per-layer number of distinct experts the batch "
-        "activated (emulator counters); mean batch = mean decode batch size per step; "
+        "activated (emulator counters); mean batch = mean decode batch size per step over the "
+        "measured window, (steady) = the same between the end of ramp-up and the last arrival; "
         "load CV = coefficient of variation of finished requests per decode worker.",
         "",
     ]

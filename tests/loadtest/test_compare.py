@@ -175,3 +175,42 @@ def test_batches_flag_plans_rates() -> None:
     assert len(o.rates) == 2 and 0 < o.rates[0] < o.rates[1]
     with pytest.raises(SystemExit):
         _parse("--out", "x", "--rates", "1", "--batches", "2")
+
+
+def test_sampled_distinct_experts_on_hand_made_routing() -> None:
+    import numpy as np
+
+    from loadtest.rate_plan import sampled_distinct_experts
+
+    layers, k, experts = 3, 2, 16
+    same = [np.tile(np.array([0, 1]), (5, layers, 1)) for _ in range(10)]
+    # Every request routes every token to experts {0, 1}: any batch activates 2 per layer.
+    assert sampled_distinct_experts(same, 6, experts) == pytest.approx(2.0)
+    # Request r always uses {2r, 2r+1}: disjoint, so a batch of b distinct requests has b*k.
+    disjoint = [np.tile(np.array([2 * r, 2 * r + 1]), (4, layers, 1)) for r in range(8)]
+    assert sampled_distinct_experts(disjoint, 3, experts) == pytest.approx(3 * k)
+    assert sampled_distinct_experts(disjoint, 8, experts) == pytest.approx(8 * k)
+    # More slots than requests: drawn with replacement, so fewer than 12 * 2 distinct.
+    assert sampled_distinct_experts(disjoint, 12, experts) < 16
+    with pytest.raises(ValueError, match="at least one request"):
+        sampled_distinct_experts([], 4, experts)
+
+
+def test_planning_with_the_workload_routing_and_the_steady_window() -> None:
+    from loadtest.compare import steady_window
+
+    o = options_from_args(_parse("--out", "x", "--quick", "--workload", "trace"))
+    assert o.plans is not None and len(o.plans) == 1
+    plan = o.plans[0]
+    # Measured on the trace's routing: at most the uniform bound (tokens of one batch share
+    # experts) and well above top_k.
+    from loadtest.rate_plan import uniform_distinct_experts
+    from zones.geometry import geometry_by_name
+
+    g = geometry_by_name("DeepSeek-V2-Lite")
+    assert g.top_k < plan["distinct_experts"] <= uniform_distinct_experts(12, g) + 1.0
+    start, end = steady_window(o, o.rates[0]) or (0.0, 0.0)
+    # From one planned request lifetime to the last arrival.
+    assert start == pytest.approx(min(plan["request_seconds"], end / 2))
+    assert end > start + 1.0
+    assert steady_window(o, 1e6) is None  # all arrivals within a second: no steady state
