@@ -117,13 +117,14 @@ def test_summarize_reads_seed_directories_and_writes_the_table(tmp_path: Path) -
     assert row["eldr_mean_batch"] == 7.5 and row["planned_batch"] == 8.0
     # A run without its per-request records cannot give an interval: a clear error.
     (dirs[0] / "runs" / "gateway_eldr" / "rate_4" / "requests.jsonl").unlink()
-    with pytest.raises(SeedsError, match="requests.jsonl"):
+    with pytest.raises(SeedsError, match=r"requests\.jsonl"):
         summarize(dirs, tmp_path, plot=False)
 
 
 def test_gateway_variants_carry_their_flags() -> None:
     spec = RouterSpec.parse("gateway:eldr+eldr-load-bound=2+no-signature-cache")
-    assert spec.policy == "eldr" and spec.name == "gateway:eldr+eldr-load-bound=2+no-signature-cache"
+    assert spec.policy == "eldr"
+    assert spec.name == "gateway:eldr+eldr-load-bound=2+no-signature-cache"
     assert spec.extra_args == ("--eldr-load-bound", "2", "--no-signature-cache")
     pf = RouterSpec.parse("gateway:eldr-prefill-first+eldr-tau=0.1")
     assert pf.pd_flow == "prefill-first" and pf.extra_args == ("--eldr-tau", "0.1")
