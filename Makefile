@@ -11,7 +11,7 @@ DEMO_ARGS ?=
 RUNS ?= runs
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install test test-fast lint demo soak bench-proxy bench-gateway \
+.PHONY: help venv install sglang-wheel test test-fast lint demo soak bench-proxy bench-gateway \
 	bench-decision bench-zones bench-emulator bench-compare bench-all readme clean
 
 help:
@@ -32,7 +32,16 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
+	$(MAKE) sglang-wheel
 	touch $@
+
+# The sglang wheel is the source of truth for the wire contract: contract tests read its sources
+# (tests/emulator/sglang_source.py). Downloaded, never installed (it pulls in torch).
+SGLANG_VERSION ?= 0.5.23
+sglang-wheel:
+	@ls $(VENV)/sglang-wheel/sglang-$(SGLANG_VERSION)-*.whl >/dev/null 2>&1 || \
+		$(PY) -m pip download --no-deps --only-binary=:all: --dest $(VENV)/sglang-wheel \
+			sglang==$(SGLANG_VERSION)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

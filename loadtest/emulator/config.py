@@ -40,6 +40,17 @@ class EngineOptions:
     bootstrap_timeout_secs: float = SGLANG_BOOTSTRAP_TIMEOUT_SECS
     waiting_timeout_secs: float = SGLANG_WAITING_TIMEOUT_SECS
     prefill_first_hold_secs: float = DEFAULT_PREFILL_FIRST_HOLD_SECS
+    # SGLang's --disable-radix-cache (default False): no prefix cache on prefill/regular
+    # workers. PD decode workers never have one (SGLang disables it there unless
+    # --disaggregation-decode-enable-radix-cache, which the emulator does not model).
+    disable_radix_cache: bool = False
+    # SGLang's --enable-cache-report (default False): OpenAI answers carry
+    # usage.prompt_tokens_details.cached_tokens.
+    enable_cache_report: bool = False
+    # DP attention ranks per worker (SGLang 0.5.23 `--attn-dp-size N`, or the deprecated
+    # `--dp-size N --enable-dp-attention`): each rank has its own batch, queue and KV budget,
+    # one decode step serves all ranks (docs/emulator-cost-model.md section 9). 1 = no DP.
+    dp_size: int = 1
 
     def __post_init__(self) -> None:
         if self.routing not in ("token-hash", "trace"):
@@ -48,6 +59,9 @@ class EngineOptions:
             raise ConfigError(f"time_scale must be > 0, got {self.time_scale!r}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size!r}")
+        if not isinstance(self.dp_size, int) or isinstance(self.dp_size, bool) \
+                or self.dp_size < 1:
+            raise ConfigError(f"dp_size must be an integer >= 1, got {self.dp_size!r}")
         for name in ("bootstrap_timeout_secs", "waiting_timeout_secs", "prefill_first_hold_secs"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -105,6 +119,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-first-hold-secs", type=float,
                         default=d.prefill_first_hold_secs,
                         help="default KV hold time for prefill_first requests")
+    parser.add_argument("--disable-radix-cache", action="store_true",
+                        default=d.disable_radix_cache,
+                        help="no prefix cache: every prefill forwards the whole prompt "
+                             "(SGLang --disable-radix-cache)")
+    parser.add_argument("--enable-cache-report", action="store_true",
+                        default=d.enable_cache_report,
+                        help="report cached tokens in OpenAI usage.prompt_tokens_details "
+                             "(SGLang --enable-cache-report)")
+    parser.add_argument("--dp-size", "--attn-dp-size", dest="dp_size", type=int,
+                        default=d.dp_size,
+                        help="DP attention ranks per worker (SGLang --attn-dp-size, or "
+                             "--dp-size with --enable-dp-attention); --max-batch-size is split "
+                             "over the ranks as SGLang splits --max-running-requests")
 
 
 def engine_options_from_args(args: argparse.Namespace) -> EngineOptions:

@@ -19,6 +19,7 @@ layer being 4.7x slower with 128 than with 16 active experts at batch 64 (ELDR, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -252,11 +253,32 @@ class CostModel:
 
     def decode_step_seconds(self, batch_size: int, distinct_experts_per_layer: npt.ArrayLike,
                             kv_tokens: int) -> float:
-        if batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
-        if kv_tokens < 0:
-            raise ValueError(f"kv_tokens must be >= 0, got {kv_tokens}")
-        if batch_size == 0:
+        """One decode step of one attention rank (no DP attention)."""
+        return self.dp_decode_step_seconds([(batch_size, kv_tokens)], distinct_experts_per_layer)
+
+    def dp_decode_step_seconds(self, ranks: Sequence[tuple[int, int]],
+                               distinct_experts_per_layer: npt.ArrayLike) -> float:
+        """One decode step of a DP-attention worker: `ranks` is (batch, kv_tokens) per rank.
+
+        SGLang's DP attention runs one forward per iteration across every rank (a rank with no
+        requests runs an IDLE batch so the MoE collectives line up: sglang 0.5.23
+        `managers/scheduler_components/dp_attn.py` `prepare_mlp_sync_batch_raw`). Attention
+        (here: the KV reads) runs on each rank in parallel, so the step waits for the slowest
+        rank; the MoE layers serve the gathered tokens of all ranks, so each streams the union
+        of the experts any rank's tokens routed to, once, and computes every rank's tokens.
+        `distinct_experts_per_layer` must therefore count the union over all ranks. The
+        dense weights are read once per step (each rank reads its own copy in parallel). With
+        one rank this is exactly the single-rank formula (docs/emulator-cost-model.md s. 9).
+        """
+        if not ranks:
+            raise ValueError("ranks must not be empty")
+        for batch_size, kv_tokens in ranks:
+            if batch_size < 0:
+                raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+            if kv_tokens < 0:
+                raise ValueError(f"kv_tokens must be >= 0, got {kv_tokens}")
+        total_batch = sum(b for b, _ in ranks)
+        if total_batch == 0:
             return 0.0
         distinct = np.asarray(distinct_experts_per_layer, dtype=np.float64)
         if distinct.ndim != 1 or (self.num_moe_layers and distinct.shape[0] != self.num_moe_layers):
@@ -265,9 +287,10 @@ class CostModel:
                 f"got {distinct.shape}"
             )
         moe = (distinct.size * (self.moe_layer_fixed_seconds
-                                + batch_size * self.token_layer_seconds)
+                                + total_batch * self.token_layer_seconds)
                + float(distinct.sum()) * self.expert_seconds)
-        return moe + self.dense_seconds + self.kv_read_seconds(batch_size, kv_tokens)
+        attention = max(self.kv_read_seconds(b, kv) for b, kv in ranks)
+        return moe + self.dense_seconds + attention
 
     def kv_read_seconds(self, batch_size: int, kv_tokens: int) -> float:
         """Attention reads every cached token once; sliding-window layers at most the window."""

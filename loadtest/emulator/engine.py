@@ -19,7 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,8 +98,9 @@ class DecodeHandle:
     """One decode request: an async iterator of its TokenEvents, cancellable at any time."""
 
     def __init__(self, rid: str, prompt_len: int, max_new_tokens: int, tokens: TokenSource,
-                 eos_token_id: int | None, wake: asyncio.Event) -> None:
+                 eos_token_id: int | None, wake: asyncio.Event, dp_rank: int = 0) -> None:
         self.rid = rid
+        self.dp_rank = dp_rank
         self.prompt_len = prompt_len
         self.max_new_tokens = max_new_tokens
         self.finish_reason: str | None = None
@@ -150,17 +151,30 @@ class DecodeEngine:
     instant cost model, whose step time does not depend on them, so a request that does not
     report its routed experts need not be routed at all. Distinct-expert statistics then cover
     only the requests that did carry expert ids (`routed_steps` counts the steps that had any).
+
+    `dp_size` > 1 models SGLang's DP attention: each rank has its own FIFO queue and up to
+    `max_batch_size` running requests (a per-rank limit), and one step serves every rank's
+    batch at once (`CostModel.dp_decode_step_seconds`: the slowest rank's attention plus the
+    MoE over the union of all ranks' experts).
     """
 
     def __init__(self, cost_model: CostModel, geometry: ModelGeometry, *,
-                 max_batch_size: int = 64, experts_required: bool = True) -> None:
+                 max_batch_size: int = 64, experts_required: bool = True,
+                 dp_size: int = 1) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if not isinstance(dp_size, int) or dp_size < 1:
+            raise ValueError(f"dp_size must be a positive integer, got {dp_size!r}")
         self.cost_model = cost_model
         self.experts_required = experts_required
         self.geometry = geometry
         self.max_batch_size = max_batch_size
-        self._waiting: collections.deque[DecodeHandle] = collections.deque()
+        self.dp_size = dp_size
+        # One FIFO per DP rank; with dp_size 1, `_waiting` is the only queue and everything
+        # below behaves as before DP ranks existed.
+        self._queues: list[collections.deque[DecodeHandle]] = [
+            collections.deque() for _ in range(dp_size)]
+        self._waiting = self._queues[0]
         self._running: list[DecodeHandle] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -201,35 +215,51 @@ class DecodeEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for handle in (*self._running, *self._waiting):
+        for handle in (*self._running, *self._queued()):
             self._close(handle, FINISH_ABORT, "engine stopped")
         self._running.clear()
-        self._waiting.clear()
+        for queue in self._queues:
+            queue.clear()
+
+    def _queued(self) -> Iterator[DecodeHandle]:
+        for queue in self._queues:
+            yield from queue
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, rid: str, prompt_len: int, max_new_tokens: int, tokens: TokenSource, *,
-               eos_token_id: int | None = None) -> DecodeHandle:
+               eos_token_id: int | None = None, dp_rank: int = 0) -> DecodeHandle:
+        """Queue a request on DP rank `dp_rank` (0 <= dp_rank < dp_size)."""
         if self._stopped or self._failure is not None:
             raise EngineStoppedError(f"decode engine is stopped{self._failure or ''}")
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank must be in [0, {self.dp_size}), got {dp_rank!r}")
         if not isinstance(prompt_len, int) or prompt_len < 0:
             raise ValueError(f"prompt_len must be a non-negative integer, got {prompt_len!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(
                 f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        handle = DecodeHandle(rid, prompt_len, max_new_tokens, tokens, eos_token_id, self._wake)
+        handle = DecodeHandle(rid, prompt_len, max_new_tokens, tokens, eos_token_id, self._wake,
+                              dp_rank)
         if max_new_tokens == 0:
             handle._finish(FINISH_LENGTH)
             return handle
-        self._waiting.append(handle)
+        self._queues[dp_rank].append(handle)
         self._wake.set()
         return handle
 
-    def load(self) -> EngineLoad:
+    def load(self, dp_rank: int | None = None) -> EngineLoad:
+        """The whole engine's load, or one DP rank's."""
+        if dp_rank is None:
+            running = self._running
+            waiting: list[DecodeHandle] = list(self._queued())
+        else:
+            running = [h for h in self._running if h.dp_rank == dp_rank]
+            waiting = list(self._queues[dp_rank])
         return EngineLoad(
-            num_running_reqs=len(self._running),
-            num_waiting_reqs=len(self._waiting),
-            num_total_tokens=sum(h.kv_tokens for h in self._running)
-            + sum(h.prompt_len for h in self._waiting),
+            num_running_reqs=len(running),
+            num_waiting_reqs=len(waiting),
+            num_total_tokens=sum(h.kv_tokens for h in running)
+            + sum(h.prompt_len for h in waiting),
         )
 
     def stats(self) -> EngineStats:
@@ -276,10 +306,11 @@ class DecodeEngine:
             # refuse new ones, loudly.
             log.exception("decode engine failed")
             self._failure = f" (failed: {exc!r})"
-            for handle in (*self._running, *self._waiting):
+            for handle in (*self._running, *self._queued()):
                 self._close(handle, FINISH_ABORT, f"decode engine failed: {exc!r}")
             self._running.clear()
-            self._waiting.clear()
+            for queue in self._queues:
+                queue.clear()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -293,10 +324,16 @@ class DecodeEngine:
             batch, picks, ids = self._next_tokens()
             if not batch:
                 continue
+            # With DP ranks the stacked ids span every rank, so this is the union of experts
+            # the MoE layers serve in this step.
             distinct = self.distinct_experts(ids) if ids is not None else None
-            kv_tokens = sum(h.kv_tokens for h in batch)
-            modelled = self.cost_model.decode_step_seconds(
-                len(batch), self._no_experts if distinct is None else distinct, kv_tokens)
+            experts = self._no_experts if distinct is None else distinct
+            if self.dp_size == 1:
+                kv_tokens = sum(h.kv_tokens for h in batch)
+                modelled = self.cost_model.decode_step_seconds(len(batch), experts, kv_tokens)
+            else:
+                modelled = self.cost_model.dp_decode_step_seconds(self._rank_loads(batch),
+                                                                  experts)
             deadline = start + modelled
             delay = deadline - loop.time()
             # sleep(0) still yields, so an instant cost model cannot starve the event loop.
@@ -305,19 +342,39 @@ class DecodeEngine:
             self._record_step(len(batch), distinct, modelled, end - start, max(0.0, end - deadline))
             self._emit(batch, picks)
 
+    def _rank_loads(self, batch: list[DecodeHandle]) -> list[tuple[int, int]]:
+        """(batch size, KV tokens) of each DP rank in this step (idle ranks: (0, 0))."""
+        loads = [[0, 0] for _ in range(self.dp_size)]
+        for h in batch:
+            load = loads[h.dp_rank]
+            load[0] += 1
+            load[1] += h.kv_tokens
+        return [(b, kv) for b, kv in loads]
+
     def _admit(self) -> None:
         """Step boundary: drop cancelled requests, then fill free slots from the queue (FIFO)."""
         for handle in [h for h in self._running if h.cancelled]:
             self._running.remove(handle)
             self._close(handle, FINISH_ABORT)
-        while self._waiting and self._waiting[0].cancelled:
-            self._close(self._waiting.popleft(), FINISH_ABORT)
-        if any(h.cancelled for h in self._waiting):
-            for handle in [h for h in self._waiting if h.cancelled]:
-                self._waiting.remove(handle)
-                self._close(handle, FINISH_ABORT)
-        while self._waiting and len(self._running) < self.max_batch_size:
-            self._running.append(self._waiting.popleft())
+        for queue in self._queues:
+            while queue and queue[0].cancelled:
+                self._close(queue.popleft(), FINISH_ABORT)
+            if any(h.cancelled for h in queue):
+                for handle in [h for h in queue if h.cancelled]:
+                    queue.remove(handle)
+                    self._close(handle, FINISH_ABORT)
+        if self.dp_size == 1:
+            while self._waiting and len(self._running) < self.max_batch_size:
+                self._running.append(self._waiting.popleft())
+            return
+        # Each rank admits up to its own limit (a rank's batch slots and KV are its own).
+        running = [0] * self.dp_size
+        for h in self._running:
+            running[h.dp_rank] += 1
+        for rank, queue in enumerate(self._queues):
+            while queue and running[rank] < self.max_batch_size:
+                self._running.append(queue.popleft())
+                running[rank] += 1
 
     def _next_tokens(self) -> tuple[list[DecodeHandle], list[tuple[int, IntArray | None]],
                                     IntArray | None]:
@@ -435,12 +492,24 @@ class DecodeEngine:
 @dataclass(frozen=True, slots=True)
 class PrefillStats:
     requests: int
-    tokens: int
+    tokens: int             # tokens forwarded (prompt tokens minus cached ones)
     seconds_sum: float
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache instead
 
 
 class PrefillEngine:
-    """One forward pass at a time, first come first served (asyncio.Lock wakes waiters FIFO)."""
+    """One forward pass at a time, first come first served (asyncio.Lock wakes waiters FIFO).
+
+    A pass may skip a cached prefix: `run(n, match=..., commit=...)` calls `match()` when the
+    request's turn comes (SGLang matches the radix cache when it schedules the request, not
+    when it arrives), forwards only the `n - match()` uncached tokens, and calls `commit()`
+    (e.g. insert into the cache) before the next queued pass can start and match.
+
+    A DP-attention worker keeps one engine for all ranks (`run(..., dp_rank=r)` only tags the
+    pass for per-rank load reporting): prefill is compute bound in the cost model, and the
+    model is one device's compute, so splitting the tokens over ranks does not make the
+    passes faster (docs/emulator-cost-model.md section 9).
+    """
 
     def __init__(self, cost_model: CostModel) -> None:
         self.cost_model = cost_model
@@ -451,44 +520,87 @@ class PrefillEngine:
         self._running_tokens = 0
         self._requests = 0
         self._tokens = 0
+        self._cached_tokens = 0
         self._seconds = 0.0
+        # Per DP rank: [waiting, waiting tokens, running, running tokens].
+        self._by_rank: collections.defaultdict[int, list[int]] = collections.defaultdict(
+            lambda: [0, 0, 0, 0])
 
-    async def run(self, num_tokens: int) -> None:
-        """Wait for the turn, then occupy the engine for `prefill_seconds(num_tokens)`."""
+    async def run(self, num_tokens: int, *, match: Callable[[], int] | None = None,
+                  commit: Callable[[], object] | None = None, dp_rank: int = 0) -> int:
+        """Wait for the turn, then occupy the engine for `prefill_seconds(uncached tokens)`.
+
+        Returns the number of cached tokens (0 without `match`).
+        """
         if not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
-        seconds = self.cost_model.prefill_seconds(num_tokens)
-        if seconds == 0.0 and not self._lock.locked():
+        if self.cost_model.prefill_seconds(num_tokens) == 0.0 and not self._lock.locked():
             # Instant model and nobody queued: the pass takes no time, so skip the lock and the
             # event-loop round trip (order is still FIFO: nothing is waiting to be overtaken).
-            self._requests += 1
-            self._tokens += num_tokens
-            return
+            return self._forward(num_tokens, match, commit)[0]
+        rank = self._by_rank[dp_rank]
         self._waiting += 1
         self._waiting_tokens += num_tokens
+        rank[0] += 1
+        rank[1] += num_tokens
         queued = True
         try:
             async with self._lock:
                 self._waiting -= 1
                 self._waiting_tokens -= num_tokens
+                rank[0] -= 1
+                rank[1] -= num_tokens
                 queued = False
                 self._running += 1
                 self._running_tokens += num_tokens
+                rank[2] += 1
+                rank[3] += num_tokens
                 try:
+                    cached, seconds = self._match(num_tokens, match)
                     await asyncio.sleep(seconds)
-                    self._requests += 1
-                    self._tokens += num_tokens
-                    self._seconds += seconds
+                    self._record(num_tokens, cached, seconds, commit)
+                    return cached
                 finally:
                     self._running -= 1
                     self._running_tokens -= num_tokens
+                    rank[2] -= 1
+                    rank[3] -= num_tokens
         finally:
             if queued:   # cancelled while waiting for the turn
                 self._waiting -= 1
                 self._waiting_tokens -= num_tokens
+                rank[0] -= 1
+                rank[1] -= num_tokens
 
-    def load(self) -> EngineLoad:
-        return EngineLoad(self._running, self._waiting, self._running_tokens + self._waiting_tokens)
+    def _match(self, num_tokens: int, match: Callable[[], int] | None) -> tuple[int, float]:
+        cached = match() if match is not None else 0
+        if not 0 <= cached <= num_tokens:
+            raise ValueError(f"cached prefix {cached} outside [0, {num_tokens}]")
+        return cached, self.cost_model.prefill_seconds(num_tokens - cached)
+
+    def _forward(self, num_tokens: int, match: Callable[[], int] | None,
+                 commit: Callable[[], object] | None) -> tuple[int, float]:
+        cached, seconds = self._match(num_tokens, match)
+        self._record(num_tokens, cached, seconds, commit)
+        return cached, seconds
+
+    def _record(self, num_tokens: int, cached: int, seconds: float,
+                commit: Callable[[], object] | None) -> None:
+        if commit is not None:
+            commit()
+        self._requests += 1
+        self._tokens += num_tokens - cached
+        self._cached_tokens += cached
+        self._seconds += seconds
+
+    def load(self, dp_rank: int | None = None) -> EngineLoad:
+        """The whole engine's load, or that of the passes tagged with one DP rank."""
+        if dp_rank is None:
+            return EngineLoad(self._running, self._waiting,
+                              self._running_tokens + self._waiting_tokens)
+        waiting, waiting_tokens, running, running_tokens = self._by_rank.get(dp_rank,
+                                                                             [0, 0, 0, 0])
+        return EngineLoad(running, waiting, running_tokens + waiting_tokens)
 
     def stats(self) -> PrefillStats:
-        return PrefillStats(self._requests, self._tokens, self._seconds)
+        return PrefillStats(self._requests, self._tokens, self._seconds, self._cached_tokens)

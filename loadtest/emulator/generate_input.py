@@ -40,6 +40,11 @@ class GenerateItem:
     bootstrap_room: int | None
     prefill_first: bool
     prefill_first_hold_secs: float | None
+    # DP routing (io_struct.py GenerateReqInput): the rank a router assigned, and on a PD
+    # decode the prefill's rank that holds the KV. One value for the whole batch, as SGLang
+    # copies the scalar to every item (GenerateReqInput.__getitem__).
+    routed_dp_rank: int | None = None
+    disagg_prefill_dp_rank: int | None = None
 
 
 def parse_generate(body: Any) -> tuple[list[GenerateItem], bool]:
@@ -88,6 +93,12 @@ def parse_generate(body: Any) -> tuple[list[GenerateItem], bool]:
     if hold is not None and (not isinstance(hold, (int, float)) or isinstance(hold, bool)
                              or not hold > 0):
         raise RequestError("'prefill_first_hold_secs' must be a positive number")
+    routed_dp_rank = _optional_int(body, "routed_dp_rank")
+    if routed_dp_rank is None:
+        # io_struct.py normalize_batch_and_arguments: the deprecated `data_parallel_rank`
+        # (what sgl-model-gateway's dp-aware mode sends) fills `routed_dp_rank` when unset.
+        routed_dp_rank = _optional_int(body, "data_parallel_rank")
+    prefill_dp_rank = _optional_int(body, "disagg_prefill_dp_rank")
     items = []
     for i, (t, ids) in enumerate(prompts):
         sp = sampling[i]
@@ -114,6 +125,8 @@ def parse_generate(body: Any) -> tuple[list[GenerateItem], bool]:
             bootstrap_room=rooms[i],
             prefill_first=_bool(body, "prefill_first"),
             prefill_first_hold_secs=float(hold) if hold is not None else None,
+            routed_dp_rank=routed_dp_rank,
+            disagg_prefill_dp_rank=prefill_dp_rank,
         ))
     return items, batched
 
@@ -121,6 +134,14 @@ def parse_generate(body: Any) -> tuple[list[GenerateItem], bool]:
 def _is_id_list(value: Any) -> bool:
     return (isinstance(value, list) and bool(value)
             and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value))
+
+
+def _optional_int(body: dict[str, Any], name: str) -> int | None:
+    # SGLang types these Optional[int]; range checks need the worker's DP size (worker.py).
+    value = body.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise RequestError(f"'{name}' must be an integer")
+    return value
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:

@@ -2,9 +2,12 @@
 
 Names, label sets and histogram buckets follow sglang 0.5.23
 `srt/observability/metrics_collector.py` (SchedulerMetricsCollector, TokenizerMetricsCollector):
-gauges `sglang:num_running_reqs`, `num_queue_reqs`, `gen_throughput`, `token_usage`,
-`num_used_tokens`, `num_prefill_bootstrap_queue_reqs`, `num_decode_prealloc_queue_reqs`; counters
+gauges `sglang:num_running_reqs`, `num_queue_reqs`, `gen_throughput`, `cache_hit_rate`,
+`token_usage`, `num_used_tokens`, `num_prefill_bootstrap_queue_reqs`,
+`num_decode_prealloc_queue_reqs`; counters
 `sglang:prompt_tokens_total`, `generation_tokens_total`, `num_requests_total`,
+`cached_tokens_total` (label `cache_source`: "device", as SGLang reports a plain radix-cache
+hit via `cached_tokens_details` {"device": N, "host": 0}),
 `num_bootstrap_failed_reqs_total`, `num_transfer_failed_reqs_total`; histograms
 `sglang:time_to_first_token_seconds`, `inter_token_latency_seconds`,
 `request_time_per_output_token_seconds`, `e2e_request_latency_seconds`. Labels: `model_name`
@@ -61,6 +64,10 @@ class WorkerMetrics:
                                          stream_names, registry=r)
         self.requests = Counter("sglang:num_requests", "The number of processed requests.",
                                 stream_names, registry=r)
+        self.cached_tokens = Counter("sglang:cached_tokens",
+                                     "Number of cached prompt tokens by source "
+                                     "(device/host/storage).", [*names, "cache_source"],
+                                     registry=r)
         self.bootstrap_failures = Counter("sglang:num_bootstrap_failed_reqs",
                                           "Number of bootstrap failed requests.", names, registry=r)
         self.transfer_failures = Counter("sglang:num_transfer_failed_reqs",
@@ -80,7 +87,7 @@ class WorkerMetrics:
         # on_inter_token runs once per emitted token: resolve its labelled child once here
         # (`.labels()` hashes and looks up the label values on every call).
         self._itl_child = self.itl.labels(**self._labels)
-        self._generated: deque[tuple[float, int]] = deque()
+        self._generated: deque[tuple[float, int, int]] = deque()   # (time, tokens, dp rank)
         r.register(_LoadCollector(worker, self))
 
     def _s(self, stream: bool) -> dict[str, str]:
@@ -96,15 +103,19 @@ class WorkerMetrics:
         self._itl_child.observe(seconds)
 
     def on_finish(self, stream: bool, arrival: float, completion_tokens: int,
-                  first_at: float | None, last_at: float | None) -> None:
+                  first_at: float | None, last_at: float | None, cached_tokens: int = 0,
+                  dp_rank: int = 0) -> None:
         now = time.perf_counter()
         s = self._s(stream)
+        if cached_tokens > 0:
+            # metrics_collector.py observe_one_finished_request -> report_cache_source.
+            self.cached_tokens.labels(**self._labels, cache_source="device").inc(cached_tokens)
         self.requests.labels(**s).inc()
         self.generation_tokens.labels(**s).inc(completion_tokens)
         self.e2e.labels(**s).observe(now - arrival)
         if first_at is not None and last_at is not None and completion_tokens > 1:
             self.tpot.labels(**s).observe((last_at - first_at) / (completion_tokens - 1))
-        self._generated.append((time.monotonic(), completion_tokens))
+        self._generated.append((time.monotonic(), completion_tokens, dp_rank))
 
     def bootstrap_failed(self) -> None:
         self.bootstrap_failures.labels(**self._labels).inc()
@@ -112,12 +123,14 @@ class WorkerMetrics:
     def transfer_failed(self) -> None:
         self.transfer_failures.labels(**self._labels).inc()
 
-    def gen_throughput(self) -> float:
-        """Generated tokens per second over the last window (SGLang logs the same per interval)."""
+    def gen_throughput(self, dp_rank: int | None = None) -> float:
+        """Generated tokens per second over the last window (SGLang logs the same per interval),
+        of the whole worker or of one DP rank's requests."""
         now = time.monotonic()
         while self._generated and now - self._generated[0][0] > _THROUGHPUT_WINDOW_S:
             self._generated.popleft()
-        return sum(n for _, n in self._generated) / _THROUGHPUT_WINDOW_S
+        return sum(n for _, n, r in self._generated
+                   if dp_rank is None or r == dp_rank) / _THROUGHPUT_WINDOW_S
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -139,7 +152,8 @@ class _LoadCollector(Collector):
         w = self._worker
         labels = list(self._metrics._labels)
         values = list(self._metrics._labels.values())
-        snap = w.load_snapshot()
+        snaps = w.load_snapshots()
+        snap = snaps[0] if len(snaps) == 1 else _summed(snaps, w.prefix_stats.last_hit_rate)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=labels)
@@ -155,6 +169,8 @@ class _LoadCollector(Collector):
         yield gauge("sglang:token_usage", "The token usage.", snap["token_usage"])
         yield gauge("sglang:gen_throughput", "The generation throughput (token/s).",
                     snap["gen_throughput"])
+        yield gauge("sglang:cache_hit_rate", "The prefix cache hit rate.",
+                    snap["cache_hit_rate"])
         yield gauge("sglang:num_prefill_bootstrap_queue_reqs",
                     "The number of requests in the prefill bootstrap queue.", w.bootstrap_queue)
         yield gauge("sglang:num_decode_prealloc_queue_reqs",
@@ -202,6 +218,16 @@ class _LoadCollector(Collector):
                     stats.distinct_experts_sum / steps)
         yield gauge("emulator_mean_step_seconds", "Mean emulated decode step time.",
                     stats.step_seconds_sum / steps)
+
+
+def _summed(snaps: list[dict[str, Any]], hit_rate: float) -> dict[str, Any]:
+    """One worker-wide view of several DP ranks' loads for the unlabelled gauges."""
+    out = {k: sum(s[k] for s in snaps) for k in ("num_running_reqs", "num_waiting_reqs",
+                                                  "num_used_tokens", "gen_throughput")}
+    capacity = sum(s["max_total_num_tokens"] for s in snaps)
+    out["token_usage"] = out["num_used_tokens"] / capacity
+    out["cache_hit_rate"] = hit_rate
+    return out
 
 
 def _le(bound: float) -> str:

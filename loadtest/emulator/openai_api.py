@@ -32,7 +32,9 @@ from loadtest.emulator.worker import WORKER_KEY, GenerationError, Worker
 
 _PASSTHROUGH = ("rid", "bootstrap_host", "bootstrap_port", "bootstrap_room",
                 "return_routed_experts", "routed_experts_start_len", "prefill_first",
-                "prefill_first_hold_secs")
+                "prefill_first_hold_secs",
+                # entrypoints/openai/protocol.py PDRoutingFields (+ the deprecated alias).
+                "routed_dp_rank", "disagg_prefill_dp_rank", "data_parallel_rank")
 _EXTENSION_META = ("prompt_expert_counts", "expert_geometry")
 
 
@@ -114,10 +116,13 @@ def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
     return reason.get("type"), reason.get("matched")
 
 
-def _usage(meta: dict[str, Any]) -> dict[str, Any]:
+def _usage(meta: dict[str, Any], cache_report: bool) -> dict[str, Any]:
+    # usage_processor.py: prompt_tokens_details = PromptTokensDetails(cached_tokens=
+    # meta_info["cached_tokens"]) only with --enable-cache-report, else None.
+    details = {"cached_tokens": meta["cached_tokens"]} if cache_report else None
     return {"prompt_tokens": meta["prompt_tokens"],
             "total_tokens": meta["prompt_tokens"] + meta["completion_tokens"],
-            "completion_tokens": meta["completion_tokens"], "prompt_tokens_details": None,
+            "completion_tokens": meta["completion_tokens"], "prompt_tokens_details": details,
             "reasoning_tokens": 0}
 
 
@@ -162,7 +167,8 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
     resp: dict[str, Any] = {"id": meta["id"],
                             "object": "chat.completion" if chat else "text_completion",
                             "created": created, "model": model, "choices": [choice],
-                            "usage": _usage(meta), "metadata": {"weight_version": "default"}}
+                            "usage": _usage(meta, worker.config.engine.enable_cache_report),
+                            "metadata": {"weight_version": "default"}}
     ext = _sglext(meta)
     if ext is not None:
         resp["sglext"] = ext
@@ -217,7 +223,9 @@ async def _stream(request: web.Request, worker: Worker, body: Any, item: Generat
         if include_usage:
             await resp.write(sse.event({"id": item.rid, "object": obj, "created": created,
                                         "model": model, "choices": [],
-                                        "usage": _usage(last_meta)}))
+                                        "usage": _usage(
+                                            last_meta,
+                                            worker.config.engine.enable_cache_report)}))
     await resp.write(sse.DONE)
     await resp.write_eof()
     return resp

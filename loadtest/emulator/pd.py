@@ -45,18 +45,27 @@ class HandshakeError(RuntimeError):
 
 @dataclass(frozen=True)
 class KvPayload:
-    """What the decode receives with the KV: enough to continue the request."""
+    """What the decode receives with the KV: enough to continue the request.
+
+    `cached_tokens` is the prefill's prefix-cache hit, which SGLang ships in the metadata
+    buffer with the first token (sglang 0.5.23 `disaggregation/utils.py` MetadataBuffers.set_buf
+    slot 0) and the decode reports as its own `cached_tokens` (`disaggregation/decode.py`
+    `_commit_transfer_to_req`). Absent in a payload: 0.
+    """
 
     first_token_id: int
     prompt_len: int
+    cached_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"first_token_id": self.first_token_id, "prompt_len": self.prompt_len}
+        return {"first_token_id": self.first_token_id, "prompt_len": self.prompt_len,
+                "cached_tokens": self.cached_tokens}
 
     @classmethod
     def from_json(cls, data: Any) -> KvPayload:
         try:
-            return cls(int(data["first_token_id"]), int(data["prompt_len"]))
+            return cls(int(data["first_token_id"]), int(data["prompt_len"]),
+                       int(data.get("cached_tokens", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise HandshakeError(f"malformed KV payload from the prefill: {data!r}") from exc
 

@@ -22,7 +22,7 @@ from loadtest.emulator import openai_api, sse
 from loadtest.emulator.config import WorkerConfig
 from loadtest.emulator.generate_input import GenerateItem, RequestError, parse_generate
 from loadtest.emulator.pd import FAKE_BOOTSTRAP_HOST, LocalBootstraps, bootstrap_routes
-from loadtest.emulator.worker import WORKER_KEY, GenerationError, Worker
+from loadtest.emulator.worker import WORKER_KEY, GenerationError, InvalidRequestError, Worker
 
 SGLANG_VERSION = "0.5.23"
 # sglang 0.5.23 http_server.py: HEALTH_CHECK_TIMEOUT (SGLANG_HEALTH_CHECK_TIMEOUT, 20 s).
@@ -199,6 +199,11 @@ async def stream_generate(request: web.Request, worker: Worker, item: GenerateIt
         async with contextlib.aclosing(worker.generate(item)) as outs:
             async for out in outs:
                 await resp.write(sse.event(out))
+    except InvalidRequestError as exc:
+        # http_server.py generate_request.stream_results: a ValueError becomes one error event.
+        await resp.write(sse.event({"error": {"message": exc.message,
+                                              "type": "invalid_request_error",
+                                              "code": 400, "retryable": False}}))
     except GenerationError as exc:
         await resp.write(sse.event(abort_chunk(item, exc)))
     await resp.write(sse.DONE)
@@ -267,10 +272,20 @@ async def server_info(request: web.Request) -> web.Response:
         "served_model_name": served_model_name(worker),
         "host": worker.config.host,
         "port": server.port,
-        "tp_size": 1,
+        # DP attention as sglang 0.5.23 reports it (server_args.py resolved_dict): the ranks are
+        # `attn_dp_size` (`--dp-size N --enable-dp-attention` resolves to attn_dp_size N,
+        # dp_size 1: arg_groups/parallel_hook.py), `enable_dp_attention` says whether
+        # attention DP runs, and each rank is one GPU of the TP group (tp_size = ranks).
+        # Routers must count ranks as dp_size * attn_dp_size (runtime_context.py
+        # num_dp_ranks_of).
+        "tp_size": worker.dp_size,
         "dp_size": 1,
+        "attn_dp_size": worker.dp_size,
+        "enable_dp_attention": worker.dp_size > 1,
         "pp_size": 1,
-        "load_balance_method": "round_robin",
+        # "auto" resolved as arg_groups/serving_hook.py handle_load_balance_method does.
+        "load_balance_method": ("follow_bootstrap_room" if worker.role == "prefill"
+                                else "round_robin"),
         "max_running_requests": opts.max_batch_size,
         "max_total_num_tokens": worker.max_total_num_tokens,
         "disaggregation_mode": mode,
@@ -278,7 +293,12 @@ async def server_info(request: web.Request) -> web.Response:
         "disaggregation_bootstrap_port": server.bootstrap_port,
         "enable_metrics": True,
         "enable_return_routed_experts": True,
-        "internal_states": [{"last_gen_throughput": worker.metrics.gen_throughput()}],
+        "disable_radix_cache": worker.prefix_cache is None,
+        "page_size": 1,
+        "enable_cache_report": opts.enable_cache_report,
+        # One entry per DP rank (http_server.py server_info: "internal states per DP").
+        "internal_states": [{"last_gen_throughput": worker.metrics.gen_throughput(
+            None if worker.dp_size == 1 else rank)} for rank in range(worker.dp_size)],
         "startup_time": worker.started_at,
         "version": SGLANG_VERSION,
         "frontend": "python",
@@ -300,7 +320,24 @@ async def loads(request: web.Request) -> web.Response:
     """sglang 0.5.23 `srt/entrypoints/v1_loads.py` get_loads (JSON format)."""
     worker = request.app[WORKER_KEY]
     include = request.query.get("include")
-    snap = worker.load_snapshot()
+    raw_rank = request.query.get("dp_rank")
+    dp_rank: int | None = None
+    if raw_rank is not None:
+        try:
+            dp_rank = int(raw_rank)
+        except ValueError:
+            # FastAPI's query validation of `dp_rank: Optional[int]` (pydantic v2 shape).
+            return json_response({"detail": [{
+                "type": "int_parsing", "loc": ["query", "dp_rank"],
+                "msg": "Input should be a valid integer, unable to parse string as an integer",
+                "input": raw_rank}]}, 422)
+    if dp_rank is None:
+        snaps = worker.load_snapshots()
+    elif 0 <= dp_rank < worker.dp_size:
+        snaps = [worker.load_snapshot(dp_rank)]
+    else:
+        # tokenizer_control_mixin.py get_loads: an unknown rank gives an empty list.
+        snaps = []
     if include:
         wanted = {s.strip() for s in include.split(",")}
         valid = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
@@ -308,31 +345,38 @@ async def loads(request: web.Request) -> web.Response:
             return error_response(400, f"Invalid include sections: {wanted - valid}. "
                                        f"Valid options: {sorted(valid)}")
         if "all" not in wanted:
-            if "disagg" not in wanted:
-                snap.pop("disaggregation", None)
-            if "queues" not in wanted:
-                snap.pop("queues", None)
+            for snap in snaps:
+                if "disagg" not in wanted:
+                    snap.pop("disaggregation", None)
+                if "queues" not in wanted:
+                    snap.pop("queues", None)
     return json_response({
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "version": SGLANG_VERSION,
         "accelerator": None,
+        # v1_loads.py _num_accelerators_per_dp_rank: tp * pp, divided by the DP ranks when
+        # attention DP runs; one GPU per rank here either way.
         "num_accelerators": 1,
-        "loads": [snap],
+        "loads": snaps,
     })
 
 
 async def get_load(request: web.Request) -> web.Response:
     # Pre-0.5 SGLang `GET /get_load` (removed from 0.5.23's http_server, still probed by
     # sglang-router's power-of-two policy): one dict per DP rank.
-    snap = request.app[WORKER_KEY].load_snapshot()
-    return json_response([{"dp_rank": 0, "num_reqs": snap["num_running_reqs"],
+    snaps = request.app[WORKER_KEY].load_snapshots()
+    return json_response([{"dp_rank": snap["dp_rank"], "num_reqs": snap["num_running_reqs"],
                            "num_waiting_reqs": snap["num_waiting_reqs"],
-                           "num_tokens": snap["num_total_tokens"]}])
+                           "num_tokens": snap["num_total_tokens"]} for snap in snaps])
 
 
 async def flush_cache(request: web.Request) -> web.Response:
+    """sglang 0.5.23 http_server.flush_cache: the scheduler resets the radix tree only when
+    fully idle (scheduler.py flush_cache); otherwise 400 "Flush cache failed." (no `timeout`
+    query: the emulator never defers a flush)."""
     worker = request.app[WORKER_KEY]
-    worker.flushes += 1  # the emulator keeps no prefix cache; nothing else to drop
+    if not worker.flush_cache():
+        return web.Response(text="Flush cache failed.\n", status=400)
     return web.Response(text=(
         "Cache flushed.\nPlease check backend logs for more details. "
         "(When there are running or waiting requests, the operation will not be performed.)\n"))
@@ -346,7 +390,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def emulator_stats(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     stats = dataclasses.asdict(server.worker.decode_engine.stats())
-    stats.update(role=server.worker.role, url=server.url)
+    stats.update(role=server.worker.role, url=server.url,
+                 prefix_cache=server.worker.prefix_cache_stats())
     return json_response(stats)
 
 

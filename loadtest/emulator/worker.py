@@ -37,6 +37,7 @@ from loadtest.emulator.pd import (
     LocalBootstraps,
     fetch_kv,
 )
+from loadtest.emulator.prefix_cache import PrefixCache
 from loadtest.emulator.routing import BigramWalk, RoutingSource, make_routing_source
 from loadtest.emulator.tokenizer import Tokenizer
 from zones.geometry import ModelGeometry, geometry_by_name
@@ -44,9 +45,11 @@ from zones.routed_experts import counts_from_expert_ids, encode_counts, encode_r
 
 log = logging.getLogger(__name__)
 
-# The emulator's KV capacity per worker, for token_usage / max_total_num_tokens. Not an SGLang
-# constant: SGLang sizes the pool from free GPU memory. 4096 tokens per batch slot keeps
-# token_usage meaningful (0..1) for the prompt lengths our workloads use.
+# The emulator's KV capacity per worker, for token_usage / max_total_num_tokens, and the prefix
+# cache's capacity (SGLang's radix tree lives in the same KV pool). Not an SGLang constant:
+# SGLang sizes the pool from free GPU memory. 4096 tokens per batch slot keeps token_usage
+# meaningful (0..1) for the prompt lengths our workloads use (docs/emulator-cost-model.md
+# section 8).
 KV_TOKENS_PER_SLOT = 4096
 # sglang ServerArgs.disaggregation_bootstrap_port default.
 SGLANG_DEFAULT_BOOTSTRAP_PORT = 8998
@@ -61,6 +64,17 @@ class GenerationError(Exception):
         self.message = message
 
 
+class InvalidRequestError(GenerationError):
+    """A ValueError SGLang's tokenizer manager raises before scheduling (400).
+
+    Non-streaming it is the usual 400 body; a stream gets one `{"error": {...}}` event instead
+    of an abort chunk (http_server.py generate_request.stream_results `except ValueError`).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
 @dataclass
 class _Prompt:
     ids: list[int]
@@ -68,6 +82,26 @@ class _Prompt:
 
 
 TokenStream = Iterator[tuple[int, np.ndarray | None]]
+
+
+@dataclass
+class PrefixCacheCounters:
+    """Cumulative prefix-cache figures of one worker's prefill passes (`/emulator/stats`)."""
+
+    prefills: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cached_share_sum: float = 0.0  # sum over passes of cached / prompt tokens
+    last_hit_rate: float = 0.0     # the last pass's cached / prompt (SGLang's cache_hit_rate
+                                   # is per logged prefill batch)
+
+    def record(self, prompt_tokens: int, cached_tokens: int) -> None:
+        share = cached_tokens / prompt_tokens if prompt_tokens else 0.0
+        self.prefills += 1
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+        self.cached_share_sum += share
+        self.last_hit_rate = share
 
 
 class _TextStream:
@@ -117,17 +151,41 @@ class Worker:
         # An instant cost model never reads expert ids, so requests that do not report them
         # skip routing entirely (see _needs_experts).
         self.instant = opts.instant
+        # DP attention ranks. SGLang splits --max-running-requests over them
+        # (model_executor/pool_configurator.py: max(1, max_running_requests // attn_dp_size));
+        # each rank's KV pool is its own, so the capacity below is per rank.
+        self.dp_size = opts.dp_size
+        self.max_running_requests_per_rank = max(1, opts.max_batch_size // self.dp_size)
         self.decode_engine = DecodeEngine(self.cost_model, self.geometry,
-                                          max_batch_size=opts.max_batch_size,
-                                          experts_required=not opts.instant)
+                                          max_batch_size=self.max_running_requests_per_rank,
+                                          experts_required=not opts.instant,
+                                          dp_size=self.dp_size)
         self.prefill_engine = PrefillEngine(self.cost_model)
         self.registry = BootstrapRegistry()
         self.metrics = WorkerMetrics(self)
-        self.max_total_num_tokens = opts.max_batch_size * KV_TOKENS_PER_SLOT
+        self.max_total_num_tokens = self.max_running_requests_per_rank * KV_TOKENS_PER_SLOT
+        # Prefix cache (sglang RadixCache): on prefill and regular workers unless
+        # --disable-radix-cache; a PD decode has none (sglang 0.5.23
+        # arg_groups/pd_disaggregation_hook.py: disable_radix_cache=True in decode mode unless
+        # --disaggregation-decode-enable-radix-cache) and reports the prefill's hit instead.
+        # One tree per DP rank: each rank's scheduler owns its tree in its own KV pool.
+        self.prefix_caches: list[PrefixCache | None] = [
+            None if opts.disable_radix_cache or self.role == "decode"
+            else PrefixCache(self.max_total_num_tokens) for _ in range(self.dp_size)]
+        self.prefix_cache = self.prefix_caches[0]
+        self.prefix_stats = PrefixCacheCounters()
+        self.rank_hit_rate = [0.0] * self.dp_size  # each rank's last prefill hit ratio
         self.bootstrap_queue = 0  # prefills waiting for their decode (sglang bootstrap queue)
         self.transfer_queue = 0  # decodes waiting for KV (sglang decode transfer queue)
+        self.rank_bootstrap_queue = [0] * self.dp_size
+        self.rank_transfer_queue = [0] * self.dp_size
         self.prefill_tokens_total = 0
         self.prefill_busy_s = 0.0
+        self.rank_prefill_tokens = [0] * self.dp_size
+        self.rank_prefill_busy_s = [0.0] * self.dp_size
+        # SGLang's DataParallelController.round_robin_counter (load_balance_method "auto"
+        # resolves to round_robin on regular and decode workers).
+        self._round_robin = 0
         self.flushes = 0
         self._session: aiohttp.ClientSession | None = None
         self.started_at = time.time()
@@ -172,7 +230,9 @@ class Worker:
     async def generate(self, item: GenerateItem) -> AsyncGenerator[dict[str, Any], None]:
         """Yield cumulative output dicts; the last one has a finish_reason."""
         arrival = time.perf_counter()
+        self._check_routed_dp_rank(item)
         prompt = self._prompt(item)
+        rank = self._select_dp_rank(item)
         if item.routed_experts_start_len > len(prompt.ids):
             # sglang 0.5.23 scheduler.py handle_generate_request, same wording.
             raise GenerationError(
@@ -193,11 +253,39 @@ class Worker:
                                        "(started with --no-prefill-first)")
         self.metrics.on_arrival(len(prompt.ids), item.stream)
         if self.role == "prefill":
-            out = await self._prefill(item, prompt, arrival)
+            out = await self._prefill(item, prompt, arrival, rank)
             yield out
             return
-        async for out in self._decode(item, prompt, arrival):
+        async for out in self._decode(item, prompt, arrival, rank):
             yield out
+
+    def _check_routed_dp_rank(self, item: GenerateItem) -> None:
+        """sglang 0.5.23 tokenizer_manager.py generate_request: rank 0 on a single-rank server
+        is ignored, anything outside [0, num_dp_ranks) is a ValueError (400)."""
+        rank = item.routed_dp_rank
+        if rank is None or (self.dp_size <= 1 and rank == 0):
+            return
+        if rank < 0 or rank >= self.dp_size:
+            raise InvalidRequestError(f"routed_dp_rank={rank} out of range [0, {self.dp_size})")
+
+    def _select_dp_rank(self, item: GenerateItem) -> int:
+        """The DP rank that serves `item`, as sglang 0.5.23's DataParallelController picks it.
+
+        A valid `routed_dp_rank` wins (`maybe_external_dp_rank_routing`). Otherwise the
+        default `--load-balance-method auto` (arg_groups/serving_hook.py
+        handle_load_balance_method) resolves to `follow_bootstrap_room` on a PD prefill
+        (rank = bootstrap_room % dp_size, so a decode can find the KV without asking) and to
+        `round_robin` elsewhere (`round_robin_scheduler`: one counter over the ranks).
+        """
+        if item.routed_dp_rank is not None:
+            return item.routed_dp_rank
+        if self.dp_size == 1:
+            return 0
+        if self.role == "prefill":
+            return (item.bootstrap_room or 0) % self.dp_size
+        rank = self._round_robin % self.dp_size
+        self._round_robin = (self._round_robin + 1) % self.dp_size
+        return rank
 
     async def complete(self, item: GenerateItem) -> dict[str, Any]:
         """Drive one item to its final output dict (closing the generator on cancel)."""
@@ -208,34 +296,78 @@ class Worker:
         assert last is not None
         return last
 
-    async def _run_prefill(self, n_tokens: int) -> None:
-        start = time.perf_counter()
-        await self.prefill_engine.run(n_tokens)
-        self.prefill_busy_s += time.perf_counter() - start
-        self.prefill_tokens_total += n_tokens
+    async def _run_prefill(self, ids: list[int], rank: int = 0) -> int:
+        """One prefill forward pass of `ids`; returns the cached tokens it did not compute.
 
-    async def _prefill(self, item: GenerateItem, prompt: _Prompt, arrival: float
+        With a prefix cache the pass matches it when its turn comes, forwards only the
+        uncached tokens, and inserts the prompt right after (sglang 0.5.23 checkpoints a
+        request's prompt into the tree after its prefill forward: disaggregation/prefill.py
+        `checkpoint_disagg_prefill`, and for a regular worker
+        scheduler_components/batch_result_processor.py -> mem_cache/common.py
+        `checkpoint_kv_cache`).
+        """
+        cache = self.prefix_caches[rank]
+        n = len(ids)
+        start = time.perf_counter()
+        if cache is None:
+            cached = await self.prefill_engine.run(n, dp_rank=rank)
+        else:
+            def match() -> int:
+                # schedule_batch.py _compute_max_prefix_len: at most input_len - 1 tokens.
+                return min(cache.match(ids), max(n - 1, 0))
+
+            def commit() -> None:
+                cache.insert(ids)
+            cached = await self.prefill_engine.run(n, match=match, commit=commit, dp_rank=rank)
+        busy = time.perf_counter() - start
+        self.prefill_busy_s += busy
+        self.prefill_tokens_total += n - cached
+        self.rank_prefill_busy_s[rank] += busy
+        self.rank_prefill_tokens[rank] += n - cached
+        if cache is not None:
+            self.prefix_stats.record(n, cached)
+            self.rank_hit_rate[rank] = self.prefix_stats.last_hit_rate
+        return cached
+
+    async def _prefill(self, item: GenerateItem, prompt: _Prompt, arrival: float, rank: int
                        ) -> dict[str, Any]:
         room = item.bootstrap_room
         assert room is not None
         fake = item.bootstrap_host == FAKE_BOOTSTRAP_HOST
+        if (not fake and self.dp_size > 1 and item.routed_dp_rank is not None
+                and item.disagg_prefill_dp_rank is None and rank != room % self.dp_size):
+            # A decode that was not told the prefill's rank looks for the KV on rank
+            # room % dp_size (decode.py _resolve_prefill_dp_rank), so SGLang's sender refuses
+            # a room routed elsewhere (disaggregation/common/conn.py CommonKVSender.__init__,
+            # failure text verbatim; prefill.py handle_bootstrap_failure wraps it).
+            self.metrics.bootstrap_failed()
+            raise GenerationError(
+                500, f"Prefill bootstrap failed for request rank={rank} req.rid={item.rid!r} "
+                     f"req.bootstrap_room={room} with exception KVTransferError("
+                     f"bootstrap_room={room}): follow_bootstrap_room conflict: dispatched to "
+                     f"dp_rank {rank} but bootstrap_room {room} implies dp_rank "
+                     f"{room % self.dp_size}. Set SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_"
+                     f"DP_RANK=1 to allow mixed routing.")
         published = False
         try:
             if not fake and not item.prefill_first:
                 self.bootstrap_queue += 1
+                self.rank_bootstrap_queue[rank] += 1
                 try:
                     await self.registry.wait_for_decode(
                         room, self.config.engine.bootstrap_timeout_secs)
                 except HandshakeError as exc:
                     self.metrics.bootstrap_failed()
                     # sglang 0.5.23 prefill.py handle_bootstrap_failure: 500 with this message.
+                    # rank= is the scheduler's tp_rank: one GPU per DP attention rank here.
                     raise GenerationError(
-                        500, f"Prefill bootstrap failed for request rank=0 "
+                        500, f"Prefill bootstrap failed for request rank={rank} "
                              f"req.rid={item.rid!r} req.bootstrap_room={room} "
                              f"with exception {exc}") from None
                 finally:
                     self.bootstrap_queue -= 1
-            await self._run_prefill(len(prompt.ids))
+                    self.rank_bootstrap_queue[rank] -= 1
+            cached = await self._run_prefill(prompt.ids, rank)
             first_token = self._first_output_token(prompt, self._seed(item))
             if not fake:
                 hold = None
@@ -243,14 +375,14 @@ class Worker:
                     hold = (item.prefill_first_hold_secs
                             or self.config.engine.prefill_first_hold_secs)
                 try:
-                    self.registry.publish(room, KvPayload(first_token, len(prompt.ids)),
+                    self.registry.publish(room, KvPayload(first_token, len(prompt.ids), cached),
                                           hold_secs=hold)
                     published = True
                 except HandshakeError as exc:
                     self.metrics.transfer_failed()
                     # sglang 0.5.23 prefill.py handle_inflight_transfer_failure.
                     raise GenerationError(
-                        500, f"Prefill transfer failed for request rank=0 "
+                        500, f"Prefill transfer failed for request rank={rank} "
                              f"req.rid={item.rid!r} req.bootstrap_room={room} "
                              f"with exception {exc}") from None
         except asyncio.CancelledError:
@@ -260,7 +392,7 @@ class Worker:
         meta = self._meta(item, prompt, [first_token],
                           # sglang 0.5.23 prefill.py process_disagg_prefill_inflight_queue:
                           # a finished prefill reports FINISH_LENGTH(length=0).
-                          {"type": "length", "length": 0}, arrival)
+                          {"type": "length", "length": 0}, arrival, cached)
         if item.return_logprob:
             meta["input_token_logprobs"] = self._logprobs(prompt.ids, first_is_none=True)
             meta["output_token_logprobs"] = self._logprobs([first_token])
@@ -276,7 +408,7 @@ class Worker:
             meta["prompt_expert_counts"] = encode_counts(
                 counts_from_expert_ids(prompt_rows, self.geometry))
             meta["expert_geometry"] = self.geometry.to_dict()
-        self.metrics.on_finish(item.stream, arrival, 1, None, None)
+        self.metrics.on_finish(item.stream, arrival, 1, None, None, cached)
         return {"text": self.tokenizer.decode([first_token]), "output_ids": [first_token],
                 "meta_info": meta}
 
@@ -285,18 +417,20 @@ class Worker:
         times depend on the experts), else only when the response reports routed experts."""
         return not self.instant or item.return_routed_experts
 
-    async def _first_token(self, item: GenerateItem, prompt: _Prompt
-                           ) -> tuple[TokenStream, int]:
-        """The token stream for the engine and the prompt length, after prefill or KV fetch."""
+    async def _first_token(self, item: GenerateItem, prompt: _Prompt, rank: int
+                           ) -> tuple[TokenStream, int, int]:
+        """The token stream for the engine, the prompt length and the cached prompt tokens,
+        after prefill or KV fetch."""
         room = item.bootstrap_room
         seed = self._seed(item)
         routed = self._needs_experts(item)
         if self.role == "regular" or item.bootstrap_host == FAKE_BOOTSTRAP_HOST:
-            await self._run_prefill(len(prompt.ids))
+            # A decode with the fake backend prefills itself, without a cache (decode mode).
+            cached = await self._run_prefill(prompt.ids, rank)
             if not routed:
-                return self._unrouted_stream(prompt, seed), len(prompt.ids)
+                return self._unrouted_stream(prompt, seed), len(prompt.ids), cached
             first, stream = await self._open_stream(prompt, seed)
-            return itertools.chain([first], stream), len(prompt.ids)
+            return itertools.chain([first], stream), len(prompt.ids), cached
         assert room is not None and self._session is not None
         if item.bootstrap_host is None:
             # A decode cannot reach a prefill without its bootstrap address.
@@ -310,6 +444,7 @@ class Worker:
         # Routing the prompt overlaps the wait for the KV.
         opening = asyncio.ensure_future(self._open_stream(prompt, seed)) if routed else None
         self.transfer_queue += 1
+        self.rank_transfer_queue[rank] += 1
         try:
             opts = self.config.engine
             timeout = opts.bootstrap_timeout_secs + opts.waiting_timeout_secs
@@ -328,10 +463,11 @@ class Worker:
             self.metrics.bootstrap_failed()
             # sglang 0.5.23 decode.py DecodePreallocQueue._update_handshake_waiters.
             raise GenerationError(
-                500, f"Decode handshake failed for request rank=0 req.rid={item.rid!r} "
+                500, f"Decode handshake failed for request rank={rank} req.rid={item.rid!r} "
                      f"req.bootstrap_room={room} with exception {exc}") from None
         finally:
             self.transfer_queue -= 1
+            self.rank_transfer_queue[rank] -= 1
         if opening is None:
             stream = self._unrouted_stream(prompt, seed)
             own_token, experts = next(stream)
@@ -340,8 +476,12 @@ class Worker:
         if own_token != kv.first_token_id:
             log.warning("room %s: prefill sampled %s, decode continuation has %s",
                         room, kv.first_token_id, own_token)
-        # SGLang transfers the prefill's sampled token with the KV; it is output token 0.
-        return itertools.chain([(kv.first_token_id, experts)], stream), kv.prompt_len
+        # SGLang transfers the prefill's sampled token with the KV; it is output token 0. The
+        # prefill's prefix-cache hit comes with it and is what this decode reports
+        # (disaggregation/decode.py _commit_transfer_to_req: req.cached_tokens = cached_tokens[0];
+        # no decode-side radix cache, so nothing is added to it).
+        return (itertools.chain([(kv.first_token_id, experts)], stream), kv.prompt_len,
+                kv.cached_tokens)
 
     def _first_output_token(self, prompt: _Prompt, seed: int) -> int:
         """The token the prefill samples: the first token of the request's continuation.
@@ -372,9 +512,9 @@ class Worker:
     async def _route_prompt(self, prompt: _Prompt) -> np.ndarray:
         return await asyncio.to_thread(self.routing.route_prompt, prompt.ids, prompt.text)
 
-    async def _decode(self, item: GenerateItem, prompt: _Prompt, arrival: float
+    async def _decode(self, item: GenerateItem, prompt: _Prompt, arrival: float, rank: int
                       ) -> AsyncGenerator[dict[str, Any], None]:
-        tokens, prompt_len = await self._first_token(item, prompt)
+        tokens, prompt_len, cached = await self._first_token(item, prompt, rank)
         output_ids: list[int] = []
         text = _TextStream(self.tokenizer)
         rows: list[np.ndarray] = []
@@ -386,7 +526,8 @@ class Worker:
         else:
             handle = self.decode_engine.submit(
                 item.rid, prompt_len, item.max_new_tokens, tokens,
-                eos_token_id=None if item.ignore_eos else self.tokenizer.eos_token_id)
+                eos_token_id=None if item.ignore_eos else self.tokenizer.eos_token_id,
+                dp_rank=rank)
             try:
                 async for event in handle:
                     now = time.perf_counter()
@@ -408,7 +549,7 @@ class Worker:
                     if eos_hit or len(output_ids) >= item.max_new_tokens:
                         break
                     if item.stream:
-                        meta = self._meta(item, prompt, output_ids, None, arrival)
+                        meta = self._meta(item, prompt, output_ids, None, arrival, cached)
                         yield {"text": text.value, "output_ids": list(output_ids),
                                "meta_info": meta}
             finally:
@@ -427,7 +568,13 @@ class Worker:
                           "err_type": None}
             else:
                 finish = {"type": "length", "length": len(output_ids)}
-        meta = self._meta(item, prompt, output_ids, finish, arrival)
+            cache = self.prefix_caches[rank]
+            if self.role == "regular" and cache is not None and output_ids:
+                # A finished request's KV goes into the tree: prompt + every output token but
+                # the last, which was never forwarded (mem_cache/common.py release_kv_cache ->
+                # tree_cache.checkpoint(req, up_to=owned_kv_len)).
+                cache.insert(prompt.ids + output_ids[:-1])
+        meta = self._meta(item, prompt, output_ids, finish, arrival, cached)
         if item.return_logprob:
             meta["input_token_logprobs"] = (
                 [] if self.role == "decode" else self._logprobs(prompt.ids, first_is_none=True))
@@ -436,7 +583,8 @@ class Worker:
             prompt_rows = None if self.role == "decode" else await self._route_prompt(prompt)
             meta["routed_experts"] = encode_routed_experts(
                 self._routed_rows(item, prompt_rows, prompt_len, rows))
-        self.metrics.on_finish(item.stream, arrival, len(output_ids), first_at, last_at)
+        self.metrics.on_finish(item.stream, arrival, len(output_ids), first_at, last_at, cached,
+                               dp_rank=rank)
         yield {"text": text.value, "output_ids": output_ids, "meta_info": meta}
 
     def _routed_rows(self, item: GenerateItem, prompt_rows: np.ndarray | None, prompt_len: int,
@@ -455,7 +603,8 @@ class Worker:
         return np.concatenate([prompt_part, out])[item.routed_experts_start_len:]
 
     def _meta(self, item: GenerateItem, prompt: _Prompt, output_ids: list[int],
-              finish: dict[str, Any] | None, arrival: float) -> dict[str, Any]:
+              finish: dict[str, Any] | None, arrival: float, cached_tokens: int
+              ) -> dict[str, Any]:
         # Key order and names: sglang 0.5.23 tokenizer_manager._handle_batch_output.
         meta: dict[str, Any] = {
             "id": item.rid,
@@ -465,7 +614,9 @@ class Worker:
             "num_retractions": 0,
             "reasoning_tokens": 0,
             "completion_tokens": len(output_ids),
-            "cached_tokens": 0,
+            # req.cached_tokens: prompt tokens served from the prefix cache (on a PD decode,
+            # the prefill's figure; see _first_token).
+            "cached_tokens": cached_tokens,
         }
         if finish is not None:
             meta["e2e_latency"] = time.perf_counter() - arrival
@@ -478,19 +629,73 @@ class Worker:
         lp = -math.log(self.tokenizer.vocab_size)
         return [[None if (first_is_none and i == 0) else lp, t, None] for i, t in enumerate(ids)]
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ prefix cache
 
-    def load_snapshot(self) -> dict[str, Any]:
-        """One DP rank's load, fields of sglang 0.5.23 `srt/managers/load_snapshot.py`."""
+    def is_idle(self) -> bool:
+        """No request running, queued, or waiting for its PD peer (scheduler is_fully_idle)."""
         d = self.decode_engine.load()
         p = self.prefill_engine.load()
+        return not (d.num_running_reqs or d.num_waiting_reqs or p.num_running_reqs
+                    or p.num_waiting_reqs or self.bootstrap_queue or self.transfer_queue)
+
+    def flush_cache(self) -> bool:
+        """`/flush_cache`: drop the prefix cache if idle; whether it was flushed."""
+        if not self.is_idle():
+            return False
+        self.flushes += 1
+        for cache in self.prefix_caches:
+            if cache is not None:
+                cache.reset()
+        return True
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """Cumulative prefix-cache figures for `/emulator/stats` (cache fields 0 without one)."""
+        caches = [c for c in self.prefix_caches if c is not None]   # summed over DP ranks
+        s = self.prefix_stats
+        return {
+            "enabled": bool(caches),
+            "capacity_tokens": sum(c.capacity_tokens for c in caches),
+            "size_tokens": sum(c.size for c in caches),
+            "inserted_tokens": sum(c.inserted_tokens for c in caches),
+            "evicted_tokens": sum(c.evicted_tokens for c in caches),
+            "prefills": s.prefills,
+            "prompt_tokens": s.prompt_tokens,
+            "cached_tokens": s.cached_tokens,
+            "cached_share_sum": s.cached_share_sum,
+        }
+
+    # ------------------------------------------------------------------ load
+
+    def load_snapshots(self) -> list[dict[str, Any]]:
+        """Every DP rank's load, in rank order (what `/v1/loads` lists)."""
+        return [self.load_snapshot(rank) for rank in range(self.dp_size)]
+
+    def load_snapshot(self, rank: int = 0) -> dict[str, Any]:
+        """One DP rank's load, fields of sglang 0.5.23 `srt/managers/load_snapshot.py`."""
+        if self.dp_size == 1:
+            # The single rank is the whole worker.
+            d = self.decode_engine.load()
+            p = self.prefill_engine.load()
+            bootstrap, transfer = self.bootstrap_queue, self.transfer_queue
+            prefill_tokens, prefill_busy = self.prefill_tokens_total, self.prefill_busy_s
+            hit_rate = self.prefix_stats.last_hit_rate
+        else:
+            d = self.decode_engine.load(rank)
+            p = self.prefill_engine.load(rank)
+            bootstrap, transfer = self.rank_bootstrap_queue[rank], self.rank_transfer_queue[rank]
+            prefill_tokens = self.rank_prefill_tokens[rank]
+            prefill_busy = self.rank_prefill_busy_s[rank]
+            hit_rate = self.rank_hit_rate[rank]
         running = d.num_running_reqs + p.num_running_reqs
-        waiting = d.num_waiting_reqs + p.num_waiting_reqs + self.bootstrap_queue
+        # sglang 0.5.23 scheduler_components/load_inquirer.py: a prefill's waiting requests
+        # include its bootstrap queue, a decode's its prealloc and transfer queues (requests
+        # whose KV has not arrived yet).
+        waiting = d.num_waiting_reqs + p.num_waiting_reqs + bootstrap + transfer
         total = d.num_total_tokens + p.num_total_tokens
         usage = total / self.max_total_num_tokens
         snap: dict[str, Any] = {
             "timestamp": time.time(),
-            "dp_rank": 0,
+            "dp_rank": rank,
             "num_running_reqs": running,
             "num_waiting_reqs": waiting,
             "num_waiting_uncached_tokens": p.num_total_tokens if p.num_waiting_reqs else 0,
@@ -499,21 +704,21 @@ class Worker:
             "num_active_tokens": total,
             "num_prealloc_ready_tokens": 0,
             "max_total_num_tokens": self.max_total_num_tokens,
-            "max_running_requests": self.config.engine.max_batch_size,
+            "max_running_requests": self.max_running_requests_per_rank,
             "token_usage": usage,
-            "gen_throughput": self.metrics.gen_throughput(),
-            "cache_hit_rate": 0.0,
+            "gen_throughput": self.metrics.gen_throughput(None if self.dp_size == 1 else rank),
+            "cache_hit_rate": hit_rate,
             "utilization": usage,
-            "total_prefill_uncached_tokens": self.prefill_tokens_total,
-            "total_prefill_busy_us": int(self.prefill_busy_s * 1e6),
+            "total_prefill_uncached_tokens": prefill_tokens,
+            "total_prefill_busy_us": int(prefill_busy * 1e6),
             "decode_moments": None,
         }
         if self.role != "regular":
             snap["disaggregation"] = {
                 "mode": self.role,
-                "prefill_bootstrap_queue_reqs": self.bootstrap_queue,
+                "prefill_bootstrap_queue_reqs": bootstrap,
                 "prefill_inflight_queue_reqs": 0,
-                "decode_prealloc_queue_reqs": self.transfer_queue,
+                "decode_prealloc_queue_reqs": transfer,
                 "decode_transfer_queue_reqs": 0,
                 "decode_retracted_queue_reqs": 0,
                 "kv_transfer_speed_gb_s": 0.0,
