@@ -105,4 +105,5 @@ def refit(
         predictor=fitted.predictor,
         fit_stats=stats,
         provenance=fitted.provenance,
+        load_bound=opts.load_bound,
     )

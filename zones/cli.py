@@ -28,7 +28,16 @@ from zones.inputs import FORMATS, CalibrationSet, InputError, load_inputs, split
 from zones.kmeans import KMeansError, Progress
 from zones.predictor import PredictorError
 from zones.signature import SignatureError
-from zones.table import ZoneTable, ZoneTableError, describe, load_table, save_table
+from zones.table import (
+    COMPACT_SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
+    ZoneTable,
+    ZoneTableError,
+    convert,
+    describe,
+    load_table,
+    save_table,
+)
 
 _DATA_ERRORS = (
     InputError,
@@ -54,6 +63,20 @@ def _int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _load_bound(text: str) -> int | str:
+    """An integer >= 0, or 'none' (kept as the string: refit then drops the old bound)."""
+    if text.lower() == "none":
+        return "none"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'none', got {text!r}") \
+            from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'none', got {text!r}")
+    return value
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +106,13 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, default=None, help="band width (default 0.1; refit: old)")
     p.add_argument("--min-candidates", type=int, default=None)
+    p.add_argument(
+        "--load-bound",
+        type=_load_bound,
+        default=None,
+        help="gateway load bound: in-flight requests over the least-loaded worker beyond which "
+        "a zone leaves the band (default: none; refit: old; 'none' removes it)",
+    )
     p.add_argument("--no-mask", action="store_true", help="keep every layer (skip the rho search)")
     p.add_argument("--no-predictor", action="store_true")
     p.add_argument("--max-iter", type=int, default=50)
@@ -98,6 +128,14 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
         help="provenance timestamp (default: now, UTC); 'none' omits it",
     )
     p.add_argument("--out", "-o", required=True, help="zone table path to write")
+    p.add_argument(
+        "--table-format",
+        type=int,
+        choices=SCHEMA_VERSIONS,
+        default=COMPACT_SCHEMA_VERSION,
+        help="zone table schema version to write: 2 (default) is compact, 8-bit arrays that fit "
+        "a Kubernetes ConfigMap; 1 is full-precision float32, for gateways older than schema 2",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -114,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a zone table and print a summary")
     val.add_argument("table")
+
+    conv = sub.add_parser(
+        "convert", help="rewrite a zone table in another schema version (2: compact)"
+    )
+    conv.add_argument("table")
+    conv.add_argument("--out", "-o", required=True, help="zone table path to write")
+    conv.add_argument("--table-format", type=int, choices=SCHEMA_VERSIONS,
+                      default=COMPACT_SCHEMA_VERSION)
 
     ev = sub.add_parser("evaluate", help="held-out rho, zone sizes, distinct experts per step")
     ev.add_argument("--table", "-t", required=True)
@@ -214,10 +260,16 @@ def _options(args: argparse.Namespace, old: ZoneTable | None = None) -> FitOptio
         if args.min_candidates is not None
         else (old.min_candidates if old else 2)
     )
+    bound: int | None
+    if args.load_bound is None:
+        bound = old.load_bound if old else None
+    else:
+        bound = None if args.load_bound == "none" else int(args.load_bound)
     return FitOptions(
         seed=args.seed,
         tau=tau,
         min_candidates=min_c,
+        load_bound=bound,
         use_mask=not args.no_mask,
         predictor=not args.no_predictor,
         max_iter=args.max_iter,
@@ -241,15 +293,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     finally:
         close()
+    table = convert(table, args.table_format)  # describe what was written: its checksum
     save_table(table, args.out)
     print(describe(table))
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
+# Kubernetes caps a ConfigMap's data at 1 MiB; the zone table ships as one (deploy/k8s).
+CONFIGMAP_LIMIT_BYTES = 1 << 20
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    print(describe(load_table(args.table)))
+    table = load_table(args.table)
+    print(describe(table))
+    size = Path(args.table).stat().st_size
+    fits = "fits" if size < CONFIGMAP_LIMIT_BYTES else "does NOT fit"
+    hint = "" if size < CONFIGMAP_LIMIT_BYTES or table.schema_version != 1 else (
+        "; `python -m zones convert` rewrites it in the compact schema 2")
+    print(f"file       {size:,} bytes: {fits} a Kubernetes ConfigMap (1 MiB){hint}")
     print("OK")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    table = convert(load_table(args.table), args.table_format)
+    save_table(table, args.out)
+    print(describe(table))
+    print(f"wrote {args.out}: {Path(args.out).stat().st_size:,} bytes")
     return 0
 
 
@@ -271,6 +342,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
         )
     finally:
         close()
+    table = convert(table, args.table_format)  # describe what was written: its checksum
     save_table(table, args.out)
     print(describe(table))
     stats = table.fit_stats
@@ -367,6 +439,7 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fit": cmd_fit,
     "validate": cmd_validate,
+    "convert": cmd_convert,
     "evaluate": cmd_evaluate,
     "refit": cmd_refit,
     "predictor-eval": cmd_predictor_eval,

@@ -30,6 +30,7 @@ class FitOptions:
     seed: int = 0
     tau: float = DEFAULT_TAU
     min_candidates: int = DEFAULT_MIN_CANDIDATES
+    load_bound: int | None = None  # the gateway's load bound (zones.table); None: off
     use_mask: bool = True  # greedy rho layer mask; False keeps every layer
     max_pairs: int = 20_000
     max_iter: int = 50
@@ -136,6 +137,7 @@ def fit_zones(
         predictor=predictor,
         fit_stats=stats,
         provenance=dict(provenance or {}),
+        load_bound=opts.load_bound,
     )
     return table, result
 

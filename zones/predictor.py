@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import string
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,14 +164,19 @@ class Predictor:
         vec /= np.float32(norm)
         return vec
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(
+        self, encode: Callable[[str, FloatArray], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """JSON form; `encode(name, array)` writes each array (weights, bias, basis), so the
+        zone table can choose compact encodings (`zones.arrays`); default raw float32."""
+        enc = encode or (lambda _name, arr: encode_array(arr))
         return {
             "kind": PREDICTOR_KIND,
             "num_buckets": self.num_buckets,
             "max_words": self.max_words,
-            "weights": encode_array(self.weights),
-            "bias": encode_array(self.bias),
-            "basis": encode_array(self.basis),
+            "weights": enc("weights", self.weights),
+            "bias": enc("bias", self.bias),
+            "basis": enc("basis", self.basis),
         }
 
     @classmethod

@@ -60,7 +60,8 @@ def test_kustomization_lists_the_required_kinds() -> None:
     for rel in kust["resources"]:
         assert (K8S / rel).is_file(), f"kustomization resource {rel} missing"
     kinds = set(_resources())
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "PodMonitor",
+            "HorizontalPodAutoscaler"} <= kinds
 
 
 def test_probes_hit_the_health_endpoints_on_a_declared_port() -> None:
@@ -106,8 +107,47 @@ def test_selectors_match_pod_labels() -> None:
     assert matches(res["Service"]["spec"]["selector"])
     assert matches(res["PodMonitor"]["spec"]["selector"]["matchLabels"])
     pdb = res["PodDisruptionBudget"]["spec"]
-    # minAvailable must be below replicas or a drain can never evict a gateway pod.
-    assert pdb["minAvailable"] < dep["spec"]["replicas"]
+    floor = res["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    # A drain must be able to evict a gateway pod, and must never evict all of them.
+    if "minAvailable" in pdb:
+        assert 1 <= pdb["minAvailable"] < floor
+    else:
+        assert 1 <= pdb["maxUnavailable"] < floor
+
+
+def test_hpa_scales_the_deployment_on_cpu_from_two_replicas() -> None:
+    res = _resources()
+    dep, hpa = res["Deployment"], res["HorizontalPodAutoscaler"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        dep["apiVersion"], "Deployment", dep["metadata"]["name"])
+    assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    cpu = [m for m in hpa["spec"]["metrics"]
+           if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert len(cpu) == 1 and cpu[0]["resource"]["target"]["type"] == "Utilization"
+    assert 0 < cpu[0]["resource"]["target"]["averageUtilization"] <= 100
+    # Utilisation is measured against the CPU request: without one the HPA cannot scale.
+    assert _container(dep)["resources"]["requests"]["cpu"]
+    # The HPA owns the replica count; a fixed one in the Deployment would fight it on every apply.
+    assert dep["spec"].get("replicas", hpa["spec"]["minReplicas"]) >= hpa["spec"]["minReplicas"]
+    # Scale-down must not outpace the graceful drain of the pods it removes.
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 60
+    assert all(p["type"] != "Percent" or p["value"] <= 50 for p in down["policies"])
+
+
+def test_replicas_are_spread_over_nodes() -> None:
+    dep = _resources()["Deployment"]
+    pod = dep["spec"]["template"]
+    anti = pod["spec"]["affinity"]["podAntiAffinity"]
+    # Preferred, not required: required anti-affinity would leave replicas beyond the node
+    # count Pending when the HPA scales out.
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    terms = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname" for t in terms)
+    for t in terms:
+        selector = t["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
 
 
 def test_service_and_monitor_ports_exist_on_the_container() -> None:

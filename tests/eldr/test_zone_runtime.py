@@ -4,6 +4,7 @@ symlink swap), SIGHUP, admin endpoints, metrics, and re-mapping zones when worke
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -27,7 +28,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.state import STATE, GatewayState
 from gateway.workers import WorkerRegistry
 from tests.eldr.helpers import table
-from zones.table import ZoneTable, save_table
+from zones.table import COMPACT_SCHEMA_VERSION, ZoneTable, convert, save_table, table_to_json
 
 CENTROIDS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
@@ -163,6 +164,64 @@ async def test_watcher_reloads_on_change_touch_and_configmap_swap(tmp_path: Path
             await asyncio.sleep(0.03)
         assert reload_count(registry, "failed") == 1 and rt.last_attempt_at == failed_at
         assert rt.active is v2 and v2 is not None and v2.version == "v2"
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+
+
+def configmap_update(mount: Path, stamp: str, files: dict[str, bytes]) -> None:
+    """What kubelet's atomic writer does to a mounted ConfigMap volume on an update: write the
+    keys into a new timestamped directory, point a temporary symlink at it, rename that over
+    `..data` (atomic), then delete the previous timestamped directory. The visible
+    `zones.json -> ..data/zones.json` link itself never changes."""
+    new_dir = mount / f"..{stamp}"
+    new_dir.mkdir()
+    for name, data in files.items():
+        (new_dir / name).write_bytes(data)
+    old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+    os.symlink(new_dir.name, mount / "..data_tmp")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    for name in files:
+        if not (mount / name).is_symlink():
+            os.symlink(f"..data/{name}", mount / name)
+    if old is not None:
+        for child in (mount / old).iterdir():
+            child.unlink()
+        (mount / old).rmdir()
+
+
+async def test_configmap_swap_of_compact_tables_and_a_corrupt_one(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+
+    def compact(version: str) -> bytes:
+        return table_to_json(convert(table_v(version), COMPACT_SCHEMA_VERSION))
+
+    configmap_update(tmp_path, "2026_12_03_01_00_00.000000001", {"zones.json": compact("v1")})
+    rt = ZoneRuntime(tmp_path / "zones.json", metrics=EldrMetrics(registry))
+    assert (await rt.reload()).status == "loaded"
+    assert rt.active is not None and rt.active.table.schema_version == 2
+    watcher = asyncio.create_task(rt.watch(interval=0.02))
+    try:
+        configmap_update(tmp_path, "2026_12_03_01_01_00.000000002", {"zones.json": compact("v2")})
+        await until(lambda: rt.active is not None and rt.active.version == "v2")
+        v2 = rt.active
+
+        # A corrupt compact table (its centroid stream cut short) is rejected naming the field;
+        # v2 keeps serving even though the directory it was read from is gone.
+        doc = json.loads(compact("v3"))
+        doc["centroids"]["data"] = doc["centroids"]["data"][:-12]
+        configmap_update(tmp_path, "2026_12_03_01_02_00.000000003",
+                         {"zones.json": json.dumps(doc).encode()})
+        await until(lambda: reload_count(registry, "failed") == 1)
+        assert (rt.last_error or "").count("centroids:") == 1, rt.last_error
+        assert rt.active is v2
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("..2026")] == [
+            "..2026_12_03_01_02_00.000000003"]
+
+        configmap_update(tmp_path, "2026_12_03_01_03_00.000000004", {"zones.json": compact("v4")})
+        await until(lambda: rt.active is not None and rt.active.version == "v4")
+        assert rt.last_error is None and rt.active.generation == 3
     finally:
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):

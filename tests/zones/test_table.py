@@ -163,7 +163,7 @@ def _bad_geometry(d: dict[str, Any]) -> None:
 
 
 CASES: list[tuple[str, Mutation, str]] = [
-    ("unknown schema version", _assign("schema_version", 2), "schema_version"),
+    ("unknown schema version", _assign("schema_version", 3), "schema_version"),
     ("missing workers", _drop("workers"), "workers: missing"),
     ("unknown top-level field", _assign("extra", 1), "extra: unknown field"),
     ("NaN centroid", _nan_centroid, "centroids: hold NaN"),
