@@ -27,12 +27,14 @@ from urllib.parse import quote
 import orjson
 from aiohttp import web
 
+from gateway import dp
 from gateway.config import Settings
 from gateway.errors import BadRequestError, ConfigError, ConflictError, UnauthorizedError
 from gateway.info import fan_out
 from gateway.responses import error_response, json_response
-from gateway.state import STATE
+from gateway.state import STATE, GatewayState
 from gateway.urls import check_url, redact_url
+from gateway.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +143,52 @@ async def add_worker(request: web.Request) -> web.Response:
     if wid is not None and redact_url(wid) != wid:
         # The id is a metrics label and is logged: the no-credentials rule of `url` holds for it.
         raise BadRequestError(f"id: {redact_url(wid)!r} must not contain credentials (user@)")
-    worker = state.workers.add(url, role, _port(body.get("bootstrap_port")), wid)
+    added = await register_worker(state, url, role, _port(body.get("bootstrap_port")), wid)
+    first = added[0]
+    return json_response({"status": "accepted", "worker_id": first.worker_id,
+                          "worker_ids": [w.worker_id for w in added],
+                          "url": redact_url(first.url),
+                          "location": f"/workers/{quote(first.worker_id, safe='')}",
+                          "message": "worker added; it enters rotation once healthy"}, 202)
+
+
+async def register_worker(state: GatewayState, url: str, role: str,
+                          bootstrap_port: int | None, worker_id: str | None = None
+                          ) -> list[Worker]:
+    """Register a worker out of rotation; it joins once a health check passes. The one add path
+    of `POST /workers` and service discovery (gateway/discovery.py). Returns the registered
+    workers: one, or one per DP rank with --dp-aware."""
+    worker = state.workers.add(url, role, bootstrap_port, worker_id)
     # Joins rotation once a health check passes (gateway/health.py), unless checks are off.
     worker.healthy = state.settings.disable_health_check
-    state.metrics.record_health(worker.worker_id, worker.role, worker.healthy, False)
-    state.metrics.record_circuit_state(worker.worker_id, worker.breaker.state)
+    added = [worker]
+    if state.settings.dp_aware and state.session is not None:
+        # One worker per DP rank, `id@rank` (gateway/dp.py); DELETE of the id removes them all.
+        added = await dp.expand(state.workers, worker, state.session, state.upstream_headers(),
+                                state.settings.health_check_timeout_secs)
+    for each in added:
+        state.metrics.record_health(each.worker_id, each.role, each.healthy, False)
+        state.metrics.record_circuit_state(each.worker_id, each.breaker.state)
     state.decode_workers_changed()
-    if not worker.healthy:
-        state.activate(worker)
-    return json_response({"status": "accepted", "worker_id": worker.worker_id,
-                          "url": redact_url(worker.url),
-                          "location": f"/workers/{quote(worker.worker_id, safe='')}",
-                          "message": "worker added; it enters rotation once healthy"}, 202)
+    for each in added:
+        if not each.healthy:
+            state.activate(each)
+    return added
+
+
+def unregister_worker(state: GatewayState, worker_id: str) -> list[Worker]:
+    """Take a worker out at once (requests in flight finish on it): the one remove path of
+    `DELETE /workers/{id}` and service discovery. NotFoundError when it is not registered."""
+    # --dp-aware registered a worker's ranks as `id@rank`; its own id removes all of them.
+    ranks = [w for w in state.workers if w.dp_rank is not None
+             and w.worker_id == f"{worker_id}@{w.dp_rank}"] \
+        if state.workers.find(worker_id) is None else []
+    removed = ([state.workers.remove(w.worker_id) for w in ranks] if ranks
+               else [state.workers.remove(worker_id)])
+    for worker in removed:
+        state.metrics.forget_worker(worker.worker_id, worker.role)
+    state.decode_workers_changed()
+    return removed
 
 
 async def list_workers(request: web.Request) -> web.Response:
@@ -182,10 +218,9 @@ async def update_worker(request: web.Request) -> web.Response:
 
 async def delete_worker(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    worker = state.workers.remove(request.match_info["worker_id"])
-    state.metrics.forget_worker(worker.worker_id, worker.role)
-    state.decode_workers_changed()
-    return json_response({"status": "accepted", "worker_id": worker.worker_id,
+    wid = request.match_info["worker_id"]
+    unregister_worker(state, wid)
+    return json_response({"status": "accepted", "worker_id": wid,
                           "message": "worker removed from rotation"}, 202)
 
 

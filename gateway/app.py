@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 
-from gateway import admin, info
+from gateway import admin, dp, info
 from gateway.circuit import BreakerConfig
 from gateway.config import Settings
 from gateway.cors import CorsPolicy
@@ -133,7 +133,8 @@ def _build_state(settings: Settings) -> GatewayState:
         window_secs=settings.cb_window_duration_secs,
         enabled=not settings.disable_circuit_breaker,
     )
-    workers = WorkerRegistry(breaker, settings.load_stale_secs)
+    workers = WorkerRegistry(breaker, settings.load_stale_secs,
+                             shared_load=settings.load_view == "reported")
     added = [workers.add(spec.url, "prefill", spec.bootstrap_port) for spec in settings.prefill]
     added += [workers.add(url, "decode") for url in settings.decode]
     added += [workers.add(url, "regular") for url in settings.worker_urls]
@@ -203,6 +204,11 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
                                               cookie_jar=aiohttp.DummyCookieJar(),
                                               json_serialize=lambda o: orjson.dumps(o).decode())
         state.client = Http1Pool(ssl_context=tls)
+        if settings.dp_aware:
+            # Before the locality stack maps zones onto decode workers: those are the ranks.
+            for worker in list(state.workers):
+                await dp.expand(state.workers, worker, state.session, state.upstream_headers(),
+                                settings.health_check_timeout_secs)
         await _start_locality(state)
         locality = state.locality
         state.dispatcher = Dispatcher(
@@ -236,6 +242,11 @@ def create_app(settings: Settings, *, rng: random.Random | None = None,
                                 settings.load_poll_interval_secs,
                                 settings.health_check_timeout_secs, headers)
             state.tasks.append(asyncio.ensure_future(poller.run()))
+        if settings.service_discovery:
+            # Imported here so a gateway without --service-discovery never loads the client.
+            from gateway.discovery import start_discovery
+
+            await start_discovery(state)
         metrics_runner = await _metrics_site(state) if serve_metrics else None
         for worker in state.workers:
             state.metrics.record_health(worker.worker_id, worker.role, worker.healthy, True)

@@ -9,7 +9,7 @@ prefix, as one of:
   answer a client gets (tokenizers, gRPC-mode media handling, smg's internal tuning knobs). The
   flag is accepted and start-up logs one line per flag saying it has no effect and why.
 - `rejected`: ignoring it would be unsafe or would silently change what the operator asked for
-  (authentication, discovery, storage, other serving modes). Start-up fails naming the flag
+  (authentication, storage, other serving modes). Start-up fails naming the flag
   and the alternative.
 
 `tests/deploy/test_compat_flags.py` parses both routers' `--help` and fails on any flag this
@@ -86,18 +86,19 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
                  "logs go to stderr as text; collect them there"),
     ForeignFlags(("--control-plane-audit-enabled",), "accepted",
                  "admin mutations are logged at INFO"),
+    ForeignFlags(("--kv-connector-annotation", "--kv-engine-id-annotation"), "accepted",
+                 "vLLM KV connector metadata of discovered pods; SGLang workers get their KV "
+                 "transfer from the bootstrap port (--bootstrap-port-annotation)"),
     # --- rejected: ignoring them would be unsafe or change what was asked for ---
     ForeignFlags(("--jwt-", "--control-plane-api-keys", "--tenant-", "--trust-tenant-header",
                   "--priority-scheduler-"), "rejected",
                  "no client authentication or tenancy here: put an authenticating proxy in "
                  "front; --admin-token protects the admin API"),
-    ForeignFlags(("--service-discovery", "--discovery-", "--selector", "--prefill-selector",
-                  "--decode-selector", "--encode-selector", "--router-selector",
-                  "--service-discovery-port", "--service-discovery-namespace",
-                  "--kv-connector-annotation", "--kv-engine-id-annotation", "--model-id-from"),
-                 "rejected", "no service discovery yet: list workers with --prefill/--decode "
+    ForeignFlags(("--discovery-",), "rejected",
+                 "Kubernetes discovery is --service-discovery (smg's --discovery-provider "
+                 "kubernetes); there is no file provider: list workers with --prefill/--decode "
                  "(or --worker-urls) or add them with POST /workers"),
-    ForeignFlags(("--enable-mesh", "--mesh-"), "rejected",
+    ForeignFlags(("--enable-mesh", "--mesh-", "--router-selector"), "rejected",
                  "no router mesh: replicas share nothing but the zone table and the workers' "
                  "own load reports"),
     ForeignFlags(("--history-", "--oracle-", "--postgres-", "--redis-", "--schema-config",
@@ -105,14 +106,13 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
                   "--enable-wasm"), "rejected",
                  "the Responses/Conversations APIs, MCP and WASM hooks are not served here; "
                  "send /v1/chat/completions, /v1/completions or /generate"),
-    ForeignFlags(("--epd-disaggregation", "--encode", "--encode-policy"), "rejected",
+    ForeignFlags(("--epd-disaggregation", "--encode", "--encode-policy", "--encode-selector"),
+                 "rejected",
                  "encode/prefill/decode (EPD) is not supported: use --pd-disaggregation"),
-    ForeignFlags(("--enable-igw",), "rejected", "one model per gateway: run one per model"),
+    ForeignFlags(("--enable-igw", "--model-id-from"), "rejected",
+                 "one model per gateway: run one per model"),
     ForeignFlags(("--enable-rl", "--rl-"), "rejected", "no RL control plane here"),
     ForeignFlags(("--zmq-engine-count",), "rejected", "workers are HTTP URLs, not ZMQ sockets"),
-    ForeignFlags(("--dp-aware",), "rejected",
-                 "not implemented yet: without it each worker's SGLang balances its own DP "
-                 "ranks; drop the flag"),
 )
 
 

@@ -10,6 +10,7 @@ offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,9 @@ LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
 REQUEST_POLICIES = ("cache_aware", "prefix_hash", "consistent_hashing", "manual")
 POLICIES = (*LOAD_POLICIES, *REQUEST_POLICIES, "eldr")
 PD_FLOWS = ("dual", "prefill-first")
+ELDR_DECISIONS = ("band", "step-cost")
 LOG_LEVELS = ("debug", "info", "warn", "error")
+LOAD_VIEWS = ("local", "reported")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -59,12 +62,39 @@ class Settings:
     worker_urls: list[str] = field(default_factory=list, metadata={
         "help": "regular (non-PD) worker URLs", "kind": "nargs"})
     api_key: str | None = _f(None, "bearer token sent to workers")
+    # --- Kubernetes service discovery (the Rust routers' flags and defaults; gateway/discovery.py)
+    service_discovery: bool = _f(
+        False, "discover workers from Kubernetes pods by label selector (list + watch)")
+    selector: list[str] = field(default_factory=list, metadata={
+        "help": "service discovery: labels of regular worker pods (key=value ...)",
+        "kind": "nargs"})
+    prefill_selector: list[str] = field(default_factory=list, metadata={
+        "help": "service discovery: labels of prefill pods, PD mode (key=value ...)",
+        "kind": "nargs"})
+    decode_selector: list[str] = field(default_factory=list, metadata={
+        "help": "service discovery: labels of decode pods, PD mode (key=value ...)",
+        "kind": "nargs"})
+    service_discovery_port: int = _f(
+        80, "service discovery: worker port of discovered pods (a pod's smg.ai/worker-ports "
+        "annotation overrides it)")
+    service_discovery_namespace: str | None = _f(
+        None, "service discovery: namespace watched (unset: all namespaces, which needs "
+        "cluster-wide list/watch on pods)")
+    bootstrap_port_annotation: str = _f(
+        "sglang.ai/bootstrap-port", "service discovery: pod annotation holding a prefill's "
+        "bootstrap port (ours: the Rust routers fix this name)")
+    service_discovery_resync_secs: float = _f(
+        60.0, "service discovery: seconds between full re-lists of the pods, reconciling "
+        "anything a watch missed (ours; smg reconciles every 60 s)")
     # --- routing ---
     policy: str = _f("round_robin", "routing policy (prefill and decode unless overridden)",
                      choices=POLICIES)
     prefill_policy: str | None = _f(None, "policy for prefill workers", choices=POLICIES)
     decode_policy: str | None = _f(None, "policy for decode workers", choices=POLICIES)
     pd_flow: str = _f("dual", "PD flow: dual (stock SGLang) or prefill-first", choices=PD_FLOWS)
+    dp_aware: bool = _f(
+        False, "route to DP attention ranks: each worker becomes one worker per rank (count "
+        "read from /server_info) and requests carry routed_dp_rank (smg --dp-aware)")
     # --- prefix and key policies (names, defaults and meaning as smg 1.13) ---
     cache_threshold: float = _f(
         0.3, "cache_aware: matched-prefix share (0-1) above which a request goes to the worker "
@@ -103,9 +133,30 @@ class Settings:
         None, "locality band width in [0, 2] (default: the zone table's tau; 1 = least-load)")
     eldr_min_candidates: int | None = _f(
         None, "fewest distinct workers in a band (default: the zone table's min_candidates)")
+    eldr_load_bound: int | None = _f(
+        None, "load bound (>= 0): zones whose worker has more than this many in-flight requests "
+        "over the least-loaded worker leave the band (default: the zone table's load_bound, "
+        "which zones fit sets to 4; -1 or unset in both: off, the paper's rule; 0: "
+        "least-loaded workers only) (ours)")
     eldr_fallback_policy: str = _f(
         "least_load", "load-only policy eldr uses when a request has no signature or table",
         choices=LOAD_POLICIES)
+    eldr_decision: str = _f(
+        "band", "how eldr chooses a decode worker: band (the paper's locality band) or "
+        "step-cost (least decode step time added per output token, from the experts of the "
+        "requests in flight on each worker) (ours)", choices=ELDR_DECISIONS)
+    # Step-cost model constants (docs/eldr.md, "Step-cost decision", derives them). Defaults:
+    # DeepSeek-V2-Lite (hidden 2048, moe_intermediate 1408, bf16) on an H100 SXM5 at 2.71 TB/s
+    # achievable HBM bandwidth (3.35 TB/s datasheet x 0.81 measured). Only expert : token
+    # decides; the fixed time is the same for every candidate.
+    eldr_step_fixed_ms: float = _f(
+        3.0, "step-cost: fixed time of a decode step in ms (dense weights, per-layer overheads)")
+    eldr_step_expert_us: float = _f(
+        6.4, "step-cost: time to stream one expert's weights in one MoE layer, in us "
+        "(3 x hidden x moe_intermediate x 2 B / HBM bandwidth)")
+    eldr_step_token_us: float = _f(
+        25.0, "step-cost: time each request in the batch adds to a decode step, in us (its KV "
+        "cache reads and per-token compute)")
     signature_cache: bool = _f(
         True, "learn signatures from results and reuse them for continued prompts")
     signature_predictor: bool = _f(
@@ -179,9 +230,14 @@ class Settings:
     worker_startup_check_interval: float = _f(
         30.0, "seconds between health probes of a new worker until it passes")
     # --- load polling (ours: the Rust router polls loads only for power_of_two) ---
-    load_poll_interval_secs: float = _f(1.0, "seconds between /v1/loads polls (0 disables)",
+    load_poll_interval_secs: float = _f(0.25, "seconds between /v1/loads polls (0 disables)",
                                         aliases=("--load-monitor-interval",))
     load_stale_secs: float = _f(5.0, "worker-reported load older than this is ignored")
+    load_view: str = _f(
+        "local", "the request load policies compare: local (this process's in-flight "
+        "requests) or reported (each worker's reported running + waiting requests plus this "
+        "process's change since; use it with several gateway replicas, with a poll interval "
+        "well under a second) (ours)", choices=LOAD_VIEWS)
     # --- observability / admin ---
     prometheus_host: str = _f("0.0.0.0", "address for the Prometheus metrics server")
     prometheus_port: int = _f(29000, "port for the Prometheus metrics server (0: disabled)")
@@ -222,7 +278,7 @@ class Settings:
                            "cb_window_duration_secs", "retry_backoff_multiplier",
                            "queue_timeout_secs", "load_stale_secs",
                            "worker_startup_timeout_secs", "worker_startup_check_interval",
-                           "client_idle_timeout_secs")
+                           "client_idle_timeout_secs", "service_discovery_resync_secs")
         for key in positive_floats:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
@@ -251,6 +307,13 @@ class Settings:
             raise ConfigError(f"eldr_tau must be in [0, 2], got {self.eldr_tau}")
         if self.eldr_min_candidates is not None and self.eldr_min_candidates < 1:
             raise ConfigError(f"eldr_min_candidates must be >= 1, got {self.eldr_min_candidates}")
+        if self.eldr_load_bound is not None and self.eldr_load_bound < -1:
+            raise ConfigError(
+                f"eldr_load_bound must be >= 0, or -1 for off, got {self.eldr_load_bound}")
+        for key in ("eldr_step_fixed_ms", "eldr_step_expert_us", "eldr_step_token_us"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
         rate = self.rate_limit_tokens_per_second
         if rate is not None and not rate > 0:
             raise ConfigError(f"rate_limit_tokens_per_second must be > 0, got {rate!r}")
@@ -262,6 +325,7 @@ class Settings:
         for key, allowed in (("policy", POLICIES), ("prefill_policy", POLICIES),
                              ("decode_policy", POLICIES), ("pd_flow", PD_FLOWS),
                              ("eldr_fallback_policy", LOAD_POLICIES),
+                             ("eldr_decision", ELDR_DECISIONS),
                              ("log_level", LOG_LEVELS)):
             value = getattr(self, key)
             if value is not None and value not in allowed:
@@ -290,6 +354,7 @@ class Settings:
             check_url("decode", url)
         for url in self.worker_urls:
             check_url("worker_urls", url)
+        self._validate_discovery()
         if self.pd_disaggregation and self.worker_urls:
             raise ConfigError("worker_urls is for regular mode; use --prefill/--decode with "
                               "--pd-disaggregation")
@@ -299,6 +364,22 @@ class Settings:
 
         check_settings(self)
         return self
+
+    def _validate_discovery(self) -> None:
+        for key in ("selector", "prefill_selector", "decode_selector"):
+            parse_selector(key, getattr(self, key))
+        if not 1 <= self.service_discovery_port <= 65535:
+            raise ConfigError(f"service_discovery_port must be 1..65535, got "
+                              f"{self.service_discovery_port!r}")
+        if not self.service_discovery:
+            return
+        # As the Rust routers: PD mode matches pods by the role selectors only, regular mode by
+        # --selector only. An empty selector would match no pod (smg only warns); refuse it here.
+        if self.pd_disaggregation and not (self.prefill_selector or self.decode_selector):
+            raise ConfigError("service_discovery with --pd-disaggregation needs "
+                              "--prefill-selector and/or --decode-selector (key=value ...)")
+        if not self.pd_disaggregation and not self.selector:
+            raise ConfigError("service_discovery needs --selector (key=value ...)")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -316,3 +397,17 @@ def parse_prefill(values: list[str]) -> PrefillSpec:
             raise ConfigError(f"prefill bootstrap port must be an integer or 'none': "
                               f"{values[1]!r}") from exc
     return PrefillSpec(url=values[0].rstrip("/"), bootstrap_port=port)
+
+
+def parse_selector(key: str, values: list[str]) -> dict[str, str]:
+    """`key=value` label pairs, as the Rust routers' `--selector` takes them; one item may hold
+    several space-separated pairs (smg's launcher allows it). A token without `=` is refused
+    (smg's Rust command line refuses it too; its Python launcher skips it silently)."""
+    labels: dict[str, str] = {}
+    for item in values:
+        for token in item.split():
+            name, sep, value = token.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"{key}: expected key=value label pairs, got {token!r}")
+            labels[name] = value
+    return labels

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from aiohttp import web
 
-from gateway import bootstrap
+from gateway import bootstrap, dp
 from gateway.config import Settings
 from gateway.cors import CorsPolicy
 from gateway.errors import (
@@ -476,7 +476,7 @@ class Dispatcher:
                             stack: Cleanup) -> Opened:
         worker, selection = self._select("regular", NO_ROUTING_INPUT, ctx)
         stack.enter(InFlight(worker, self.metrics))
-        body = _encode(_outgoing(ctx))
+        body = _encode(dp.with_ranks(_outgoing(ctx), worker))
         resp = await post_open(self.client, worker, self._urls.get(worker, ctx.endpoint), body,
                                headers, self._left(ctx))
         stack.callback(close_response, resp)
@@ -493,9 +493,14 @@ class Dispatcher:
                    else NO_ROUTING_INPUT)
         ctx.signature_source = routing.signature_source
         decode, selection = self._select("decode", routing, ctx)
-        rooms = bootstrap.new_rooms(ctx.batch, self.rng)
-        body = _encode(bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port,
-                                        rooms))
+        if selection.release is not None:  # the policy's per-worker tracking ends with us
+            stack.callback(selection.release)
+        rooms = dp.rooms_for(bootstrap.new_rooms(ctx.batch, self.rng), prefill)
+        injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, rooms)
+        body = _encode(dp.with_ranks(injected, prefill))
+        # Without DP ranks (the default) both legs get the very same bytes.
+        decode_body = (body if prefill.dp_rank is None and decode.dp_rank is None
+                       else _encode(dp.with_ranks(injected, decode, prefill)))
         prefill_guard = InFlight(prefill, self.metrics).__enter__()
         prefill_task = asyncio.ensure_future(
             post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint), body, headers,
@@ -508,7 +513,7 @@ class Dispatcher:
         watch = _PrefillWatch(prefill_task)
         with _handshake_faults_to(prefill):
             resp = await self._unless_prefill_fails(
-                post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), body,
+                post_open(self.client, decode, self._urls.get(decode, ctx.endpoint), decode_body,
                           headers, self._left(ctx)), watch, prefill)
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_task=prefill_task)
@@ -557,9 +562,9 @@ class Dispatcher:
     async def _open_prefill_first(self, ctx: RequestContext, headers: dict[str, str],
                                   stack: Cleanup) -> Opened:
         prefill, _ = self._select("prefill", NO_ROUTING_INPUT, ctx)
-        room = bootstrap.new_rooms(None, self.rng)
+        room = dp.rooms_for(bootstrap.new_rooms(None, self.rng), prefill)
         injected = bootstrap.inject(_outgoing(ctx), prefill.url, prefill.bootstrap_port, room)
-        prefill_body = dict(injected, prefill_first=True, stream=False)
+        prefill_body = dict(dp.with_ranks(injected, prefill), prefill_first=True, stream=False)
         with InFlight(prefill, self.metrics):
             result = await post_read(self.client, prefill, self._urls.get(prefill, ctx.endpoint),
                                      _encode(prefill_body), headers, self._left(ctx),
@@ -582,10 +587,13 @@ class Dispatcher:
             routing = self.resolver.from_prefill(ctx, parsed)
         ctx.signature_source = routing.signature_source
         decode, selection = self._select("decode", routing, ctx)
+        if selection.release is not None:
+            stack.callback(selection.release)
         stack.enter(InFlight(decode, self.metrics))
         with _handshake_faults_to(prefill):
             resp = await post_open(self.client, decode, self._urls.get(decode, ctx.endpoint),
-                                   _encode(injected), headers, self._left(ctx))
+                                   _encode(dp.with_ranks(injected, decode, prefill)), headers,
+                                   self._left(ctx))
         released = True  # the decode connected: the room is consumed by it
         stack.callback(close_response, resp)
         opened = Opened(resp, decode, selection, prefill_result=result)

@@ -153,7 +153,7 @@ async def loads(request: web.Request) -> web.Response:
     by_role: dict[str, list[dict[str, Any]]] = {}
     for w in request.app[STATE].workers:
         by_role.setdefault(w.role, []).append({
-            "engine": redact_url(w.url), "worker_id": redact_url(w.worker_id),
+            "engine": redact_url(w.url), "worker_id": w.display_id,
             "load": w.reported_load, "in_flight": w.in_flight, "is_healthy": w.healthy,
         })
     return json_response(by_role)

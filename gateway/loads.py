@@ -8,7 +8,9 @@ worker for its whole lifetime, including streaming to the end, and always gives 
 `num_total_tokens`; see sglang `srt/entrypoints/v1_loads.py`) and sums over DP ranks. Workers
 that do not have it (404) are asked the deprecated `GET /get_load` (a list of per-rank dicts with
 `num_tokens`) instead. A failed poll clears the report; policies ignore reports older than
-`load_stale_secs` (see `Worker.view`).
+`load_stale_secs` (see `Worker.view`). It also reads the requests each worker holds
+(`num_running_reqs + num_waiting_reqs`) for the shared load view (`--load-view reported`,
+`Worker.view`).
 """
 
 from __future__ import annotations
@@ -54,23 +56,49 @@ class InFlight:
             self._metrics.record_active(self._worker.worker_id, self._worker.role, -1)
 
 
-def parse_v1_loads(payload: Any) -> int | None:
-    """Sum `num_total_tokens` over DP ranks of a `/v1/loads` answer; None if absent."""
+def parse_v1_loads(payload: Any, dp_rank: int | None = None) -> int | None:
+    """Sum `num_total_tokens` over DP ranks of a `/v1/loads` answer (only rank `dp_rank`'s
+    entry for a `--dp-aware` rank worker); None if absent."""
     if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
         return None
     total, seen = 0, False
     for rank in payload["loads"]:
+        if dp_rank is not None and (not isinstance(rank, dict) or rank.get("dp_rank") != dp_rank):
+            continue
         if isinstance(rank, dict) and isinstance(rank.get("num_total_tokens"), int | float):
             total += int(rank["num_total_tokens"])
             seen = True
     return total if seen else None
 
 
-def parse_get_load(payload: Any) -> int | None:
-    """Sum `num_tokens` of the deprecated `/get_load` answer (list of per-rank dicts or one)."""
+def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
+    """Requests on the worker from a `/v1/loads` answer: `num_running_reqs + num_waiting_reqs`
+    summed over DP ranks (or rank `dp_rank`'s); None if absent. SGLang counts a PD decode's
+    requests still waiting for their KV among the waiting ones (scheduler_components/
+    load_inquirer.py), so this is every request the worker holds, whichever router sent it."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
+        return None
+    total, seen = 0, False
+    for rank in payload["loads"]:
+        if not isinstance(rank, dict):
+            continue
+        if dp_rank is not None and rank.get("dp_rank") != dp_rank:
+            continue
+        running, waiting = rank.get("num_running_reqs"), rank.get("num_waiting_reqs")
+        if isinstance(running, int | float) and isinstance(waiting, int | float):
+            total += int(running) + int(waiting)
+            seen = True
+    return total if seen else None
+
+
+def parse_get_load(payload: Any, dp_rank: int | None = None) -> int | None:
+    """Sum `num_tokens` of the deprecated `/get_load` answer (list of per-rank dicts or one),
+    or only rank `dp_rank`'s."""
     ranks = payload if isinstance(payload, list) else [payload]
     total, seen = 0, False
     for rank in ranks:
+        if dp_rank is not None and (not isinstance(rank, dict) or rank.get("dp_rank") != dp_rank):
+            continue
         if isinstance(rank, dict):
             value = rank.get("num_tokens", rank.get("load"))
             if isinstance(value, int | float):
@@ -96,23 +124,29 @@ class LoadPoller:
 
     async def _poll(self, worker: Worker) -> None:
         load: int | None = None
+        requests: int | None = None
         try:
-            load = await self._fetch(worker.url + "/v1/loads", parse_v1_loads)
+            rank = worker.dp_rank
+            payload = await self._fetch(worker.url + "/v1/loads")
+            load = parse_v1_loads(payload, rank)
+            requests = parse_v1_requests(payload, rank)
             if load is None:
-                load = await self._fetch(worker.url + "/get_load", parse_get_load)
+                load = parse_get_load(await self._fetch(worker.url + "/get_load"), rank)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             log.debug("load poll of %s failed: %s", worker.worker_id, exc)
+        now = time.monotonic()
         worker.reported_load = load
         if load is not None:
-            worker.load_updated_at = time.monotonic()
+            worker.load_updated_at = now
+        worker.note_reported_requests(requests, now)
         self._metrics.record_worker_load(worker.worker_id, load)
 
-    async def _fetch(self, url: str, parse: Any) -> int | None:
+    async def _fetch(self, url: str) -> Any:
+        """The JSON answer, or None for a non-200 answer."""
         async with self._session.get(url, timeout=self._timeout, headers=self._headers) as resp:
             if resp.status != 200:
                 return None
-            result: int | None = parse(await resp.json(content_type=None))
-            return result
+            return await resp.json(content_type=None)
 
     async def run(self) -> None:
         """Poll forever (cancelled by the app's cleanup)."""

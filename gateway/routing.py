@@ -11,7 +11,7 @@ module; it imports neither.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -31,7 +31,10 @@ class WorkerView:
 
     worker_id: str  # stable id (the URL unless the operator named it)
     url: str
-    in_flight: int  # gateway-counted in-flight requests
+    # The request load policies compare: this process's in-flight requests, or with
+    # `--load-view reported` the worker's own count plus this process's change since
+    # (`Worker.shared_load`), which stays right with several gateway replicas.
+    in_flight: int
     reported_load: int | None  # worker-reported num_total_tokens; None when unknown/stale
 
 
@@ -85,6 +88,11 @@ class Selection:
     band_size: int | None = None
     rank: int | None = None
     similarity: float | None = None
+    # Zones the eldr load bound excluded that rank above the choice (gateway.eldr.band).
+    load_skipped: int = 0
+    # Set by policies that track what is in flight per worker (eldr's step-cost decision):
+    # dispatch calls it once when the chosen worker's leg ends, on every exit path.
+    release: Callable[[], None] | None = None
 
 
 @runtime_checkable

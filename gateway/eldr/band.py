@@ -23,6 +23,30 @@ Signatures and centroids are non-negative (IDF-weighted counts and their means),
 `s_k` lies in [0, 1]: `tau >= 1` admits every available zone and the choice is plain
 join-shortest-queue; `tau = 0` is pure locality plus min-candidates.
 
+Load bound (optional, `bound`; None = off, the paper's rule above exactly): a static band keeps
+sending one zone's traffic to the same few workers, so locality can buy a long queue and worse
+tail TPOT than load-only routing. With a bound B >= 0:
+
+    min_load = min over ALL available candidates (zoned and zone-less) of in-flight
+    a zone is *eligible* when its worker's in-flight <= min_load + B
+    s*   = max s_k over eligible zones
+    band = {eligible k : s_k >= s* - tau}
+    min-candidates admits the next most similar *eligible* zones (ties: lower zone index)
+    choose as above (fewest in-flight, then more similar, then lower zone index)
+
+Over-bound zones are skipped both when forming the band and when admitting min-candidates
+neighbours, so the band re-forms among eligible zones in similarity order. The least-loaded
+worker is always eligible, so there is always a choice: when it serves no zone and no zone is
+eligible, the band is empty and the least-loaded zone-less worker is chosen as overflow (a
+zone-less worker over the bound never wins, since it would need fewer requests than an
+eligible member). B = 0 is join-shortest-queue restricted to the least-loaded workers, the most
+similar zone among them winning. `BandChoice.load_skipped` counts the over-bound zones that
+rank above the zone the band settled on (strictly more similar, or as similar with a lower
+zone index), even when a zone-less worker then takes the request; all over-bound zones when
+none was eligible. It counts exclusions, not changed decisions: an over-bound zone above the
+choice might have lost on load anyway. Cost: one pass reading every candidate's load
+(N <= 64) on top of the unbounded walk.
+
 Zone-less workers: an available worker that serves no zone (it joined after the table was fitted
 and no orphaned zone was left to hand it; see `gateway.eldr.runtime`) has no centroid and so no
 similarity. It joins every band as *overflow* capacity: it is chosen only when it has strictly
@@ -77,6 +101,8 @@ class BandChoice:
     band_size: int  # distinct workers eligible (band after min-candidates, plus zone-less)
     rank: int | None  # 1 = the most similar available zone
     similarity: float | None
+    # Zones the load bound excluded that rank above the choice (module docstring); 0 unbounded.
+    load_skipped: int = 0
 
 
 def normalize_worker_key(key: str) -> str:
@@ -215,20 +241,24 @@ def choose(
     in_flight: Sequence[int] | Sequence[Candidate],
     tau: float,
     min_candidates: int,
+    bound: int | None = None,
 ) -> BandChoice | None:
     """Pick a worker for `signature` (a float32 vector of length `plan.dim`, or its low-rank
     coordinates).
 
     `in_flight[i]` is candidate i's in-flight decode count, or candidate i itself (anything
-    with an int `in_flight`, such as a `WorkerView`: then only the loads the band needs are
-    read). Returns None when no available zone exists or the similarities are not finite; the
-    caller then falls back to its load-only policy.
+    with an int `in_flight`, such as a `WorkerView`: then, without a bound, only the loads the
+    band needs are read). `bound` is the load bound (module docstring; None: off). Returns None
+    when no available zone exists or the similarities are not finite; the caller then falls
+    back to its load-only policy.
     """
     if plan.size == 0:
         return None
     got = plan.ranked(signature)
     if got is None:
         return None
+    if bound is not None:
+        return _choose_bounded(plan, got, in_flight, tau, min_candidates, bound)
     load_of = _load_reader(in_flight)
     ranked, rows = got  # ascending -s_k, and the plan row of each
     best_neg = ranked[0]
@@ -265,6 +295,83 @@ def choose(
     similarity = -ranked[best_j]
     rank = 1 + bisect.bisect_left(ranked, ranked[best_j])  # zones strictly more similar
     return BandChoice(positions[chosen], plan.zones[chosen], band_size, rank, similarity)
+
+
+def _choose_bounded(
+    plan: BandPlan,
+    got: tuple[list[float], list[int]],
+    in_flight: Sequence[int] | Sequence[Candidate],
+    tau: float,
+    min_candidates: int,
+    bound: int,
+) -> BandChoice | None:
+    """`choose` with the load bound (module docstring). Kept apart from the unbounded walk so
+    that `bound=None` runs exactly the paper's code path."""
+    # The one pass: the minimum is over every candidate (the plan's zones and zone-less
+    # workers together cover the whole list), so the least-loaded worker is always eligible.
+    loads = _all_loads(in_flight)
+    cap = min(loads) + bound
+    ranked, rows = got  # ascending -s_k, and the plan row of each
+    positions = plan.positions
+    count = len(rows)
+    skipped: list[int] = []  # indices into `rows` of over-bound zones met by the walk
+    band: list[int] = []  # indices into `rows` of eligible members, most similar first
+    workers: set[int] = set()
+    j = 0
+    while j < count and loads[positions[rows[j]]] > cap:  # s* is the best ELIGIBLE zone's
+        skipped.append(j)
+        j += 1
+    if j < count:
+        limit = tau + ranked[j]  # s_k >= s* - tau  <=>  -s_k <= tau - s*
+        while j < count and ranked[j] <= limit:
+            position = positions[rows[j]]
+            if loads[position] > cap:
+                skipped.append(j)
+            else:
+                band.append(j)
+                workers.add(position)
+            j += 1
+        while len(workers) < min_candidates and j < count and math.isfinite(ranked[j]):
+            position = positions[rows[j]]
+            if loads[position] > cap:
+                skipped.append(j)
+            elif position not in workers:
+                band.append(j)
+                workers.add(position)
+            j += 1
+    best_j = -1
+    chosen_load = math.inf
+    for j in band:  # most similar first: the first minimum wins ties
+        load = loads[positions[rows[j]]]
+        if load < chosen_load:
+            chosen_load = load
+            best_j = j
+    overflow: int | None = None
+    for position in plan.zoneless:
+        load = loads[position]
+        if load < chosen_load:
+            chosen_load = load
+            overflow = position
+    band_size = len(workers) + len(plan.zoneless)
+    # Over-bound zones ranked above the zone the band settled on; with an empty band, all of
+    # them (every zone was over the bound). `skipped` is ascending, so bisect counts them.
+    load_skipped = len(skipped) if best_j < 0 else bisect.bisect_left(skipped, best_j)
+    if overflow is not None:
+        return BandChoice(overflow, None, band_size, None, None, load_skipped)
+    if best_j < 0:  # no eligible zone and no zone-less worker: only non-finite similarities
+        return None
+    chosen = rows[best_j]
+    similarity = -ranked[best_j]
+    rank = 1 + bisect.bisect_left(ranked, ranked[best_j])  # zones strictly more similar
+    return BandChoice(positions[chosen], plan.zones[chosen], band_size, rank, similarity,
+                      load_skipped)
+
+
+def _all_loads(in_flight: Sequence[int] | Sequence[Candidate]) -> list[int]:
+    """Every candidate's in-flight count, in candidate order."""
+    if len(in_flight) and not isinstance(in_flight[0], int):
+        return [c.in_flight for c in cast("Sequence[Candidate]", in_flight)]
+    return list(cast("Sequence[int]", in_flight))
 
 
 def _load_reader(in_flight: Sequence[int] | Sequence[Candidate]) -> _LoadOf:

@@ -20,6 +20,7 @@ from gateway.eldr.metrics import EldrMetrics
 from gateway.eldr.policy import EldrPolicy
 from gateway.eldr.resolver import LocalityResolver, ResolverSettings, SignatureResolver
 from gateway.eldr.runtime import ZoneRuntime
+from gateway.eldr.step_cost import StepCostModel
 from gateway.errors import GatewayError
 from gateway.routing import Policy
 
@@ -34,7 +35,9 @@ class Locality:
     def policy(self, settings: Settings, fallback: Policy) -> EldrPolicy:
         """The `eldr` decode policy: band overrides from settings, fallbacks counted."""
         return EldrPolicy(tau=settings.eldr_tau, min_candidates=settings.eldr_min_candidates,
-                          fallback=fallback, on_fallback=self.metrics.record_fallback)
+                          load_bound=settings.eldr_load_bound, decision=settings.eldr_decision,
+                          step_cost=StepCostModel.from_settings(settings), fallback=fallback,
+                          on_fallback=self.metrics.record_fallback)
 
 
 async def start_locality(settings: Settings, registry: CollectorRegistry) -> Locality:

@@ -33,6 +33,8 @@ class DecisionLike(Protocol):
     def rank(self) -> int | None: ...
     @property
     def similarity(self) -> float | None: ...
+    @property
+    def load_skipped(self) -> int: ...
 
 
 class EldrMetrics:
@@ -73,6 +75,12 @@ class EldrMetrics:
         self.zoneless = Counter(
             "eldr_zoneless_choices_total",
             "Decisions that went to an available worker serving no zone (overflow)",
+            registry=registry,
+        )
+        self.load_bound_skips = Counter(
+            "eldr_load_bound_skips_total",
+            "Decisions where the locality load bound excluded at least one zone ranked above "
+            "the chosen one (more similar, or as similar with a lower index)",
             registry=registry,
         )
         self.fallbacks = Counter(
@@ -148,6 +156,8 @@ class EldrMetrics:
             self.band_size.observe(selection.band_size)
             if selection.zone is None:
                 self.zoneless.inc()
+            if selection.load_skipped:
+                self.load_bound_skips.inc()
         if selection.rank is not None:
             self.zone_rank.observe(selection.rank)
         if selection.similarity is not None:

@@ -300,6 +300,7 @@ class ZoneRuntime:
                 geometry=a.table.geometry.to_dict(),
                 tau=a.table.tau,
                 min_candidates=a.table.min_candidates,
+                load_bound=a.table.load_bound,
                 predictor=a.table.predictor is not None,
                 # The table's names are free strings: never echo credentials written into one.
                 workers=[

@@ -63,7 +63,7 @@ def test_accepted_flags_parse_with_their_values_and_are_reported() -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--service-discovery", "--selector", "app=sglang"], "--prefill/--decode"),
+    (["--discovery-provider", "file"], "--prefill/--decode"),
     (["--jwt-issuer", "https://idp"], "authenticating proxy"),
     (["--history-backend", "oracle"], "/v1/chat/completions"),
     (["--backend", "openai"], "only sglang workers"),

@@ -278,13 +278,17 @@ def _random_table(path: str, decode_urls: list[str]) -> None:
     save_table(make_table(spec, rows, list(decode_urls)), path)
 
 
-@pytest.mark.parametrize("flow,source", [("prefill-first", "prefill"), ("dual", None)])
-async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source):
-    """--zones + eldr: the prefill-first flow routes on the prefill's exact expert counts."""
+@pytest.mark.parametrize("flow,source,decision", [
+    ("prefill-first", "prefill", "band"), ("dual", None, "band"),
+    ("prefill-first", "prefill", "step-cost"), ("dual", None, "step-cost")])
+async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source, decision):
+    """--zones + eldr: the prefill-first flow routes on the prefill's exact expert counts;
+    step-cost releases every request it admitted once the answers are in."""
     async with run_cluster(ClusterConfig(prefill=1, decode=2, engine=ENGINE)) as cluster:
         table_path = str(tmp_path / "zones.json")
         _random_table(table_path, cluster.decode_urls)
-        settings = _settings(cluster, zones=table_path, decode_policy="eldr", pd_flow=flow)
+        settings = _settings(cluster, zones=table_path, decode_policy="eldr", pd_flow=flow,
+                             eldr_decision=decision)
         async with running_gateway(settings) as (url, state), aiohttp.ClientSession() as s:
             for i in range(4):
                 async with s.post(url + "/generate", json={
@@ -299,6 +303,11 @@ async def test_eldr_policy_wired_end_to_end(tmp_path, flow, source):
             assert sum(resolved.values()) == 4
             if source is not None:
                 assert resolved[source] == 4
+            tracker = state.dispatcher.policies["decode"]._tracker
+            if decision == "step-cost" and source is not None:
+                assert tracker is not None
+            if tracker is not None:
+                assert all(tracker.tracked(w.worker_id) == 0 for w in state.workers)
 
 
 async def test_calibration_log_records_before_the_first_table_with_model_geometry(tmp_path):
