@@ -22,7 +22,7 @@ import numpy as np
 from zones.align import refit
 from zones.calibration import CalibrationError
 from zones.evaluate import Evaluation, EvaluationError, evaluate, plot, summary
-from zones.fit import TOOL_VERSION, FitError, FitOptions, fit_zones
+from zones.fit import DEFAULT_LOAD_BOUND, TOOL_VERSION, FitError, FitOptions, fit_zones
 from zones.geometry import GeometryError, ModelGeometry, geometry_by_name
 from zones.inputs import FORMATS, CalibrationSet, InputError, load_inputs, split_indices
 from zones.kmeans import KMeansError, Progress
@@ -111,7 +111,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
         type=_load_bound,
         default=None,
         help="gateway load bound: in-flight requests over the least-loaded worker beyond which "
-        "a zone leaves the band (default: none; refit: old; 'none' removes it)",
+        f"a zone leaves the band (default: {DEFAULT_LOAD_BOUND}; refit: old; 'none' removes "
+        "it)",
     )
     p.add_argument("--no-mask", action="store_true", help="keep every layer (skip the rho search)")
     p.add_argument("--no-predictor", action="store_true")
@@ -262,7 +263,7 @@ def _options(args: argparse.Namespace, old: ZoneTable | None = None) -> FitOptio
     )
     bound: int | None
     if args.load_bound is None:
-        bound = old.load_bound if old else None
+        bound = old.load_bound if old else DEFAULT_LOAD_BOUND
     else:
         bound = None if args.load_bound == "none" else int(args.load_bound)
     return FitOptions(
