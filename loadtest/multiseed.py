@@ -4,8 +4,9 @@ One `loadtest compare` run is worth about +-5% on TPOT (the same code and seed m
 and then -8.2%), so no headline may rest on one. This module reads several comparison
 directories that differ only in `--seed` (`loadtest compare --seeds 0 1 2` writes them as
 OUT/seed-N) and reports, per point (rate) and eldr variant, the relative change against the best
-load-only router *of that seed at that point* (lowest median TPOT among its non-VOID load-only
-runs, as `loadtest.report` does for one seed):
+load-only router *of that seed at that point, for that statistic* (the non-VOID load-only run
+lowest on it: a router with the best median can have the worst tail, and measuring eldr's p99
+against it would flatter eldr):
 
     change_s = stat(eldr requests of seed s) / stat(baseline requests of seed s) - 1
     headline = median over seeds of change_s
@@ -83,7 +84,7 @@ class HeadlineRow:
     rate: float
     eldr_router: str
     seeds: int
-    baselines: tuple[str, ...]  # the best load-only router of each seed
+    baselines: tuple[str, ...]  # each seed's load-only router best on median TPOT
     changes: dict[str, Interval]
     eldr_load_cv: float | None  # median over seeds
     baseline_load_cv: float | None
@@ -126,10 +127,12 @@ def bootstrap_interval(
     return Interval(float(np.median(per_seed)), float(low), float(high), per_seed)
 
 
-def best_load_only(runs: Sequence[RunSamples], load_only: Sequence[str]) -> RunSamples | None:
-    """Lowest median TPOT among the non-VOID load-only runs with samples."""
+def best_load_only(runs: Sequence[RunSamples], load_only: Sequence[str],
+                   stat: str = "tpot_p50") -> RunSamples | None:
+    """The non-VOID load-only run with samples that is best (lowest) on `stat`."""
+    field, q = STATS[stat]
     pool = [r for r in runs if r.router in load_only and not r.void and len(r.tpot)]
-    return min(pool, key=lambda r: float(np.median(r.tpot))) if pool else None
+    return min(pool, key=lambda r: float(np.percentile(r.values(field), q))) if pool else None
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -154,25 +157,33 @@ def headline_rows(
         variants = sorted({r.router for s in seeds for r in s if r.rate == rate
                            and "eldr" in r.router})
         for variant in variants:
-            pairs: list[tuple[RunSamples, RunSamples]] = []
+            # Per seed: the eldr run and, for each stat, the load-only run best on THAT stat
+            # (a router with the best median can have the worst tail; comparing eldr's p99 to
+            # it would flatter eldr).
+            per_seed: list[tuple[RunSamples, dict[str, RunSamples]]] = []
             for runs in seeds:
                 at = [r for r in runs if r.rate == rate]
                 eldr = next((r for r in at if r.router == variant), None)
-                base = best_load_only(at, load_only)
-                if eldr is None or base is None or eldr.void or not len(eldr.tpot):
+                bases = {stat: best_load_only(at, load_only, stat) for stat in STATS}
+                if eldr is None or eldr.void or not len(eldr.tpot):
                     continue
-                pairs.append((eldr, base))
-            if not pairs:
+                if any(b is None for b in bases.values()):
+                    continue
+                per_seed.append((eldr, {k: b for k, b in bases.items() if b is not None}))
+            if not per_seed:
                 continue
             changes = {
                 name: bootstrap_interval(
-                    [(e.values(field), b.values(field)) for e, b in pairs], q, rng, replicates)
+                    [(e.values(field), b[name].values(field)) for e, b in per_seed], q, rng,
+                    replicates)
                 for name, (field, q) in STATS.items()
             }
             rows.append(HeadlineRow(
-                rate, variant, len(pairs), tuple(b.router for _, b in pairs), changes,
-                _median([e.load_cv for e, _ in pairs]), _median([b.load_cv for _, b in pairs]),
-                _median([e.mean_batch for e, _ in pairs]),
+                rate, variant, len(per_seed),
+                tuple(b["tpot_p50"].router for _, b in per_seed), changes,
+                _median([e.load_cv for e, _ in per_seed]),
+                _median([b["tpot_p50"].load_cv for _, b in per_seed]),
+                _median([e.mean_batch for e, _ in per_seed]),
                 (planned_batch or {}).get(rate),
             ))
     return rows
@@ -236,8 +247,8 @@ def render_markdown(rows: Sequence[HeadlineRow], dirs: Sequence[Path],
         f"Seeds {', '.join(str(s) for s in seeds)} ({len(dirs)} comparison runs: "
         f"{', '.join(str(d) for d in dirs)}). Cell: median over seeds of the relative change "
         f"(negative = eldr lower), [95% interval] from a two-level bootstrap (seeds, then "
-        f"requests; loadtest/multiseed.py). Baseline: each seed's best load-only router at that "
-        f"rate.",
+        f"requests; loadtest/multiseed.py). Baseline: each seed's load-only router best on that "
+        f"statistic at that rate (the baselines column names the best on median TPOT).",
         "",
         "| rate (req/s) | eldr variant | seeds | median TPOT | p99 TPOT | median TTFT "
         "| load CV eldr / base | mean batch (planned) | baselines |",

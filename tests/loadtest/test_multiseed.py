@@ -134,3 +134,17 @@ def test_gateway_variants_carry_their_flags() -> None:
     for bad in ("gateway:eldr+", "gateway:eldr+--x=1", "gateway:eldr+x=", "smg:least_load+x=1"):
         with pytest.raises(CompareError, match="--routers"):
             RouterSpec.parse(bad)
+
+
+def test_each_statistic_is_measured_against_the_router_best_on_it() -> None:
+    body = [100.0] * 99
+    # least_load has the best median but a long tail; round_robin the best tail.
+    seed = [run("gateway:eldr", [*([90.0] * 99), 150.0]),
+            run("gateway:least_load", [*([95.0] * 99), 1000.0]),
+            run("gateway:round_robin", [*body, 120.0])]
+    (row,) = headline_rows([seed], LOAD_ONLY, np.random.default_rng(0), replicates=20)
+    assert row.baselines == ("gateway:least_load",)
+    assert row.changes["tpot_p50"].per_seed[0] == pytest.approx(90 / 95 - 1)
+    # p99 against round_robin's (the best p99), not least_load's 1000 ms tail.
+    p99 = relative_change(seed[0].tpot, seed[2].tpot, 99)
+    assert row.changes["tpot_p99"].per_seed[0] == pytest.approx(p99) and p99 > 0
