@@ -20,8 +20,8 @@ three numbers would suggest only when the seeds disagree, which is the point.
 
 Stats: median and p99 TPOT, median TTFT, from each run's `requests.jsonl` (successful requests;
 `tpot` and `ttft` as `sglang.bench_serving` defines them, see loadtest/driver.py). Also shown,
-median over seeds: finished-requests CV per decode worker (load CV) and the achieved mean decode
-batch next to the planned one. The pure core (`relative_change`, `bootstrap_interval`,
+median over seeds: finished-requests CV per decode worker (load CV) and the achieved steady-state
+mean decode batch (loadtest.compare.steady_window) next to the planned one. The pure core (`relative_change`, `bootstrap_interval`,
 `headline_rows`) takes arrays; the shell reads directories and writes summary.md/summary.json.
 """
 
@@ -65,7 +65,7 @@ class RunSamples:
     tpot: FloatArray  # seconds, successful requests
     ttft: FloatArray
     load_cv: float | None
-    mean_batch: float | None
+    mean_batch: float | None  # steady-state mean decode batch (ramp-up and drain excluded)
 
     def values(self, field: str) -> FloatArray:
         return self.tpot if field == "tpot" else self.ttft
@@ -223,7 +223,7 @@ def read_comparison(directory: Path) -> tuple[dict[str, Any], list[RunSamples]]:
         cluster = run.get("cluster") or {}
         runs.append(RunSamples(router, rate, bool(run.get("void")), _samples(req, "tpot"),
                                _samples(req, "ttft"), cluster.get("load_cv"),
-                               cluster.get("mean_batch_size")))
+                               cluster.get("steady_mean_batch_size")))
     return doc.get("meta") or {}, runs
 
 
@@ -251,7 +251,7 @@ def render_markdown(rows: Sequence[HeadlineRow], dirs: Sequence[Path],
         f"statistic at that rate (the baselines column names the best on median TPOT).",
         "",
         "| rate (req/s) | eldr variant | seeds | median TPOT | p99 TPOT | median TTFT "
-        "| load CV eldr / base | mean batch (planned) | baselines |",
+        "| load CV eldr / base | steady batch (planned) | baselines |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -94,7 +94,8 @@ def _write_comparison(d: Path, seed: int, eldr_scale: float) -> None:
         lines.append(orjson.dumps({"success": False, "tpot": None, "ttft": None}))
         (rdir / "requests.jsonl").write_bytes(b"\n".join(lines) + b"\n")
         runs.append({"router": router, "rate": 4.0, "void": False,
-                     "cluster": {"load_cv": 0.05, "mean_batch_size": 7.5}})
+                     "cluster": {"load_cv": 0.05, "mean_batch_size": 6.0,
+                                 "steady_mean_batch_size": 7.5}})
     meta = {"load_only_routers": list(LOAD_ONLY),
             "options": {"seed": seed, "rates": [4.0], "batches": [8]}}
     (d / "results.json").write_bytes(orjson.dumps({"meta": meta, "runs": runs}))
