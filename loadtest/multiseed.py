@@ -21,8 +21,9 @@ three numbers would suggest only when the seeds disagree, which is the point.
 Stats: median and p99 TPOT, median TTFT, from each run's `requests.jsonl` (successful requests;
 `tpot` and `ttft` as `sglang.bench_serving` defines them, see loadtest/driver.py). Also shown,
 median over seeds: finished-requests CV per decode worker (load CV) and the achieved steady-state
-mean decode batch (loadtest.compare.steady_window) next to the planned one. The pure core (`relative_change`, `bootstrap_interval`,
-`headline_rows`) takes arrays; the shell reads directories and writes summary.md/summary.json.
+mean decode batch (loadtest.compare.steady_window) next to the planned one. The pure core
+(`relative_change`, `bootstrap_interval`, `headline_rows`) takes arrays; the shell reads
+directories and writes summary.md/summary.json.
 """
 
 from __future__ import annotations
