@@ -57,9 +57,10 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
                  "start (one aiohttp deadline covers both)"),
     ForeignFlags(("--disable-load-monitoring",), "accepted",
                  "loads are polled only while --load-poll-interval-secs > 0 (set it to 0)"),
-    ForeignFlags(("--least-load-", "--power-of-two-load-metric"), "accepted",
-                 "least_load and power_of_two here compare gateway-counted in-flight requests, "
-                 "then worker-reported tokens (docs/gateway.md)"),
+    ForeignFlags(("--power-of-two-load-metric",), "accepted",
+                 "power_of_two here compares worker-reported tokens, else gateway-counted "
+                 "in-flight requests (docs/gateway.md); smg's expected_wait is "
+                 "--least-load-metric expected_wait"),
     ForeignFlags(("--balance-token-usage-threshold", "--overload-token-usage-threshold",
                   "--worker-overload-", "--disable-worker-overload-protection",
                   "--worker-stall-secs", "--worker-wedge-secs", "--worker-stale-secs",

@@ -32,6 +32,7 @@ PD_FLOWS = ("dual", "prefill-first")
 ELDR_DECISIONS = ("band", "step-cost")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOAD_VIEWS = ("local", "reported")
+LEAST_LOAD_METRICS = ("requests", "expected_wait")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -229,6 +230,22 @@ class Settings:
         1800.0, "seconds a new worker may take to pass its first health check")
     worker_startup_check_interval: float = _f(
         30.0, "seconds between health probes of a new worker until it passes")
+    # --- least_load's metric (smg 1.13's flags and defaults, gateway/policies/expected_wait.py)
+    least_load_metric: str = _f(
+        "requests", "what least_load compares: requests (in-flight requests, lowest index on "
+        "ties) or expected_wait (smg 1.13's least_load: reported queue work plus work sent since "
+        "the report, over throughput, plus a KV-pressure barrier) (ours)",
+        choices=LEAST_LOAD_METRICS)
+    least_load_kv_pressure_weight: float = _f(
+        0.15, "expected_wait: seconds weight of the KV-pressure barrier k / (1 - k)")
+    least_load_default_throughput: float = _f(
+        2000.0, "expected_wait: tokens/s assumed for a worker that reports no gen_throughput")
+    least_load_mean_prefill_tokens: int = _f(
+        1024, "expected_wait: tokens counted per queued or dispatched request when no count is "
+        "known")
+    least_load_max_waiting_requests: int = _f(
+        0, "expected_wait: skip workers whose reported waiting requests plus requests sent "
+        "since reach this (0: off)")
     # --- load polling (ours: the Rust router polls loads only for power_of_two) ---
     load_poll_interval_secs: float = _f(0.25, "seconds between /v1/loads polls (0 disables)",
                                         aliases=("--load-monitor-interval",))
@@ -269,7 +286,7 @@ class Settings:
                          "health_failure_threshold", "health_success_threshold", "processes",
                          "max_payload_size", "max_response_size", "signature_cache_max_entries",
                          "signature_cache_max_bytes", "signature_cache_block_tokens",
-                         "signature_cache_block_bytes")
+                         "signature_cache_block_bytes", "least_load_mean_prefill_tokens")
         for key in positive_ints:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
@@ -278,7 +295,14 @@ class Settings:
                            "cb_window_duration_secs", "retry_backoff_multiplier",
                            "queue_timeout_secs", "load_stale_secs",
                            "worker_startup_timeout_secs", "worker_startup_check_interval",
-                           "client_idle_timeout_secs", "service_discovery_resync_secs")
+                           "client_idle_timeout_secs", "service_discovery_resync_secs",
+                           "least_load_default_throughput")
+        if not self.least_load_kv_pressure_weight >= 0:
+            raise ConfigError("least_load_kv_pressure_weight must be >= 0, got "
+                              f"{self.least_load_kv_pressure_weight!r}")
+        if self.least_load_max_waiting_requests < 0:
+            raise ConfigError("least_load_max_waiting_requests must be >= 0, got "
+                              f"{self.least_load_max_waiting_requests!r}")
         for key in positive_floats:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
@@ -325,7 +349,8 @@ class Settings:
         for key, allowed in (("policy", POLICIES), ("prefill_policy", POLICIES),
                              ("decode_policy", POLICIES), ("pd_flow", PD_FLOWS),
                              ("eldr_fallback_policy", LOAD_POLICIES),
-                             ("eldr_decision", ELDR_DECISIONS),
+                             ("eldr_decision", ELDR_DECISIONS), ("load_view", LOAD_VIEWS),
+                             ("least_load_metric", LEAST_LOAD_METRICS),
                              ("log_level", LOG_LEVELS)):
             value = getattr(self, key)
             if value is not None and value not in allowed:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from gateway.metrics import GatewayMetrics
+from gateway.routing import LoadReport
 from gateway.workers import Worker, WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,27 @@ def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
     return total if seen else None
 
 
+def parse_load_report(payload: Any, seq: int, dp_rank: int | None = None) -> LoadReport | None:
+    """The fields smg's least_load reads, from a `/v1/loads` answer; None if absent."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
+        return None
+    ranks = [r for r in payload["loads"] if isinstance(r, dict)
+             and (dp_rank is None or r.get("dp_rank") == dp_rank)]
+    if not ranks:
+        return None
+
+    def num(rank: dict[str, Any], key: str) -> float:
+        value = rank.get(key)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    return LoadReport(
+        waiting_reqs=int(sum(num(r, "num_waiting_reqs") for r in ranks)),
+        waiting_uncached_tokens=int(sum(num(r, "num_waiting_uncached_tokens") for r in ranks)),
+        gen_throughput=sum(num(r, "gen_throughput") for r in ranks),
+        token_usage=sum(num(r, "token_usage") for r in ranks) / len(ranks),
+        seq=seq)
+
+
 def parse_get_load(payload: Any, dp_rank: int | None = None) -> int | None:
     """Sum `num_tokens` of the deprecated `/get_load` answer (list of per-rank dicts or one),
     or only rank `dp_rank`'s."""
@@ -125,11 +147,13 @@ class LoadPoller:
     async def _poll(self, worker: Worker) -> None:
         load: int | None = None
         requests: int | None = None
+        report: LoadReport | None = None
         try:
             rank = worker.dp_rank
             payload = await self._fetch(worker.url + "/v1/loads")
             load = parse_v1_loads(payload, rank)
             requests = parse_v1_requests(payload, rank)
+            report = parse_load_report(payload, worker.report_seq + 1, rank)
             if load is None:
                 load = parse_get_load(await self._fetch(worker.url + "/get_load"), rank)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -139,6 +163,7 @@ class LoadPoller:
         if load is not None:
             worker.load_updated_at = now
         worker.note_reported_requests(requests, now)
+        worker.note_load_report(report)
         self._metrics.record_worker_load(worker.worker_id, load)
 
     async def _fetch(self, url: str) -> Any:

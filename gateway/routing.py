@@ -26,6 +26,19 @@ SIGNATURE_SOURCES: tuple[SignatureSource, ...] = ("prefill", "cache", "predictor
 
 
 @dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a worker's last `/v1/loads` answer said, for smg's least_load score
+    (gateway.policies.expected_wait): summed over DP ranks (or this rank's), token usage the
+    mean over ranks, as smg's `WorkerLoadResponse` helpers compute them."""
+
+    waiting_reqs: int
+    waiting_uncached_tokens: int
+    gen_throughput: float  # tokens/s
+    token_usage: float  # KV usage, 0..1
+    seq: int  # increases with every fresh report of this worker
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerView:
     """An available worker as a policy sees it (a snapshot, immutable)."""
 
@@ -36,6 +49,7 @@ class WorkerView:
     # (`Worker.shared_load`), which stays right with several gateway replicas.
     in_flight: int
     reported_load: int | None  # worker-reported num_total_tokens; None when unknown/stale
+    report: LoadReport | None = None  # the last fresh `/v1/loads` report; None when stale
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.circuit import BreakerConfig, CircuitBreaker
 from gateway.errors import BadRequestError, ConflictError, NotFoundError
-from gateway.routing import WorkerView
+from gateway.routing import LoadReport, WorkerView
 from gateway.urls import redact_url
 
 ROLES = ("prefill", "decode", "regular")
@@ -42,6 +42,10 @@ class Worker:
     reported_requests: int | None = None
     requests_updated_at: float = 0.0
     in_flight_at_report: int = 0
+    # The last /v1/loads report for smg's least_load score (--least-load-metric expected_wait);
+    # it shares the freshness of `requests_updated_at`.
+    load_report: LoadReport | None = None
+    report_seq: int = 0
     # The last snapshot handed out: dispatch asks every available worker for one on every
     # request, and building a frozen WorkerView costs ~0.4 us (29 us per request at 64 decode
     # workers); between requests only the few workers whose counts moved need a new one.
@@ -53,6 +57,11 @@ class Worker:
         if requests is not None:
             self.requests_updated_at = now
             self.in_flight_at_report = self.in_flight
+
+    def note_load_report(self, report: LoadReport | None) -> None:
+        self.load_report = report
+        if report is not None:
+            self.report_seq = report.seq
 
     def shared_load(self, now: float, stale_secs: float) -> int:
         """The worker's requests as several gateway replicas can agree on them: what it last
@@ -70,10 +79,14 @@ class Worker:
         if load is not None and now - self.load_updated_at > stale_secs:
             load = None  # stale: policies treat the worker's load as unknown
         in_flight = self.shared_load(now, stale_secs) if shared else self.in_flight
+        report = self.load_report
+        if report is not None and now - self.requests_updated_at > stale_secs:
+            report = None
         last = self._view
-        if last is not None and last.in_flight == in_flight and last.reported_load == load:
+        if last is not None and last.in_flight == in_flight and last.reported_load == load \
+                and last.report is report:
             return last  # immutable, so sharing it is safe; id and URL never change
-        last = self._view = WorkerView(self.worker_id, self.url, in_flight, load)
+        last = self._view = WorkerView(self.worker_id, self.url, in_flight, load, report)
         return last
 
     @property

@@ -14,6 +14,7 @@ from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.policies.cache_aware import CacheAwarePolicy
 from gateway.policies.consistent_hashing import ConsistentHashingPolicy
+from gateway.policies.expected_wait import ExpectedWaitPolicy
 from gateway.policies.least_load import LeastLoadPolicy
 from gateway.policies.manual import ManualPolicy, StickyPolicy
 from gateway.policies.power_of_two import PowerOfTwoPolicy
@@ -44,6 +45,8 @@ def _make(name: str, settings: Settings, *, rng: random.Random | None,
     if name == "round_robin":
         return RoundRobinPolicy()
     if name == "least_load":
+        if settings.least_load_metric == "expected_wait":
+            return ExpectedWaitPolicy.from_settings(settings, rng=rng)
         return LeastLoadPolicy()
     if name == "power_of_two":
         return PowerOfTwoPolicy(rng)
