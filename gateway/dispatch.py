@@ -711,7 +711,10 @@ class Dispatcher:
     def _hook_result(self, ctx: RequestContext, opened: Opened, parsed: Any) -> bool:
         assert self.hook is not None
         try:
-            return self.hook.on_result(ctx, opened.worker.worker_id, opened.selection, parsed)
+            prefill = (_loads_or_none(opened.prefill_result.body)
+                       if opened.prefill_result is not None else None)
+            return self.hook.on_result(ctx, opened.worker.worker_id, opened.selection, parsed,
+                                       prefill)
         except Exception:  # the calibration log must never fail a request that succeeded
             log.exception("result hook failed")
             return False

@@ -499,26 +499,34 @@ class Experiment:
             extra_body=dict(extra_body or {}),
         )
 
-    async def calibrate(self) -> Path:
+    async def calibrate(self, flow: str = "dual") -> Path:
         """Calibration-split traffic through a least_load gateway, then `zones fit`.
 
         `calibration_via="driver"` (default): the driver requests `return_routed_experts` and
         writes the calibration log itself from the decode results (works through any router).
         `"gateway-log"`: the gateway's own `--calibration-log` writes it.
+
+        `flow="prefill-first"`: the table for prefill-first routers, which route on the
+        prefill's prompt expert counts. Only the gateway sees those (in the prefill's answer),
+        so the calibration gateway runs the prefill-first flow and writes the log; its records
+        carry prompt counts and `zones fit` builds signatures from them. The dual flow's table
+        stays fitted on what the dual flow resolves (output counts).
         """
         o = self.opts
-        log = o.out / "calibration" / "calibration.jsonl"
-        table = o.out / "calibration" / "zones.json"
+        suffix = "" if flow == "dual" else f"-{flow}"
+        log = o.out / "calibration" / f"calibration{suffix}.jsonl"
+        table = o.out / "calibration" / f"zones{suffix}.json"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.unlink(missing_ok=True)
-        via_gateway = o.calibration_via == "gateway-log"
-        spec = RouterSpec("gateway:least_load", "gateway", "least_load")
+        via_gateway = o.calibration_via == "gateway-log" or flow == "prefill-first"
+        spec = RouterSpec("gateway:least_load", "gateway", "least_load", flow)
         proc, url = await self.start_router(
-            spec, None, "calibration-gateway", log if via_gateway else None
+            spec, None, f"calibration-gateway{suffix}", log if via_gateway else None
         )
         try:
             convs = self.workload("calibration", o.calibration_requests + o.warmup)
-            body = None if via_gateway else ROUTED_EXPERTS_BODY
+            # The gateway's log samples non-streaming answers only (one record per answer).
+            body = {"stream": False} if via_gateway else ROUTED_EXPERTS_BODY
             config = replace(
                 self.driver_config(url, None, o.calibration_requests, body),
                 # Calibration is bounded by its request count, not by the per-run duration:
@@ -541,7 +549,7 @@ class Experiment:
         fit = ManagedProcess(
             "zones fit",
             python_argv("zones", zones_fit_args(log, self.cluster.decode, table, o.model, o.seed)),
-            self.logs / "zones-fit.log",
+            self.logs / f"zones-fit{suffix}.log",
         )
         await fit.start()
         assert fit.proc is not None
@@ -654,14 +662,20 @@ class Experiment:
             meta["external_workers"] = o.external
             meta["emulator_stats"] = self.stats_available
             zones = o.zones
-            if zones is None and any(s.needs_zones for s in self.specs):
+            if zones is None and any(s.needs_zones and s.pd_flow == "dual" for s in self.specs):
                 zones = await self.calibrate()
+            zones_pf = o.zones
+            if zones_pf is None and any(s.needs_zones and s.pd_flow == "prefill-first"
+                                        for s in self.specs):
+                zones_pf = await self.calibrate("prefill-first")
+                meta["zones_prefill_first"] = str(zones_pf)
             meta["zones"] = str(zones) if zones else None
             convs = self.workload("evaluation", o.num_requests + o.warmup)
             for rate in o.rates:
                 for spec in self.specs:
                     try:
-                        runs.append(await self.run_one(spec, rate, zones, convs))
+                        table = zones_pf if spec.pd_flow == "prefill-first" else zones
+                        runs.append(await self.run_one(spec, rate, table, convs))
                     except (CompareError, ProcessStartError) as exc:
                         # One broken router must not lose the other routers' runs.
                         print(f"error: {spec.name} at rate {rate:g}: {exc}", file=sys.stderr)

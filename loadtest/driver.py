@@ -228,7 +228,7 @@ def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
     if choices:
         c0 = choices[0]
         if endpoint == "chat":
-            delta = c0.get("delta") or {}
+            delta = c0.get("delta") or c0.get("message") or {}  # message: non-streaming
             # bench_serving counts reasoning text like content (`_combine_openai_chat_content`).
             text = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
         else:
@@ -242,6 +242,10 @@ def parse_sse_data(endpoint: str, payload: bytes) -> ChunkInfo | None:
         prompt_tokens=usage.get("prompt_tokens"),
         routed_experts=sglext.get("routed_experts") if isinstance(sglext, dict) else None,
     )
+
+
+async def _one_line(line: bytes) -> AsyncIterator[bytes]:
+    yield line
 
 
 async def sse_lines(
@@ -295,7 +299,13 @@ async def send_request(
                 detail = (await resp.text())[:ERROR_TEXT_LIMIT]
                 record.error = f"HTTP {resp.status}: {detail}"
                 return record
-            async for raw_line in sse_lines(resp.content):
+            if resp.content_type == "application/json":
+                # A non-streaming answer (the request asked for `"stream": false`, e.g. so the
+                # gateway's calibration log samples it): one chunk, all text at once.
+                lines: AsyncIterator[bytes] = _one_line(b"data: " + await resp.read())
+            else:
+                lines = sse_lines(resp.content)
+            async for raw_line in lines:
                 line = raw_line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines

@@ -30,6 +30,7 @@ from gateway.eldr.prompts import output_expert_counts, prompt_of, token_counts_o
 from gateway.resolver import RequestContext
 from gateway.routing import Selection
 from zones.geometry import ModelGeometry
+from zones.routed_experts import IntArray, RoutedExpertsError, decode_counts
 
 
 class GeometrySource(Protocol):
@@ -37,6 +38,21 @@ class GeometrySource(Protocol):
 
     @property
     def geometry(self) -> ModelGeometry | None: ...
+
+
+def prefill_prompt_counts(prefill: Any, geometry: ModelGeometry) -> IntArray | None:
+    """`prompt_expert_counts` of a prefill-first prefill answer (meta_info, or sglext on the
+    OpenAI endpoints), decoded for `geometry`; None when absent, malformed or of another shape."""
+    if not isinstance(prefill, dict):
+        return None
+    for holder in ("meta_info", "sglext"):
+        meta = prefill.get(holder)
+        if isinstance(meta, dict) and "prompt_expert_counts" in meta:
+            try:
+                return decode_counts(meta["prompt_expert_counts"], geometry)
+            except RoutedExpertsError:
+                return None
+    return None
 
 
 class CalibrationHook:
@@ -56,8 +72,13 @@ class CalibrationHook:
         return request_routed_experts(ctx.body)
 
     def on_result(self, ctx: RequestContext, decode_worker_id: str,
-                  selection: Selection | None, parsed: Any) -> bool:
-        """Record a sampled answer; True when `parsed` was modified (routed experts stripped)."""
+                  selection: Selection | None, parsed: Any, prefill: Any = None) -> bool:
+        """Record a sampled answer; True when `parsed` was modified (routed experts stripped).
+
+        `prefill`: the prefill's parsed answer in the prefill-first flow. Its
+        `prompt_expert_counts` go into the record as `prompt_counts`, so that a table for the
+        prefill-first flow, which routes on them, is fitted on them (`zones fit` prefers prompt
+        counts as signatures when a record has them)."""
         if not ctx.calibration_sampled or not isinstance(parsed, dict):
             return False
         geometry = self._zones.geometry
@@ -69,6 +90,7 @@ class CalibrationHook:
                 record = make_record(
                     geometry, prompt_of(ctx),
                     received_at=now - (time.perf_counter() - ctx.started),
+                    prompt_counts=prefill_prompt_counts(prefill, geometry),
                     output_counts=counts,
                     num_prompt_tokens=prompt_tokens,
                     num_output_tokens=output_tokens,

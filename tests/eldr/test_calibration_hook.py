@@ -82,3 +82,27 @@ def test_no_record_without_prompt_tokens_or_output_rows() -> None:
     assert writer.records == []
     writer, _ = _run({"text": "abc"}, [0, 0], prompt_tokens=2)  # only prompt rows
     assert writer.records == []
+
+
+def test_prefill_first_records_carry_the_prefills_prompt_counts() -> None:
+    from gateway.eldr.calibration_hook import prefill_prompt_counts
+    from zones.routed_experts import encode_counts
+
+    writer = FakeWriter()
+    hook = CalibrationHook(writer, CalibrationSampler(1.0, seed=0),  # type: ignore[arg-type]
+                           FakeZones(FakeActive(table([[1, 0, 0], [0, 1, 0]], ["d0", "d1"]))))
+    ctx = RequestContext("/generate", {"text": "abc"}, stream=False, return_logprob=False,
+                         batch=None, started=time.perf_counter())
+    assert hook.prepare(ctx) is not None
+    prompt = np.array([[3, 0, 1]], np.int32)  # TINY: 1 layer x 3 experts
+    prefill = {"meta_info": {"prompt_expert_counts": encode_counts(prompt)}}
+    answer = {"text": "out", "meta_info": {"prompt_tokens": 0, "routed_experts":
+                                           encode_routed_experts(np.array([[[2]]], np.int32))}}
+    hook.on_result(ctx, "http://d0", None, answer, prefill)
+    (rec,) = writer.records
+    assert rec.prompt_counts is not None and rec.prompt_counts.tolist() == [[3, 0, 1]]
+    assert rec.output_counts is not None and rec.output_counts.tolist() == [[0, 0, 1]]
+    # OpenAI answers carry it under sglext; anything malformed is no counts, not an error.
+    assert prefill_prompt_counts({"sglext": prefill["meta_info"]}, TINY) is not None
+    assert prefill_prompt_counts({"meta_info": {"prompt_expert_counts": "!!"}}, TINY) is None
+    assert prefill_prompt_counts(None, TINY) is None

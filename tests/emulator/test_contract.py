@@ -5,8 +5,6 @@ Each expectation cites the sglang function it comes from; see docs/wire-format.m
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,8 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from loadtest.emulator.config import EngineOptions, WorkerConfig
-from loadtest.emulator.server import WorkerServer
+from tests.emulator.workers import worker
 from zones.geometry import geometry_by_name
 from zones.routed_experts import decode_routed_experts
 
@@ -23,19 +20,6 @@ PROMPT = "the quick brown fox jumps over the lazy dog while the cat sleeps on th
 # tokenizer_manager._handle_batch_output meta_info keys (+ e2e_latency once finished).
 META_KEYS = {"id", "finish_reason", "prompt_tokens", "weight_version", "num_retractions",
              "reasoning_tokens", "completion_tokens", "cached_tokens", "e2e_latency"}
-
-
-@contextlib.asynccontextmanager
-async def worker(role: str = "regular", **engine: Any) -> AsyncIterator[WorkerServer]:
-    opts = EngineOptions(**{"instant": True, **engine})
-    async with WorkerServer(WorkerConfig(role=role, engine=opts)) as server:  # type: ignore[arg-type]
-        yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> list[bytes]:

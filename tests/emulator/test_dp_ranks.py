@@ -23,8 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -37,29 +36,12 @@ from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.engine import DecodeEngine
 from loadtest.emulator.server import WorkerServer
 from tests.emulator.sglang_source import SourceReader, sglang_reader
+from tests.emulator.workers import wait_until, worker
 from zones.geometry import geometry_by_name
 
 PROMPT = "the court reads the contract and the lawyer explains every clause to the judge"
 
 
-@contextlib.asynccontextmanager
-async def worker(role: str = "regular", **engine: Any) -> AsyncIterator[WorkerServer]:
-    opts = EngineOptions(**{"instant": True, **engine})
-    async with WorkerServer(WorkerConfig(role=role, engine=opts)) as server:  # type: ignore[arg-type]
-        yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def loads(session: aiohttp.ClientSession, url: str, query: str = "") -> list[Any]:

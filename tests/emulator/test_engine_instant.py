@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -27,6 +26,7 @@ from loadtest.emulator.routing import (
 )
 from loadtest.emulator.server import WorkerServer
 from loadtest.emulator.tokenizer import Tokenizer
+from tests.emulator.workers import wait_until
 from zones.geometry import ModelGeometry, geometry_by_name
 
 G = ModelGeometry("tiny", num_layers=3, num_experts=16, top_k=2)
@@ -44,11 +44,6 @@ def unrouted() -> Iterator[tuple[int, None]]:
         yield 200 + i, None
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def drain(handle: Any) -> list[Any]:
@@ -103,12 +98,6 @@ async def test_engine_aborts_a_source_with_out_of_range_experts_and_keeps_the_ba
         assert good.finish_reason == "length"
     finally:
         await eng.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
 
 
 async def test_instant_pd_request_skips_routing_but_returns_the_routed_runs_tokens(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,6 +16,7 @@ import pytest
 
 from loadtest.emulator.cluster import Cluster, ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
+from tests.emulator.workers import wait_until
 from zones.geometry import geometry_by_name
 from zones.routed_experts import decode_counts, decode_routed_experts
 
@@ -30,17 +31,6 @@ async def cluster(**engine: Any) -> AsyncIterator[Cluster]:
         yield c
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def pd_body(c: Cluster, room: int, **extra: Any) -> dict[str, Any]:

@@ -21,13 +21,13 @@ import orjson
 import pytest
 
 from loadtest.emulator.cluster import Cluster, ClusterConfig, run_cluster
-from loadtest.emulator.config import EngineOptions, WorkerConfig
+from loadtest.emulator.config import EngineOptions
 from loadtest.emulator.costmodel import CostModel
 from loadtest.emulator.engine import PrefillEngine
 from loadtest.emulator.prefix_cache import PrefixCache
-from loadtest.emulator.server import WorkerServer
 from loadtest.emulator.worker import KV_TOKENS_PER_SLOT
 from tests.emulator.sglang_source import SourceReader, sglang_reader
+from tests.emulator.workers import worker
 from zones.geometry import geometry_by_name
 
 PROMPT = ("the court reads the contract and the lawyer explains every clause of the contract "
@@ -148,19 +148,6 @@ async def test_prefill_engine_matches_when_the_turn_comes_and_charges_uncached_o
 
 
 # ------------------------------------------------------------------ workers over HTTP
-
-@contextlib.asynccontextmanager
-async def worker(role: str = "regular", **engine: Any) -> AsyncIterator[WorkerServer]:
-    opts = EngineOptions(**{"instant": True, **engine})
-    async with WorkerServer(WorkerConfig(role=role, engine=opts)) as server:  # type: ignore[arg-type]
-        yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
 
 async def generate(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
                    ) -> dict[str, Any]:

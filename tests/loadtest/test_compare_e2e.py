@@ -56,3 +56,26 @@ def test_compare_with_two_gateway_replicas(tmp_path: Path) -> None:
     cores = run["cpu"]["process_cores"]
     assert {"router", "router-1"} <= set(cores) and cores["router"] >= cores["router-1"]
     assert (out / "logs" / "gateway_least_load-8-r1.log").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_prefill_first_routers_get_a_table_fitted_on_prompt_counts(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable, "-m", "loadtest", "compare", "--quick", "--prefill", "1", "--decode", "2",
+        "--num-requests", "6", "--calibration-requests", "16", "--rates", "8",
+        "--max-output-tokens", "8", "--time-scale", "2", "--no-progress", "--no-report",
+        "--routers", "gateway:eldr", "gateway:eldr-prefill-first", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = orjson.loads((out / "results.json").read_bytes())
+    assert all("error" not in r for r in results["runs"])
+    dual = orjson.loads((out / "calibration" / "zones.json").read_bytes())
+    pf = orjson.loads((out / "calibration" / "zones-prefill-first.json").read_bytes())
+    # The dual flow's table from output counts (what a stock PD decode returns), the
+    # prefill-first one from the prompt counts its flow routes on.
+    assert dual["provenance"]["signature_from"] == "output"
+    assert pf["provenance"]["signature_from"] == "prompt"
+    assert results["meta"]["zones_prefill_first"].endswith("zones-prefill-first.json")
