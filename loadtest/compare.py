@@ -108,7 +108,8 @@ class RouterSpec:
     kind: str  # one of ROUTER_KINDS
     policy: str
     pd_flow: str = "dual"
-    # Extra gateway flags of a variant: `gateway:eldr+eldr-load-bound=2` -> --eldr-load-bound 2.
+    # Extra router flags of a variant: `gateway:eldr+eldr-load-bound=2` -> --eldr-load-bound 2,
+    # `smg:least_load+prefill-policy=cache_aware` -> --prefill-policy cache_aware.
     extra_args: tuple[str, ...] = ()
 
     @classmethod
@@ -119,8 +120,6 @@ class RouterSpec:
                 f"--routers entry {name!r} must be gateway:POLICY, sglang:POLICY or smg:POLICY"
             )
         policy, *variant = policy.split("+")
-        if variant and kind != "gateway":
-            raise CompareError(f"--routers {name!r}: +FLAG=VALUE variants are for gateway:POLICY")
         extra = variant_args(name, variant)
         if kind == "gateway":
             if policy == "eldr-prefill-first":
@@ -132,7 +131,7 @@ class RouterSpec:
             raise CompareError(f"--routers {name!r}: sglang policies are {SGLANG_POLICIES}")
         elif kind == "smg" and policy not in SMG_POLICIES:
             raise CompareError(f"--routers {name!r}: smg policies are {SMG_POLICIES}")
-        return cls(name, kind, policy)
+        return cls(name, kind, policy, extra_args=extra)
 
     @property
     def needs_zones(self) -> bool:
@@ -148,8 +147,9 @@ class RouterSpec:
 def variant_args(name: str, variant: Sequence[str]) -> tuple[str, ...]:
     """`["eldr-load-bound=2", "no-signature-cache"]` -> `--eldr-load-bound 2 --no-signature-cache`.
 
-    The gateway parses them when the run starts; a flag it does not know fails that run by
-    name (the other routers' runs go on)."""
+    The router parses them when the run starts; a flag it does not know fails that run by
+    name (the other routers' runs go on). They come after compare's own flags, so they win
+    (`+prefill-policy=cache_aware` overrides `--prefill-policy`)."""
     out: list[str] = []
     for item in variant:
         flag, eq, value = item.partition("=")
@@ -237,6 +237,7 @@ def router_argv(
             "--log-level",
             "warn",
         ]
+        rust += spec.extra_args  # variants: the router's own flags, last one wins
         if spec.kind == "sglang":
             return python_argv("sglang_router.launch_router", rust)
         # smg would otherwise fetch the workers' tokenizer (a HuggingFace id) in the background;

@@ -132,7 +132,10 @@ def test_gateway_variants_carry_their_flags() -> None:
     cluster = ClusterInfo([("http://127.0.0.1:1", 9)], ["http://127.0.0.1:2"])
     argv = router_argv(spec, cluster, 5000, "round_robin", Path("z.json"))
     assert "--eldr-load-bound 2 --no-signature-cache" in " ".join(argv)
-    for bad in ("gateway:eldr+", "gateway:eldr+--x=1", "gateway:eldr+x=", "smg:least_load+x=1"):
+    smg = RouterSpec.parse("smg:least_load+prefill-policy=cache_aware")
+    smg_argv = router_argv(smg, cluster, 5001, "round_robin", None)
+    assert smg_argv[-3:-1] == ["--prefill-policy", "cache_aware"]  # after compare's own: wins
+    for bad in ("gateway:eldr+", "gateway:eldr+--x=1", "gateway:eldr+x="):
         with pytest.raises(CompareError, match="--routers"):
             RouterSpec.parse(bad)
 
