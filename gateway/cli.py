@@ -166,6 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ZoneTableError) as exc:
             print(f"eldr-gateway: zones: cannot load {settings.zones}: {exc}", file=sys.stderr)
             return 2
+    if settings.service_discovery:
+        # Same: a missing API configuration is one line at start-up, not a traceback later.
+        from gateway.discovery import load_kube_configuration
+
+        try:
+            load_kube_configuration()
+        except ConfigError as exc:
+            print(f"eldr-gateway: configuration error: {exc}", file=sys.stderr)
+            return 2
     from gateway.server import serve
 
     serve(settings)

@@ -547,3 +547,20 @@ async def test_pd_discovery_serves_requests(api: FakeApiServer) -> None:
                     "max_tokens": 3, "stream": True}) as r:
                 assert r.status == 200
                 assert (await r.read()).rstrip().endswith(b"data: [DONE]")
+
+
+def test_no_kubernetes_configuration_is_a_one_line_start_up_error(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "--pd-disaggregation", "--service-discovery",
+         "--prefill-selector", "app=p", "--decode-selector", "app=d"],
+        capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert proc.returncode == 2
+    assert "configuration error: service_discovery: no Kubernetes API configuration" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
