@@ -419,12 +419,18 @@ async def _run(args: argparse.Namespace, procs: list[Proc]) -> int:
         return bool(window) and window[0] <= now <= (window[1] if len(window) > 1 else now)
 
     try:
+        # Workers first, the gateway once they answer: a worker still starting when the gateway
+        # probes it stays out of rotation until the next startup probe
+        # (--worker-startup-check-interval, 30 s), and the soak's kill of the other decode
+        # would then leave none (a harness race, not what the soak measures).
         for proc in procs:
-            proc.start()
+            if proc is not gateway:
+                proc.start()
         async with aiohttp.ClientSession() as s:
             for proc in [prefill, *extra_prefills, *decodes]:
                 url = proc.argv[proc.argv.index("--port") + 1]
                 await wait_http_ok(s, f"http://{HOST}:{url}/health", args.startup_timeout, proc)
+            gateway.start()
             await wait_http_ok(s, base + "/readiness", args.startup_timeout, gateway)
         events.append({"t": round(time.monotonic() - t0, 1), "event": "stack ready"})
     except (RuntimeError, OSError) as e:
