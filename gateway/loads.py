@@ -57,19 +57,21 @@ class InFlight:
             self._metrics.record_active(self._worker.worker_id, self._worker.role, -1)
 
 
+def _v1_ranks(payload: Any, dp_rank: int | None) -> list[dict[str, Any]]:
+    """The per-rank entries of a `/v1/loads` answer (only rank `dp_rank`'s for a `--dp-aware`
+    rank worker); empty when the answer has no `loads` list."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
+        return []
+    return [r for r in payload["loads"] if isinstance(r, dict)
+            and (dp_rank is None or r.get("dp_rank") == dp_rank)]
+
+
 def parse_v1_loads(payload: Any, dp_rank: int | None = None) -> int | None:
     """Sum `num_total_tokens` over DP ranks of a `/v1/loads` answer (only rank `dp_rank`'s
     entry for a `--dp-aware` rank worker); None if absent."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
-        return None
-    total, seen = 0, False
-    for rank in payload["loads"]:
-        if dp_rank is not None and (not isinstance(rank, dict) or rank.get("dp_rank") != dp_rank):
-            continue
-        if isinstance(rank, dict) and isinstance(rank.get("num_total_tokens"), int | float):
-            total += int(rank["num_total_tokens"])
-            seen = True
-    return total if seen else None
+    values = [r["num_total_tokens"] for r in _v1_ranks(payload, dp_rank)
+              if isinstance(r.get("num_total_tokens"), int | float)]
+    return sum(int(v) for v in values) if values else None
 
 
 def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
@@ -77,14 +79,8 @@ def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
     summed over DP ranks (or rank `dp_rank`'s); None if absent. SGLang counts a PD decode's
     requests still waiting for their KV among the waiting ones (scheduler_components/
     load_inquirer.py), so this is every request the worker holds, whichever router sent it."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
-        return None
     total, seen = 0, False
-    for rank in payload["loads"]:
-        if not isinstance(rank, dict):
-            continue
-        if dp_rank is not None and rank.get("dp_rank") != dp_rank:
-            continue
+    for rank in _v1_ranks(payload, dp_rank):
         running, waiting = rank.get("num_running_reqs"), rank.get("num_waiting_reqs")
         if isinstance(running, int | float) and isinstance(waiting, int | float):
             total += int(running) + int(waiting)
@@ -94,10 +90,7 @@ def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
 
 def parse_load_report(payload: Any, seq: int, dp_rank: int | None = None) -> LoadReport | None:
     """The fields smg's least_load reads, from a `/v1/loads` answer; None if absent."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("loads"), list):
-        return None
-    ranks = [r for r in payload["loads"] if isinstance(r, dict)
-             and (dp_rank is None or r.get("dp_rank") == dp_rank)]
+    ranks = _v1_ranks(payload, dp_rank)
     if not ranks:
         return None
 

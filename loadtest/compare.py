@@ -391,20 +391,9 @@ class Experiment:
         self.specs = [RouterSpec.parse(r) for r in opts.routers]
 
     def workload(self, split: str, num: int) -> list[Conversation]:
-        o = self.opts
-        spec = WorkloadSpec(
-            kind=o.workload,
-            split=split,
-            num_conversations=num,
-            seed=o.seed,
-            # Calibration stays single-turn: the zones are fitted per request.
-            turns=o.turns if split == "evaluation" else 1,
-            min_prompt_chars=o.min_prompt_chars,
-            max_prompt_chars=o.max_prompt_chars,
-            min_output_tokens=o.min_output_tokens,
-            max_output_tokens=o.max_output_tokens,
-        )
-        return build_workload(spec, load_corpus(o.corpus), o.traces)
+        # Calibration stays single-turn: the zones are fitted per request.
+        return build_conversations(self.opts, split, num,
+                                   self.opts.turns if split == "evaluation" else 1)
 
     async def start_cluster(self) -> ClusterInfo:
         o = self.opts
@@ -703,6 +692,16 @@ class Experiment:
 PLAN_SAMPLE_REQUESTS = 96
 
 
+def build_conversations(opts: CompareOptions, split: str, num: int,
+                        turns: int) -> list[Conversation]:
+    """`num` conversations of the comparison's workload and shape from `split`."""
+    spec = WorkloadSpec(
+        kind=opts.workload, split=split, num_conversations=num, seed=opts.seed, turns=turns,
+        min_prompt_chars=opts.min_prompt_chars, max_prompt_chars=opts.max_prompt_chars,
+        min_output_tokens=opts.min_output_tokens, max_output_tokens=opts.max_output_tokens)
+    return build_workload(spec, load_corpus(opts.corpus), opts.traces)
+
+
 def steady_window(opts: CompareOptions, rate: float) -> tuple[float, float] | None:
     """Seconds after the measured phase starts between which the decode batch is in steady
     state: from one planned request lifetime (ramp-up; a third of the arrivals when there is no
@@ -726,13 +725,8 @@ def workload_routing_sample(opts: CompareOptions) -> list[np.ndarray]:
     source = make_routing_source(
         "trace" if opts.workload == "trace" else "token-hash", geometry, tok,
         trace_path=str(opts.traces) if opts.workload == "trace" else None)
-    spec = WorkloadSpec(
-        kind=opts.workload, split="evaluation", num_conversations=PLAN_SAMPLE_REQUESTS,
-        seed=opts.seed, turns=1, min_prompt_chars=opts.min_prompt_chars,
-        max_prompt_chars=opts.max_prompt_chars, min_output_tokens=opts.min_output_tokens,
-        max_output_tokens=opts.max_output_tokens)
     rows = []
-    for conv in build_workload(spec, load_corpus(opts.corpus), opts.traces):
+    for conv in build_conversations(opts, "evaluation", PLAN_SAMPLE_REQUESTS, turns=1):
         turn = conv.turns[0]
         ids = tok.encode(turn.text)
         steps = itertools.islice(source.continuation(ids, turn.text, 0), turn.max_tokens)
