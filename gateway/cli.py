@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(*flags, type=base, dest=f.name, default=None,
                                 choices=f.metadata.get("choices"), help=help_text)
+    # smg 1.13's spelling of --service-discovery (its choices: kubernetes, file). Not a
+    # Settings field: it names a provider, and Kubernetes is the only one here.
+    parser.add_argument("--discovery-provider", choices=("kubernetes", "file"), default=None,
+                        help="smg's spelling: kubernetes = --service-discovery; there is no "
+                        "file provider")
     return parser
 
 
@@ -130,6 +135,12 @@ def parse_command_line(argv: Sequence[str] | None = None,
     if backend and backend != ["sglang"]:
         raise ConfigError(f"--backend {' '.join(backend)}: only sglang workers are supported")
     values = _from_env(os.environ if env is None else env)
+    if args.discovery_provider == "file":
+        raise ConfigError("--discovery-provider file is not supported by this gateway: list "
+                          "workers with --prefill/--decode (or --worker-urls), add them with "
+                          "POST /workers, or use --discovery-provider kubernetes")
+    if args.discovery_provider == "kubernetes":
+        values["service_discovery"] = True
     for f in dataclasses.fields(Settings):
         value = getattr(args, f.name)
         if value is None:

@@ -96,9 +96,10 @@ FOREIGN_FLAGS: tuple[ForeignFlags, ...] = (
                  "no client authentication or tenancy here: put an authenticating proxy in "
                  "front; --admin-token protects the admin API"),
     ForeignFlags(("--discovery-",), "rejected",
-                 "Kubernetes discovery is --service-discovery (smg's --discovery-provider "
-                 "kubernetes); there is no file provider: list workers with --prefill/--decode "
-                 "(or --worker-urls) or add them with POST /workers"),
+                 "Kubernetes discovery is --service-discovery (or smg's --discovery-provider "
+                 "kubernetes), resynced every --service-discovery-resync-secs; there is no "
+                 "file provider: list workers with --prefill/--decode (or --worker-urls) or add "
+                 "them with POST /workers"),
     ForeignFlags(("--enable-mesh", "--mesh-", "--router-selector"), "rejected",
                  "no router mesh: replicas share nothing but the zone table and the workers' "
                  "own load reports"),

@@ -27,7 +27,7 @@ from zones.geometry import GeometryError, ModelGeometry, parse_geometry
 LOAD_POLICIES = ("random", "round_robin", "least_load", "power_of_two")
 # Policies that route on the request's prefix or key (gateway/policies), as the Rust routers.
 REQUEST_POLICIES = ("cache_aware", "prefix_hash", "consistent_hashing", "manual")
-POLICIES = (*LOAD_POLICIES, *REQUEST_POLICIES, "eldr")
+POLICIES = (*LOAD_POLICIES, *REQUEST_POLICIES, "passthrough", "eldr")
 PD_FLOWS = ("dual", "prefill-first")
 ELDR_DECISIONS = ("band", "step-cost")
 LOG_LEVELS = ("debug", "info", "warn", "error")

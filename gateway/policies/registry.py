@@ -17,6 +17,7 @@ from gateway.policies.consistent_hashing import ConsistentHashingPolicy
 from gateway.policies.expected_wait import ExpectedWaitPolicy
 from gateway.policies.least_load import LeastLoadPolicy
 from gateway.policies.manual import ManualPolicy, StickyPolicy
+from gateway.policies.passthrough import PassthroughPolicy
 from gateway.policies.power_of_two import PowerOfTwoPolicy
 from gateway.policies.prefix_hash import PrefixHashPolicy
 from gateway.policies.random import RandomPolicy
@@ -50,6 +51,8 @@ def _make(name: str, settings: Settings, *, rng: random.Random | None,
         return LeastLoadPolicy()
     if name == "power_of_two":
         return PowerOfTwoPolicy(rng)
+    if name == "passthrough":
+        return PassthroughPolicy()
     if name == "cache_aware":
         return CacheAwarePolicy.from_settings(settings, rng=rng)
     if name == "manual":

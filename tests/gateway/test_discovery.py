@@ -369,6 +369,13 @@ def test_flags_and_validation() -> None:
               "--service-discovery-resync-secs", "0"], "service_discovery_resync_secs")):
         with pytest.raises(ConfigError, match=message):
             settings_from_args(argv, env={})
+    # smg 1.13's spelling: --discovery-provider kubernetes is --service-discovery; file is
+    # refused by name
+    smg = settings_from_args(["--discovery-provider", "kubernetes", "--selector", "app=s"],
+                             env={})
+    assert smg.service_discovery and DiscoveryConfig.from_settings(smg).selector == {"app": "s"}
+    with pytest.raises(ConfigError, match="--discovery-provider file"):
+        settings_from_args(["--discovery-provider", "file"], env={})
 
 
 def test_no_kubernetes_configuration_is_a_config_error(
