@@ -33,11 +33,11 @@ share their task's instruction, as ESFT prompts share theirs; random corpus chun
 (docs/emulator-cost-model.md section 4 shows both).
 
 PASS when |relative error| <= 15% (token-hash vs trace). `--fit` grid-searches token-hash's
-topic_mix, opening_share, opening_tokens, token_noise_mix and core_mix on all 13 rows at this
-geometry (least mean squared relative error; routing statistics only: no policy or TPOT result
-enters), each grid point on the same twins' weight-free router parts (`TokenHashRouting._parts`,
-recombined with `TokenHashRouting.mix`); its default grid is the one that fitted the emulator's
-constants.
+topic_mix, opening_share, opening_tokens, token_noise_mix, core_mix and answer_shift_mix on all
+13 rows at this geometry (least mean squared relative error; routing statistics only: no policy
+or TPOT result enters), each grid point on the same twins' weight-free router parts
+(`TokenHashRouting._parts`, recombined with `TokenHashRouting.mix`, plus the answer shift on
+decode rows); its default grid is the last of the grids that fitted the emulator's constants.
 
     python benchmarks/routing_stats.py [--seeds 0,1,2] [--per-domain N] [--compare 0.7,0,0]
     python benchmarks/routing_stats.py --fit [--seeds 0,1,2] [--fit-topic ...]
@@ -64,7 +64,9 @@ from calibrate_token_hash import pair_overlap  # same directory
 from emulator_locality import batch_distinct, chunk_requests, correlation_rows, domain_texts
 
 from loadtest.emulator.routing import (
+    ANSWER_SHIFT_MIX,
     CORE_MIX,
+    EMBED_DIM,
     TOKEN_NOISE_MIX,
     TOPIC_MIX,
     TOPIC_OPENING_SHARE,
@@ -334,28 +336,31 @@ class Weights:
     opening_tokens: int = TOPIC_OPENING_TOKENS
     token_noise_mix: float = TOKEN_NOISE_MIX
     core_mix: float = CORE_MIX
+    answer_shift_mix: float = ANSWER_SHIFT_MIX
 
     @classmethod
     def parse(cls, spec: str) -> Weights:
-        """`topic,noise,core[,opening_share,opening_tokens]`; e.g. 0.7,0,0 = the router
-        before the noise and opening terms."""
+        """`topic,noise,core[,opening_share,opening_tokens[,answer_shift]]`; e.g. 0.7,0,0 =
+        the router before the noise, opening and answer terms."""
         v = _floats(spec)
-        if len(v) not in (3, 5):
-            raise ValueError(f"weights {spec!r}: want topic,noise,core[,share,tokens]")
-        share, tokens = (v[3], int(v[4])) if len(v) == 5 else (0.0, TOPIC_OPENING_TOKENS)
-        return cls(v[0], share, tokens, v[1], v[2])
+        if len(v) not in (3, 5, 6):
+            raise ValueError(f"weights {spec!r}: want topic,noise,core[,share,tokens[,shift]]")
+        share, tokens = (v[3], int(v[4])) if len(v) >= 5 else (0.0, TOPIC_OPENING_TOKENS)
+        return cls(v[0], share, tokens, v[1], v[2], v[5] if len(v) == 6 else 0.0)
 
     def router(self, geometry: ModelGeometry, tok: Tokenizer, seed: int) -> TokenHashRouting:
         return TokenHashRouting(geometry, tok, seed=seed, topic_mix=self.topic_mix,
                                 opening_share=self.opening_share,
                                 opening_tokens=self.opening_tokens,
-                                token_noise_mix=self.token_noise_mix, core_mix=self.core_mix)
+                                token_noise_mix=self.token_noise_mix, core_mix=self.core_mix,
+                                answer_shift_mix=self.answer_shift_mix)
 
     def label(self) -> str:
         opening = (f" o{self.opening_share:g}/{self.opening_tokens}" if self.opening_share
                    else "")
         return (f"t{self.topic_mix:g}{opening} n{self.token_noise_mix:g}"
-                f"{f' c{self.core_mix:g}' if self.core_mix else ''}")
+                f"{f' c{self.core_mix:g}' if self.core_mix else ''}"
+                f"{f' s{self.answer_shift_mix:g}' if self.answer_shift_mix else ''}")
 
 
 class TwinParts:
@@ -372,6 +377,11 @@ class TwinParts:
             ids = twin.prompt + [walk.next_token() for _ in range(twin.decode_tokens)]
             parts.append(source._parts(ids, _ContextState.empty())[0])
         self.parts = RouterParts(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+        # Each decode row's task direction (TokenHashRouting.answer_shift), 0 on prompt rows.
+        self.shift_rows = np.concatenate([
+            np.concatenate([np.zeros((len(t.prompt), EMBED_DIM), dtype=np.float32),
+                            np.repeat(source.answer_shift(t.prompt)[None, :], t.decode_tokens,
+                                      axis=0)]) for t in twins])
         self.bounds = np.cumsum([0, *(len(p.local) for p in parts)])
         self.cuts = [len(t.prompt) for t in twins]
         self.domains = [t.domain for t in twins]
@@ -382,6 +392,8 @@ class TwinParts:
         parts = self.parts._replace(local=self.parts.local.copy())
         hidden = self.source.mix(parts, w.topic_mix, w.opening_share, w.token_noise_mix,
                                  w.core_mix)
+        if w.answer_shift_mix:
+            hidden += w.answer_shift_mix * self.shift_rows
         experts = self.source._top_k(hidden).astype(np.int64)
         return Routed([experts[a:b] for a, b in itertools.pairwise(self.bounds)],
                       self.domains, self.cuts, self.source.geometry)
@@ -421,9 +433,9 @@ def run_fit(args: argparse.Namespace, setups: list[Setup], tok: Tokenizer) -> No
     statistics against the seed-averaged trace statistics."""
     target = mean_stats([s.target_stats for s in setups])
     lengths = [int(x) for x in _floats(args.fit_opening_tokens)]
-    grid = [Weights(t, b, w, n, c) for w in lengths for t in _floats(args.fit_topic)
+    grid = [Weights(t, b, w, n, c, a) for w in lengths for t in _floats(args.fit_topic)
             for b in _floats(args.fit_opening_share) for n in _floats(args.fit_noise)
-            for c in _floats(args.fit_core)
+            for c in _floats(args.fit_core) for a in _floats(args.fit_answer_shift)
             if b > 0 or w == lengths[0]]   # with no opening share its length is moot
     print(f"fit: {len(grid)} grid points x {len(setups)} seeds; loss = mean squared relative "
           f"error over the {len(FITTED)} rows")
@@ -442,7 +454,7 @@ def run_fit(args: argparse.Namespace, setups: list[Setup], tok: Tokenizer) -> No
         print(f"  {point.label():28} loss {loss:.4f}  worst {worst[1]} {worst[0]:.3f}",
               flush=True)
     print("\nbest grid points (t topic_mix, o opening_share/opening_tokens, n token_noise_mix, "
-          "c core_mix):")
+          "c core_mix, s answer_shift_mix):")
     for loss, point, worst in sorted(results, key=lambda r: r[0])[:8]:
         print(f"  {point.label():28} loss {loss:.4f}  worst {worst[1]} {worst[0]:.3f}")
 
@@ -490,19 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "(e.g. Qwen3-30B-A3B: how the fitted weights carry over; relative "
                          "errors then compare different models)")
     ap.add_argument("--weights", type=Weights.parse, default=Weights(),
-                    metavar="T,N,C[,B,W]", help="the token-hash column's topic_mix, "
-                    "token_noise_mix, core_mix[, opening_share, opening_tokens]; default: the "
-                    "emulator's constants")
+                    metavar="T,N,C[,B,W[,S]]", help="the token-hash column's topic_mix, "
+                    "token_noise_mix, core_mix[, opening_share, opening_tokens[, "
+                    "answer_shift_mix]]; default: the emulator's constants")
     ap.add_argument("--compare", action="append", type=Weights.parse, default=[],
-                    metavar="T,N,C[,B,W]", help="an extra token-hash column (repeatable); "
+                    metavar="T,N,C[,B,W[,S]]", help="an extra token-hash column (repeatable); "
                     "0.7,0,0 is the router before the noise and opening terms")
     ap.add_argument("--fit", action="store_true", help="grid-search the weights")
     # Default grid: the one that fitted the emulator's constants (routing.TOPIC_MIX).
-    ap.add_argument("--fit-topic", default="0.2,0.3,0.4,0.5")
-    ap.add_argument("--fit-opening-share", default="0.6,0.8,0.9,1")
+    ap.add_argument("--fit-topic", default="0.2,0.25,0.3")
+    ap.add_argument("--fit-opening-share", default="0.9,1")
     ap.add_argument("--fit-opening-tokens", default="6,8")
-    ap.add_argument("--fit-noise", default="0.3,0.4,0.6,0.8")
-    ap.add_argument("--fit-core", default="0,0.1")
+    ap.add_argument("--fit-noise", default="0.4,0.45,0.5")
+    ap.add_argument("--fit-core", default="0")
+    ap.add_argument("--fit-answer-shift", default="0,0.25,0.3,0.35")
     return ap
 
 
@@ -539,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = args.weights
     print(f"token-hash = topic_mix {w.topic_mix:g}, opening_share {w.opening_share:g} of the "
           f"first {w.opening_tokens} tokens, token_noise_mix {w.token_noise_mix:g}, core_mix "
-          f"{w.core_mix:g}{' (the emulator defaults)' if w == Weights() else ''}\n")
+          f"{w.core_mix:g}, answer_shift_mix {w.answer_shift_mix:g}"
+          f"{' (the emulator defaults)' if w == Weights() else ''}\n")
     fails = print_table(columns, mean_stats([s.target_stats for s in setups]))
     print(f"\ntoken-hash: {len(STATS) - fails}/{len(STATS)} rows within {PASS_REL_ERR:.0%}; "
           f"{time.perf_counter() - started:.0f} s")

@@ -17,8 +17,10 @@ to expert logits, of which the top-k win. Text from one domain shares vocabulary
 hence shares experts. The weights are fitted together on routing statistics of the real trace
 at the trace's geometry (benchmarks/routing_stats.py --fit; see TOPIC_MIX). Decode tokens
 continue the same text: a seeded walk over the bigrams of the prompt's own tokens, so the
-output stays in-domain and its experts correlate with the prompt's (measured:
-benchmarks/routing_stats.py, benchmarks/emulator_locality.py).
+output stays in-domain and its experts correlate with the prompt's; and, as a real answer routes
+less like its prompt than the prompt routes like itself, each output token's hidden state adds a
+direction of its task (ANSWER_SHIFT_MIX). Measured: benchmarks/routing_stats.py,
+benchmarks/emulator_locality.py.
 
 `trace`: replays real routing recorded from DeepSeek-V2-Lite on the ESFT task data
 (../shared/data/esft_routing_shared.npz, see ../shared/DESIGN.md). The prompt selects a trace
@@ -80,27 +82,38 @@ CONTEXT_DECAY = 0.8
 # vector per router (experts every request favours). All unit vectors, so the weights are
 # scale-free: the same values apply to any (layers, experts, top-k).
 # FITTED TOGETHER, not chosen: `python benchmarks/routing_stats.py --fit --seeds 0,1,2`
-# (2026-12-02, its default grid: topic 0.2-0.5, opening share 0.6-1 of 6 or 8 tokens, noise
-# 0.3-0.8, core 0 or 0.1; 6 min) routes length-matched twins of the 108 real ESFT trace requests
-# (prompts from loadtest.workloads, decode from the emulator's own continuation) on the trace's
-# geometry, DeepSeek-V2-Lite (26 layers, 64 experts, top-6), and keeps the grid point with the
-# least mean squared relative error against the trace over its 13 routing statistics
-# (token-pair overlap, signature and prefill-vs-decode cosines for the same request / same
-# domain / other domain, distinct experts of 16-request batches, busiest-1/8 load share):
-# 0.3 / 0.9 of 6 / 0.4 / 0, rms error 8.5%, 11 of 13 within 15% (prefill-vs-decode cosine of
-# the same request +17%, of other requests of the same domain +19%: the decode walk reuses the
-# prompt's own words). Neighbours (topic 0.25-0.4, share 0.8-1, 8 tokens) are within seed
-# noise; any core makes it worse (0.1: loss 0.0087 vs 0.0073): the topic and the random
-# projections already give the trace's popularity skew. Before (topic 0.7 over the whole
-# request, no opening, no noise): two tokens of one request shared 55% of their experts vs the
-# trace's 16%, other-domain signature cosine 0.25 vs 0.58. Qwen3-30B-A3B and GPT-OSS-120B use
-# these values untuned: that real routing on those models has the same mix is an assumption (no
-# trace to fit them on). docs/emulator-cost-model.md section 4.
-TOPIC_MIX = 0.3
-TOPIC_OPENING_SHARE = 0.9
+# routes length-matched twins of the 108 real ESFT trace requests (prompts from
+# loadtest.workloads, decode from the emulator's own continuation) on the trace's geometry,
+# DeepSeek-V2-Lite (26 layers, 64 experts, top-6), and keeps the grid point with the least mean
+# squared relative error against the trace over its 13 routing statistics (token-pair overlap,
+# signature and prefill-vs-decode cosines for the same request / same domain / other domain,
+# distinct experts of 16-request batches, busiest-1/8 load share).
+# 2026-12-02 (grid topic 0.2-0.5, opening share 0.6-1 of 6 or 8 tokens, noise 0.3-0.8, core 0
+# or 0.1): 0.3 / 0.9 of 6 / 0.4 / 0, loss 0.0073, 11 of 13 within 15%; output tokens routed too
+# much like their prompt (prefill-vs-decode cosine same request +17%, same domain +19%) because
+# the decode walk reuses the prompt's words. Any core made it worse (0.1: 0.0087).
+# 2026-12-03, with the answer shift (ANSWER_SHIFT_MIX; grid: the script's default, 108 points,
+# 4 min): topic 0.25, opening share 1 of 6 tokens, noise 0.5, core 0, shift 0.35; loss 0.0012,
+# 13 of 13 within 15% (worst: other-request same-domain signature cosine -7%). Neighbours (noise
+# 0.45 with shift 0.3, share 0.9) are within 0.0004. Before any of this (topic 0.7 over the
+# whole request, no opening, no noise): two tokens of one request shared 55% of their experts vs
+# the trace's 16%, other-domain signature cosine 0.25 vs 0.58. Qwen3-30B-A3B and GPT-OSS-120B
+# use these values untuned: that real routing on those models has the same mix is an
+# assumption (no trace to fit them on). docs/emulator-cost-model.md section 4.
+TOPIC_MIX = 0.25
+TOPIC_OPENING_SHARE = 1.0
 TOPIC_OPENING_TOKENS = 6
-TOKEN_NOISE_MIX = 0.4
+TOKEN_NOISE_MIX = 0.5
 CORE_MIX = 0.0
+# Output tokens add ANSWER_SHIFT_MIX x a unit direction of their task (`answer_shift`, keyed by
+# the prompt's first TOPIC_OPENING_TOKENS tokens). On the trace a request's second half routes
+# less like its first half than two random halves do (signature cosine 0.735 vs 0.897): an
+# answer is not its prompt re-read. The walk over the prompt's words cannot show that; a
+# shared answer direction per task can, and keeps requests of one task alike in their answers.
+# Tried first and dropped: output words from a per-task answer vocabulary (a share of 0.2-0.5
+# of the output from 64-1,024 words) made the fit worse (loss 0.0084-0.0094): more varied words
+# smooth the expert counts, raising every cosine. Fitted above.
+ANSWER_SHIFT_MIX = 0.35
 # Unit noise vectors drawn once per router; a token occurrence picks one by a hash of the
 # request's whole prefix up to and including it (two occurrences share one with probability
 # 1/4096, negligible next to the 6/64-or-less chance overlap of experts; 1 MiB per router).
@@ -225,7 +238,8 @@ class TokenHashRouting:
                  context_mix: float = CONTEXT_MIX, context_decay: float = CONTEXT_DECAY,
                  topic_mix: float = TOPIC_MIX, opening_share: float = TOPIC_OPENING_SHARE,
                  opening_tokens: int = TOPIC_OPENING_TOKENS,
-                 token_noise_mix: float = TOKEN_NOISE_MIX, core_mix: float = CORE_MIX) -> None:
+                 token_noise_mix: float = TOKEN_NOISE_MIX, core_mix: float = CORE_MIX,
+                 answer_shift_mix: float = ANSWER_SHIFT_MIX) -> None:
         for name, value in (("context_mix", context_mix), ("context_decay", context_decay),
                             ("topic_mix", topic_mix)):
             if not 0.0 <= value < 1.0:
@@ -234,7 +248,8 @@ class TokenHashRouting:
             raise RoutingError(f"opening_share must be in [0, 1], got {opening_share!r}")
         if not (isinstance(opening_tokens, int) and opening_tokens >= 1):
             raise RoutingError(f"opening_tokens must be an integer >= 1, got {opening_tokens!r}")
-        for name, value in (("token_noise_mix", token_noise_mix), ("core_mix", core_mix)):
+        for name, value in (("token_noise_mix", token_noise_mix), ("core_mix", core_mix),
+                            ("answer_shift_mix", answer_shift_mix)):
             if not 0.0 <= value <= 100.0:   # weights relative to unit vectors; any >= 0 works
                 raise RoutingError(f"{name} must be in [0, 100], got {value!r}")
         self.topic_mix = topic_mix
@@ -242,6 +257,7 @@ class TokenHashRouting:
         self.opening_tokens = opening_tokens
         self.token_noise_mix = token_noise_mix
         self.core_mix = core_mix
+        self.answer_shift_mix = answer_shift_mix
         self.context_mix = context_mix
         self.context_decay = context_decay
         self.geometry = geometry
@@ -259,6 +275,14 @@ class TokenHashRouting:
         self._noise_table = table
         core = noise_rng.standard_normal(EMBED_DIM, dtype=np.float32)
         self._core = core / np.linalg.norm(core)
+
+    def answer_shift(self, prompt_ids: Sequence[int]) -> FloatArray:
+        """The unit direction output tokens of this prompt's task add (ANSWER_SHIFT_MIX): one
+        per task, keyed like the opening topic by the prompt's first tokens."""
+        key = stable_hash(_ids_key(prompt_ids[: self.opening_tokens]))
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0xA45, key])
+        vec = rng.standard_normal(EMBED_DIM, dtype=np.float32)
+        return vec / np.linalg.norm(vec)
 
     def embedding(self, token_id: int) -> FloatArray:
         vec = self._embeddings.get(token_id)
@@ -384,9 +408,13 @@ class TokenHashRouting:
                      ) -> Iterator[tuple[int, IntArray]]:
         _, context = self._hidden(prompt_ids, _ContextState.empty())
         walk = BigramWalk(prompt_ids, seed, self.tokenizer.eos_token_id)
+        shift = (self.answer_shift_mix * self.answer_shift(prompt_ids)
+                 if self.answer_shift_mix > 0.0 else None)
         while True:
             chunk = [walk.next_token() for _ in range(_CONTINUATION_CHUNK)]
             hidden, context = self._hidden(chunk, context)
+            if shift is not None:
+                hidden += shift
             experts = self._top_k(hidden)
             for i, token in enumerate(chunk):
                 yield token, experts[i]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from loadtest.emulator.routing import (
+    ANSWER_SHIFT_MIX,
     MIN_TOKENS_BEFORE_EOS,
     TOPIC_MIX,
     TRACE_PATH_ENV,
@@ -153,6 +154,53 @@ def test_continuation_is_deterministic_in_domain_and_seed_dependent():
     has_successor = {a for a, _ in bigrams}
     for a, b in itertools.pairwise(first):
         assert (a, b) in bigrams or a not in has_successor
+
+
+def test_answer_shift_is_one_direction_per_task_on_output_tokens_only():
+    tok = Tokenizer()
+    source = TokenHashRouting(QWEN, tok, seed=0)
+    assert ANSWER_SHIFT_MIX > 0 and source.answer_shift_mix == ANSWER_SHIFT_MIX
+    instruction = tok.encode("Answer the question about the contract below:")
+    a = instruction + tok.encode(TEXT)
+    b = instruction + tok.encode(OTHER_TEXT)
+    other_task = tok.encode("Translate into French: " + TEXT)
+    # keyed by the opening (the task's instruction), as the opening topic is
+    assert np.array_equal(source.answer_shift(a), source.answer_shift(b))
+    assert abs(float(source.answer_shift(a) @ source.answer_shift(other_task))) < 0.5
+    assert np.isclose(np.linalg.norm(source.answer_shift(a)), 1.0)
+    # the same text, the experts moved: only output tokens carry the shift
+    plain = TokenHashRouting(QWEN, tok, seed=0, answer_shift_mix=0.0)
+    assert np.array_equal(source.route_prompt(a, None), plain.route_prompt(a, None))
+    shifted = list(itertools.islice(source.continuation(a, None, 3), 64))
+    unshifted = list(itertools.islice(plain.continuation(a, None, 3), 64))
+    assert [t for t, _ in shifted] == [t for t, _ in unshifted]
+    moved = np.mean([not np.array_equal(x, y)
+                     for (_, x), (_, y) in zip(shifted, unshifted, strict=True)])
+    assert moved > 0.5
+    with pytest.raises(RoutingError, match="answer_shift_mix"):
+        TokenHashRouting(QWEN, tok, answer_shift_mix=-0.1)
+
+
+def test_answer_shift_makes_output_route_less_like_its_prompt():
+    """What it is for (docs/emulator-cost-model.md section 4): on the real trace a request's
+    second half routes less like its first half than the emulator's walk over the prompt's own
+    words did."""
+    tok = Tokenizer()
+    ids = tok.encode(TEXT * 4)
+
+    def prompt_vs_output_cosine(mix: float) -> float:
+        source = TokenHashRouting(QWEN, tok, seed=1, answer_shift_mix=mix)
+        counts = []
+        for rows in (source.route_prompt(ids, None),
+                     np.stack([e for _, e in itertools.islice(
+                         source.continuation(ids, None, 0), len(ids))])):
+            c = np.zeros((QWEN.num_layers, QWEN.num_experts))
+            for layer in range(QWEN.num_layers):
+                np.add.at(c[layer], rows[:, layer].ravel(), 1)
+            counts.append(c.ravel())
+        return float(counts[0] @ counts[1] / np.linalg.norm(counts[0]) / np.linalg.norm(counts[1]))
+
+    assert prompt_vs_output_cosine(ANSWER_SHIFT_MIX) < prompt_vs_output_cosine(0.0) - 0.03
 
 
 def test_bigram_walk_emits_eos_only_after_the_minimum():

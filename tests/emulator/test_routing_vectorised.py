@@ -3,7 +3,8 @@
 `reference_hidden` and `reference_top_k` are the original loop implementations of
 `TokenHashRouting._hidden` / `_top_k`, kept here as the specification (verbatim, plus the
 opening topic, the per-token noise keyed by a 64-bit FNV-1a hash of the prefix and the core
-term, added with the refit of docs/emulator-cost-model.md section 4).
+term, added with the refit of docs/emulator-cost-model.md section 4; the answer shift of output
+tokens in `reference_continuation`).
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def reference_continuation(r: TokenHashRouting, prompt_ids: Sequence[int], seed:
                            ) -> Iterator[tuple[int, np.ndarray]]:
     _, context = reference_hidden(r, prompt_ids, _ContextState.empty())
     walk = BigramWalk(prompt_ids, seed, r.tokenizer.eos_token_id)
+    shift = r.answer_shift_mix * r.answer_shift(prompt_ids)
     while True:
         chunk = [walk.next_token() for _ in range(_CONTINUATION_CHUNK)]
         hidden, context = reference_hidden(r, chunk, context)
-        experts = reference_top_k(r, hidden)
+        experts = reference_top_k(r, hidden + shift)
         for i, token in enumerate(chunk):
             yield token, experts[i]
 

@@ -65,27 +65,37 @@ def corpus_set() -> tuple[CalibrationSet, np.ndarray]:
 def test_predictor_beats_chance_on_held_out_documents(
     corpus_set: tuple[CalibrationSet, np.ndarray],
 ) -> None:
+    """Three document splits, pooled: one split's zone fit can be lopsided (its largest zone
+    holding half the passages makes "chance" high), so the verdict is on all three."""
     calib, doc_of = corpus_set
     docs = np.unique(doc_of)
-    test_docs = np.random.default_rng(0).permutation(docs)[: len(docs) // 3]
-    test = np.isin(doc_of, test_docs)
     k = 4
-    table, _ = fit_zones(
-        calib.subset(np.flatnonzero(~test)), [f"decode-{i}" for i in range(k)], FitOptions()
-    )
-    assert table.predictor is not None
-    ev = evaluate(
-        table, calib.subset(np.flatnonzero(test)), batch_sizes=(16,), steps=1000, bootstrap=20
-    )
-    assert ev.predictor_accuracy is not None and ev.chance_accuracy is not None
-    b = ev.batches[0]
-    print(
-        f"\ncorpus + token-hash routing, K={k}, {int(test.sum())} held-out passages from "
-        f"{len(test_docs)} unseen documents: predictor zone accuracy {ev.predictor_accuracy:.3f} "
-        f"vs chance {ev.chance_accuracy:.3f} (largest zone share); distinct-expert reduction at "
-        f"batch 16: exact {b.reduction['exact']:+.1%}, predictor {b.reduction['predictor']:+.1%}"
-    )
-    # Binomial one-sided check that accuracy exceeds the chance rate: 3 standard errors.
-    n = int(test.sum())
-    se = np.sqrt(ev.chance_accuracy * (1 - ev.chance_accuracy) / n)
-    assert ev.predictor_accuracy > ev.chance_accuracy + 3 * se
+    correct = chance = n = 0.0
+    for split in range(3):
+        test_docs = np.random.default_rng(split).permutation(docs)[: len(docs) // 3]
+        test = np.isin(doc_of, test_docs)
+        table, _ = fit_zones(
+            calib.subset(np.flatnonzero(~test)), [f"decode-{i}" for i in range(k)], FitOptions()
+        )
+        assert table.predictor is not None
+        ev = evaluate(
+            table, calib.subset(np.flatnonzero(test)), batch_sizes=(16,), steps=1000, bootstrap=20
+        )
+        assert ev.predictor_accuracy is not None and ev.chance_accuracy is not None
+        b = ev.batches[0]
+        print(
+            f"\ncorpus + token-hash routing, K={k}, split {split}: {int(test.sum())} held-out "
+            f"passages from {len(test_docs)} unseen documents: predictor zone accuracy "
+            f"{ev.predictor_accuracy:.3f} vs chance {ev.chance_accuracy:.3f} (largest zone "
+            f"share); distinct-expert reduction at batch 16: exact {b.reduction['exact']:+.1%}, "
+            f"predictor {b.reduction['predictor']:+.1%}"
+        )
+        m = int(test.sum())
+        correct += ev.predictor_accuracy * m
+        chance += ev.chance_accuracy * m
+        n += m
+    # Binomial one-sided check that pooled accuracy exceeds the pooled chance rate: 3 standard
+    # errors.
+    p0 = chance / n
+    se = np.sqrt(p0 * (1 - p0) / n)
+    assert correct / n > p0 + 3 * se, (correct / n, p0, se)
