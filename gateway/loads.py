@@ -89,7 +89,8 @@ def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
 
 
 def parse_load_report(payload: Any, seq: int, dp_rank: int | None = None) -> LoadReport | None:
-    """The fields smg's least_load reads, from a `/v1/loads` answer; None if absent."""
+    """The report of a `/v1/loads` answer (what smg's least_load reads, and the requests the
+    worker holds); None if absent."""
     ranks = _v1_ranks(payload, dp_rank)
     if not ranks:
         return None
@@ -103,7 +104,7 @@ def parse_load_report(payload: Any, seq: int, dp_rank: int | None = None) -> Loa
         waiting_uncached_tokens=int(sum(num(r, "num_waiting_uncached_tokens") for r in ranks)),
         gen_throughput=sum(num(r, "gen_throughput") for r in ranks),
         token_usage=sum(num(r, "token_usage") for r in ranks) / len(ranks),
-        seq=seq)
+        seq=seq, requests=parse_v1_requests(payload, dp_rank))
 
 
 def parse_get_load(payload: Any, dp_rank: int | None = None) -> int | None:
@@ -139,13 +140,11 @@ class LoadPoller:
 
     async def _poll(self, worker: Worker) -> None:
         load: int | None = None
-        requests: int | None = None
         report: LoadReport | None = None
         try:
             rank = worker.dp_rank
             payload = await self._fetch(worker.url + "/v1/loads")
             load = parse_v1_loads(payload, rank)
-            requests = parse_v1_requests(payload, rank)
             report = parse_load_report(payload, worker.report_seq + 1, rank)
             if load is None:
                 load = parse_get_load(await self._fetch(worker.url + "/get_load"), rank)
@@ -155,8 +154,7 @@ class LoadPoller:
         worker.reported_load = load
         if load is not None:
             worker.load_updated_at = now
-        worker.note_reported_requests(requests, now)
-        worker.note_load_report(report)
+        worker.note_load_report(report, now)
         self._metrics.record_worker_load(worker.worker_id, load)
 
     async def _fetch(self, url: str) -> Any:

@@ -27,15 +27,20 @@ SIGNATURE_SOURCES: tuple[SignatureSource, ...] = ("prefill", "cache", "predictor
 
 @dataclass(frozen=True, slots=True)
 class LoadReport:
-    """What a worker's last `/v1/loads` answer said, for smg's least_load score
-    (gateway.policies.expected_wait): summed over DP ranks (or this rank's), token usage the
-    mean over ranks, as smg's `WorkerLoadResponse` helpers compute them."""
+    """What a worker's last `/v1/loads` answer said: summed over DP ranks (or this rank's),
+    token usage the mean over ranks, as smg's `WorkerLoadResponse` helpers compute them. The
+    waiting work, throughput and usage feed smg's least_load score
+    (gateway.policies.expected_wait); `requests` feeds the shared load view
+    (`Worker.shared_load`, --load-view reported)."""
 
     waiting_reqs: int
     waiting_uncached_tokens: int
     gen_throughput: float  # tokens/s
     token_usage: float  # KV usage, 0..1
     seq: int  # increases with every fresh report of this worker
+    # running + waiting requests (gateway.loads.parse_v1_requests); None when the answer lacks
+    # either field
+    requests: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

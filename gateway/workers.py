@@ -37,31 +37,32 @@ class Worker:
     # names them); requests to it carry `routed_dp_rank`. None: the server balances its ranks.
     dp_rank: int | None = None
     dp_size: int | None = None
-    # Shared load view (--load-view reported): the requests the worker itself last reported
-    # holding (from every router replica), and this process's in-flight count at that moment.
-    reported_requests: int | None = None
-    requests_updated_at: float = 0.0
-    in_flight_at_report: int = 0
-    # The last /v1/loads report for smg's least_load score (--least-load-metric expected_wait);
-    # it shares the freshness of `requests_updated_at`.
+    # The last /v1/loads report (None: the last poll failed or had none), when it came
+    # (monotonic), and this process's in-flight count at that moment: smg's least_load score
+    # (--least-load-metric expected_wait) reads the report, the shared load view
+    # (--load-view reported) its request count. `report_seq` numbers fresh reports.
     load_report: LoadReport | None = None
+    report_at: float = 0.0
+    in_flight_at_report: int = 0
     report_seq: int = 0
     # The last snapshot handed out: dispatch asks every available worker for one on every
     # request, and building a frozen WorkerView costs ~0.4 us (29 us per request at 64 decode
     # workers); between requests only the few workers whose counts moved need a new one.
     _view: WorkerView | None = field(default=None, init=False, repr=False)
 
-    def note_reported_requests(self, requests: int | None, now: float) -> None:
-        """A load poll's answer: the requests the worker holds (None: not reported)."""
-        self.reported_requests = requests
-        if requests is not None:
-            self.requests_updated_at = now
-            self.in_flight_at_report = self.in_flight
-
-    def note_load_report(self, report: LoadReport | None) -> None:
+    def note_load_report(self, report: LoadReport | None, now: float) -> None:
+        """A load poll's answer (None: failed or without a `/v1/loads` report)."""
         self.load_report = report
         if report is not None:
             self.report_seq = report.seq
+            self.report_at = now
+            self.in_flight_at_report = self.in_flight
+
+    def fresh_report(self, now: float, stale_secs: float) -> LoadReport | None:
+        report = self.load_report
+        if report is None or now - self.report_at > stale_secs:
+            return None
+        return report
 
     def shared_load(self, now: float, stale_secs: float) -> int:
         """The worker's requests as several gateway replicas can agree on them: what it last
@@ -69,19 +70,17 @@ class Worker:
         Other replicas' changes since the report are the error, bounded by one poll interval
         of their traffic. Falls back to this process's in-flight count without a fresh report.
         """
-        reported = self.reported_requests
-        if reported is None or now - self.requests_updated_at > stale_secs:
+        report = self.fresh_report(now, stale_secs)
+        if report is None or report.requests is None:
             return self.in_flight
-        return max(0, reported + self.in_flight - self.in_flight_at_report)
+        return max(0, report.requests + self.in_flight - self.in_flight_at_report)
 
     def view(self, now: float, stale_secs: float, shared: bool = False) -> WorkerView:
         load = self.reported_load
         if load is not None and now - self.load_updated_at > stale_secs:
             load = None  # stale: policies treat the worker's load as unknown
         in_flight = self.shared_load(now, stale_secs) if shared else self.in_flight
-        report = self.load_report
-        if report is not None and now - self.requests_updated_at > stale_secs:
-            report = None
+        report = self.fresh_report(now, stale_secs)
         last = self._view
         if last is not None and last.in_flight == in_flight and last.reported_load == load \
                 and last.report is report:

@@ -17,9 +17,10 @@ import pytest
 
 from gateway.circuit import BreakerConfig
 from gateway.config import PrefillSpec, Settings
-from gateway.loads import parse_v1_requests
+from gateway.loads import parse_load_report, parse_v1_requests
+from gateway.routing import LoadReport
 from gateway.state import GatewayState
-from gateway.workers import WorkerRegistry
+from gateway.workers import Worker, WorkerRegistry
 from loadtest.emulator.cluster import ClusterConfig, run_cluster
 from loadtest.emulator.config import EngineOptions
 from tests.gateway_server import running_gateway
@@ -32,6 +33,14 @@ def test_parse_v1_requests_sums_running_and_waiting_per_rank() -> None:
     assert parse_v1_requests(loads, dp_rank=1) == 2
     assert parse_v1_requests({"loads": [{"num_running_reqs": 1}]}) is None  # no waiting field
     assert parse_v1_requests([1, 2]) is None and parse_v1_requests(None) is None
+    report = parse_load_report(loads, 3, dp_rank=1)
+    assert report is not None and report.requests == 2 and report.seq == 3
+
+
+def _report(worker: Worker, requests: int | None, now: float | None = None) -> None:
+    """A poll whose /v1/loads answer says the worker holds `requests` (None: no counts)."""
+    worker.note_load_report(LoadReport(0, 0, 0.0, 0.0, worker.report_seq + 1, requests),
+                            time.monotonic() if now is None else now)
 
 
 def test_shared_load_is_the_report_plus_this_process_change_since() -> None:
@@ -39,24 +48,26 @@ def test_shared_load_is_the_report_plus_this_process_change_since() -> None:
     w = reg.add("http://127.0.0.1:1", "decode")
     w.in_flight = 2
     assert reg.views([w])[0].in_flight == 2  # no report yet: this process's count
-    w.note_reported_requests(7, time.monotonic())  # 7 on the worker, 2 of them ours
+    _report(w, 7)  # 7 on the worker, 2 of them ours
     assert reg.views([w])[0].in_flight == 7
     w.in_flight = 5  # we dispatched 3 more since the report
     assert reg.views([w])[0].in_flight == 10
     w.in_flight = 0  # all of ours finished: the worker holds at least the others' 5
     assert reg.views([w])[0].in_flight == 5
     w.in_flight = 1
-    w.note_reported_requests(4, time.monotonic())
-    w.requests_updated_at -= 10  # stale: back to this process's own count
+    _report(w, 4, time.monotonic() - 10)  # stale: back to this process's own count
     assert reg.views([w])[0].in_flight == 1
-    w.note_reported_requests(4, time.monotonic())
+    _report(w, 4)
     assert reg.views([w])[0].in_flight == 4
-    w.note_reported_requests(None, time.monotonic())  # a failed poll clears the report
+    _report(w, None)  # a report without request counts: this process's own count
+    assert reg.views([w])[0].in_flight == 1
+    _report(w, 4)
+    w.note_load_report(None, time.monotonic())  # a failed poll clears the report
     assert reg.views([w])[0].in_flight == 1
     local = WorkerRegistry(BreakerConfig(), load_stale_secs=5.0)
     v = local.add("http://127.0.0.1:2", "decode")
     v.in_flight = 1
-    v.note_reported_requests(9, time.monotonic())
+    _report(v, 9)
     assert local.views([v])[0].in_flight == 1  # the local view ignores reports
 
 
@@ -111,7 +122,8 @@ async def test_replica_b_sees_the_requests_replica_a_sent(view: str) -> None:
         b_decodes = [w for w in b.workers if w.role == "decode"]
         if view == "reported":
             # B polls the workers: they hold 2 and 1 (waiting for KV or decoding).
-            await _wait_until(lambda: [w.reported_requests for w in b_decodes] == [2, 1])
+            await _wait_until(lambda: [w.load_report and w.load_report.requests
+                                       for w in b_decodes] == [2, 1])
         # One request through B: the shared view sends it to the less loaded decode-1; the
         # local view sees two idle workers and takes decode-0, the busier one.
         await _hold_requests(s, b_url, 1, tasks)
