@@ -79,8 +79,14 @@ def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
     summed over DP ranks (or rank `dp_rank`'s); None if absent. SGLang counts a PD decode's
     requests still waiting for their KV among the waiting ones (scheduler_components/
     load_inquirer.py), so this is every request the worker holds, whichever router sent it."""
+    return _requests_in(_v1_ranks(payload, dp_rank))
+
+
+def _requests_in(ranks: list[dict[str, Any]]) -> int | None:
+    """`num_running_reqs + num_waiting_reqs` summed over `/v1/loads` rank entries; None if no
+    entry carries both."""
     total, seen = 0, False
-    for rank in _v1_ranks(payload, dp_rank):
+    for rank in ranks:
         running, waiting = rank.get("num_running_reqs"), rank.get("num_waiting_reqs")
         if isinstance(running, int | float) and isinstance(waiting, int | float):
             total += int(running) + int(waiting)
@@ -104,7 +110,7 @@ def parse_load_report(payload: Any, seq: int, dp_rank: int | None = None) -> Loa
         waiting_uncached_tokens=int(sum(num(r, "num_waiting_uncached_tokens") for r in ranks)),
         gen_throughput=sum(num(r, "gen_throughput") for r in ranks),
         token_usage=sum(num(r, "token_usage") for r in ranks) / len(ranks),
-        seq=seq, requests=parse_v1_requests(payload, dp_rank))
+        seq=seq, requests=_requests_in(ranks))
 
 
 def parse_get_load(payload: Any, dp_rank: int | None = None) -> int | None:

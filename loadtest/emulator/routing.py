@@ -92,7 +92,7 @@ CONTEXT_DECAY = 0.8
 # or 0.1): 0.3 / 0.9 of 6 / 0.4 / 0, loss 0.0073, 11 of 13 within 15%; output tokens routed too
 # much like their prompt (prefill-vs-decode cosine same request +17%, same domain +19%) because
 # the decode walk reuses the prompt's words. Any core made it worse (0.1: 0.0087).
-# 2026-12-03, with the answer shift (ANSWER_SHIFT_MIX; grid: the script's default, 108 points,
+# 2026-12-03, with the answer shift (ANSWER_SHIFT_MIX; grid: the script's default, 144 points,
 # 4 min): topic 0.25, opening share 1 of 6 tokens, noise 0.5, core 0, shift 0.35; loss 0.0012,
 # 13 of 13 within 15% (worst: other-request same-domain signature cosine -7%). Neighbours (noise
 # 0.45 with shift 0.3, share 0.9) are within 0.0004. Before any of this (topic 0.7 over the

@@ -23,6 +23,7 @@ from loadtest.emulator.routing import (
 )
 from loadtest.emulator.tokenizer import Tokenizer
 from zones.geometry import KNOWN_GEOMETRIES, ModelGeometry
+from zones.routed_experts import counts_from_expert_ids
 
 QWEN = KNOWN_GEOMETRIES["Qwen3-30B-A3B"]
 TEXT = ("The server reads the request, parses the header and writes the response. "
@@ -190,15 +191,10 @@ def test_answer_shift_makes_output_route_less_like_its_prompt():
 
     def prompt_vs_output_cosine(mix: float) -> float:
         source = TokenHashRouting(QWEN, tok, seed=1, answer_shift_mix=mix)
-        counts = []
-        for rows in (source.route_prompt(ids, None),
-                     np.stack([e for _, e in itertools.islice(
-                         source.continuation(ids, None, 0), len(ids))])):
-            c = np.zeros((QWEN.num_layers, QWEN.num_experts))
-            for layer in range(QWEN.num_layers):
-                np.add.at(c[layer], rows[:, layer].ravel(), 1)
-            counts.append(c.ravel())
-        return float(counts[0] @ counts[1] / np.linalg.norm(counts[0]) / np.linalg.norm(counts[1]))
+        prompt = counts_from_expert_ids(source.route_prompt(ids, None), QWEN).ravel()
+        output = counts_from_expert_ids(np.stack([e for _, e in itertools.islice(
+            source.continuation(ids, None, 0), len(ids))]), QWEN).ravel()
+        return float(prompt @ output / np.linalg.norm(prompt) / np.linalg.norm(output))
 
     assert prompt_vs_output_cosine(ANSWER_SHIFT_MIX) < prompt_vs_output_cosine(0.0) - 0.03
 

@@ -1,5 +1,5 @@
 """`passthrough` (smg 1.13 PassthroughPolicy): the first available worker, one warning when
-there are several; end to end in tests/deploy/test_compat_flags.py (the policy choice)."""
+there are several; accepted as prefill and decode policy from the command line."""
 
 from __future__ import annotations
 
