@@ -65,7 +65,13 @@ from loadtest.procs import (
     free_port_block,
     python_argv,
 )
-from loadtest.rate_plan import RatePlan, plan_for_batch, sampled_distinct_experts
+from loadtest.rate_plan import (
+    RAMP_LIFETIMES,
+    STEADY_STATE_LIFETIMES,
+    RatePlan,
+    plan_for_batch,
+    sampled_distinct_experts,
+)
 from loadtest.workloads import (
     DEFAULT_CORPUS,
     DEFAULT_TRACES,
@@ -704,14 +710,18 @@ def build_conversations(opts: CompareOptions, split: str, num: int,
 
 def steady_window(opts: CompareOptions, rate: float) -> tuple[float, float] | None:
     """Seconds after the measured phase starts between which the decode batch is in steady
-    state: from one planned request lifetime (ramp-up; a third of the arrivals when there is no
-    plan) to the last arrival (drain starts). None when that leaves under a second."""
+    state: from `RAMP_LIFETIMES` planned request lifetimes (loadtest/rate_plan.py says why; a
+    third of the arrivals when there is no plan) to the last arrival (drain starts). None when
+    that leaves under one lifetime (or a second): the run never reached steady state, and a
+    mean taken during the ramp would pass for the achieved batch."""
     offsets = arrival_offsets(opts.num_requests, rate, opts.seed)
     last = offsets[-1] if offsets else 0.0
-    lifetime = next((p["request_seconds"] for p in opts.plans or [] if p["rate"] == rate),
-                    last / 3)
-    start = min(lifetime, last / 2)
-    return (start, last) if last - start >= 1.0 else None
+    lifetime = next((p["request_seconds"] for p in opts.plans or [] if p["rate"] == rate), None)
+    if lifetime is None:
+        start, shortest = last / 3, 1.0
+    else:
+        start, shortest = RAMP_LIFETIMES * lifetime, max(lifetime, 1.0)
+    return (start, last) if last - start >= shortest else None
 
 
 def workload_routing_sample(opts: CompareOptions) -> list[np.ndarray]:
@@ -999,9 +1009,10 @@ def options_from_args(args: argparse.Namespace) -> CompareOptions:
             if not p.arrival_window_ok(opts.num_requests):
                 print(
                     f"warning: batch {p.batch}: {opts.num_requests} requests at {p.rate:.3g} "
-                    f"req/s arrive within {opts.num_requests / p.rate:.0f}s, less than 3 "
-                    f"request lifetimes ({p.request_seconds:.0f}s each): the run is mostly "
-                    f"ramp-up and drain; raise --num-requests",
+                    f"req/s arrive within {opts.num_requests / p.rate:.0f}s, less than "
+                    f"{STEADY_STATE_LIFETIMES:g} request lifetimes ({p.request_seconds:.0f}s "
+                    f"each): the decode batch will not reach the planned one; "
+                    f"--num-requests {p.requests_for_steady_state()} would",
                     file=sys.stderr,
                 )
         if any(r <= 0 for r in opts.rates):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -154,8 +155,10 @@ def test_rate_plan_is_littles_law_on_the_cost_model() -> None:
     )
     assert plan.rate == pytest.approx(3.2)
     assert plan.request_seconds == pytest.approx(10.0)
-    assert plan.arrival_window_ok(num_requests=100)  # 31 s of arrivals >= 3 x 10 s
-    assert not plan.arrival_window_ok(num_requests=90)
+    # Arrivals of 128 requests at 3.2 req/s last 40 s: 4 request lifetimes.
+    assert plan.requests_for_steady_state() == 128
+    assert plan.arrival_window_ok(num_requests=128)
+    assert not plan.arrival_window_ok(num_requests=120)
     # Real cost model: bigger batches need more req/s, but less than proportionally (steps
     # get slower as the expert union grows).
     cost = CostModel.for_geometry(g, time_scale=1.0)
@@ -209,8 +212,18 @@ def test_planning_with_the_workload_routing_and_the_steady_window() -> None:
 
     g = geometry_by_name("DeepSeek-V2-Lite")
     assert g.top_k < plan["distinct_experts"] <= uniform_distinct_experts(12, g) + 1.0
-    start, end = steady_window(o, o.rates[0]) or (0.0, 0.0)
-    # From one planned request lifetime to the last arrival.
-    assert start == pytest.approx(min(plan["request_seconds"], end / 2))
-    assert end > start + 1.0
+    from dataclasses import replace
+
+    from loadtest.driver import arrival_offsets
+
+    lifetime = plan["request_seconds"]
+    rate = o.rates[0]
+    # Arrivals lasting 5 lifetimes: from two lifetimes (the ramp) to the last arrival.
+    long_run = replace(o, num_requests=math.ceil(5 * lifetime * rate))
+    start, end = steady_window(long_run, rate) or (0.0, 0.0)
+    assert start == pytest.approx(2 * lifetime)
+    assert end == pytest.approx(arrival_offsets(long_run.num_requests, rate, o.seed)[-1])
+    # Arrivals lasting 2.5 lifetimes leave half a lifetime after the ramp: no steady state.
+    short_run = replace(o, num_requests=math.ceil(2.5 * lifetime * rate))
+    assert steady_window(short_run, rate) is None
     assert steady_window(o, 1e6) is None  # all arrivals within a second: no steady state
