@@ -90,6 +90,9 @@ class HeadlineRow:
     eldr_load_cv: float | None  # median over seeds
     baseline_load_cv: float | None
     eldr_mean_batch: float | None
+    # The baseline's (best on median TPOT) steady batch: what the rate plan aims at. eldr's is
+    # lower at the same rate when its steps are shorter (requests leave sooner).
+    baseline_mean_batch: float | None
     planned_batch: float | None
 
 
@@ -185,6 +188,7 @@ def headline_rows(
                 _median([e.load_cv for e, _ in per_seed]),
                 _median([b["tpot_p50"].load_cv for _, b in per_seed]),
                 _median([e.mean_batch for e, _ in per_seed]),
+                _median([b["tpot_p50"].mean_batch for _, b in per_seed]),
                 (planned_batch or {}).get(rate),
             ))
     return rows
@@ -252,7 +256,7 @@ def render_markdown(rows: Sequence[HeadlineRow], dirs: Sequence[Path],
         f"statistic at that rate (the baselines column names the best on median TPOT).",
         "",
         "| rate (req/s) | eldr variant | seeds | median TPOT | p99 TPOT | median TTFT "
-        "| load CV eldr / base | steady batch (planned) | baselines |",
+        "| load CV eldr / base | steady batch eldr / base (planned) | baselines |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -261,7 +265,8 @@ def render_markdown(rows: Sequence[HeadlineRow], dirs: Sequence[Path],
             f"| {r.rate:g} | {r.eldr_router} | {r.seeds} | {_cell(r.changes['tpot_p50'])} | "
             f"{_cell(r.changes['tpot_p99'])} | {_cell(r.changes['ttft_p50'])} | "
             f"{_num(r.eldr_load_cv, '{:.3f}')} / {_num(r.baseline_load_cv, '{:.3f}')} | "
-            f"{_num(r.eldr_mean_batch, '{:.1f}')} ({_num(r.planned_batch, '{:g}')}) | {base} |")
+            f"{_num(r.eldr_mean_batch, '{:.1f}')} / {_num(r.baseline_mean_batch, '{:.1f}')} "
+            f"({_num(r.planned_batch, '{:g}')}) | {base} |")
     lines += ["", "Per-seed changes (median TPOT / p99 TPOT / median TTFT):", ""]
     for r in rows:
         per = zip(*(r.changes[k].per_seed for k in STATS), strict=True)

@@ -86,7 +86,8 @@ def test_a_void_baseline_is_skipped_for_the_next_best() -> None:
 def _write_comparison(d: Path, seed: int, eldr_scale: float) -> None:
     runs = []
     base = np.random.default_rng(seed).normal(0.1, 0.01, 200)  # one draw: eldr = scale x base
-    for router, scale in (("gateway:eldr", eldr_scale), ("gateway:least_load", 1.0)):
+    for router, scale, batch in (("gateway:eldr", eldr_scale, 7.5),
+                                 ("gateway:least_load", 1.0, 7.9)):
         rdir = d / "runs" / router.replace(":", "_") / "rate_4"
         rdir.mkdir(parents=True)
         lines = [orjson.dumps({"success": True, "tpot": float(t) * scale, "ttft": 0.2})
@@ -95,7 +96,7 @@ def _write_comparison(d: Path, seed: int, eldr_scale: float) -> None:
         (rdir / "requests.jsonl").write_bytes(b"\n".join(lines) + b"\n")
         runs.append({"router": router, "rate": 4.0, "void": False,
                      "cluster": {"load_cv": 0.05, "mean_batch_size": 6.0,
-                                 "steady_mean_batch_size": 7.5}})
+                                 "steady_mean_batch_size": batch}})
     meta = {"load_only_routers": list(LOAD_ONLY),
             "options": {"seed": seed, "rates": [4.0], "batches": [8]}}
     (d / "results.json").write_bytes(orjson.dumps({"meta": meta, "runs": runs}))
@@ -110,12 +111,13 @@ def test_summarize_reads_seed_directories_and_writes_the_table(tmp_path: Path) -
     path = summarize(dirs, tmp_path, plot=False)
     text = path.read_text()
     assert "| 4 | gateway:eldr | 3 |" in text
-    assert "(8)" in text  # the planned batch beside the achieved one
+    assert "| 7.5 / 7.9 (8) |" in text  # achieved batches (eldr / baseline) beside the plan
     doc = orjson.loads((tmp_path / "summary.json").read_bytes())
     (row,) = doc["rows"]
     assert row["changes"]["tpot_p50"]["median"] == pytest.approx(-0.1, abs=0.02)
     assert row["changes"]["ttft_p50"]["median"] == pytest.approx(0.0)
     assert row["eldr_mean_batch"] == 7.5 and row["planned_batch"] == 8.0
+    assert row["baseline_mean_batch"] == 7.9
     # A run without its per-request records cannot give an interval: a clear error.
     (dirs[0] / "runs" / "gateway_eldr" / "rate_4" / "requests.jsonl").unlink()
     with pytest.raises(SeedsError, match=r"requests\.jsonl"):
