@@ -74,17 +74,11 @@ def parse_v1_loads(payload: Any, dp_rank: int | None = None) -> int | None:
     return sum(int(v) for v in values) if values else None
 
 
-def parse_v1_requests(payload: Any, dp_rank: int | None = None) -> int | None:
-    """Requests on the worker from a `/v1/loads` answer: `num_running_reqs + num_waiting_reqs`
-    summed over DP ranks (or rank `dp_rank`'s); None if absent. SGLang counts a PD decode's
-    requests still waiting for their KV among the waiting ones (scheduler_components/
-    load_inquirer.py), so this is every request the worker holds, whichever router sent it."""
-    return _requests_in(_v1_ranks(payload, dp_rank))
-
-
 def _requests_in(ranks: list[dict[str, Any]]) -> int | None:
-    """`num_running_reqs + num_waiting_reqs` summed over `/v1/loads` rank entries; None if no
-    entry carries both."""
+    """Requests on the worker from `/v1/loads` rank entries: `num_running_reqs +
+    num_waiting_reqs` summed over them; None if no entry carries both. SGLang counts a PD
+    decode's requests still waiting for their KV among the waiting ones (scheduler_components/
+    load_inquirer.py), so this is every request the worker holds, whichever router sent it."""
     total, seen = 0, False
     for rank in ranks:
         running, waiting = rank.get("num_running_reqs"), rank.get("num_waiting_reqs")

@@ -38,7 +38,7 @@ class LoadReport:
     gen_throughput: float  # tokens/s
     token_usage: float  # KV usage, 0..1
     seq: int  # increases with every fresh report of this worker
-    # running + waiting requests (gateway.loads.parse_v1_requests); None when the answer lacks
+    # running + waiting requests (gateway.loads._requests_in); None when the answer lacks
     # either field
     requests: int | None = None
 

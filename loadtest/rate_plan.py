@@ -25,12 +25,12 @@ The plan is for steady state, which a run reaches late: a request admitted while
 small decodes fast and leaves early, so the batch keeps growing for about two planned request
 lifetimes (`RAMP_LIFETIMES`). Measured on the 600-request sweeps of results/seeds, whose
 arrivals lasted 1.2-2.3 lifetimes: the decode batch was still rising at the last arrival, and
-its mean after one lifetime was 60-75% of the plan. So the achieved batch is measured only
-after the ramp (`compare.steady_window`), and a run needs arrivals lasting
-`STEADY_STATE_LIFETIMES` lifetimes to have a steady window at all (`RatePlan.arrival_window_ok`,
-`RatePlan.requests_for_steady_state`). Prefill is ignored: it runs on other
-workers and delays decode entry without changing how many requests decode concurrently in
-steady state.
+its mean from one lifetime on was 55-85% of the plan. So the achieved batch is measured only
+after the ramp (`compare.steady_window`, none when under one lifetime is left), and compare
+asks for arrivals lasting `STEADY_STATE_LIFETIMES` lifetimes, the ramp plus two measured
+(`RatePlan.arrival_window_ok`, `RatePlan.requests_for_steady_state`). Prefill is ignored: it
+runs on other workers and delays decode entry without changing how many requests decode
+concurrently in steady state.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from zones.geometry import ModelGeometry
 SAMPLE_DRAWS = 256
 
 # Planned request lifetimes after the first arrival until the decode batch is in steady state
-# (see the module docstring), and lifetimes of arrivals a run needs for a steady window of at
-# least one lifetime after that ramp.
+# (see the module docstring), and the lifetimes of arrivals a run should have: that ramp plus
+# two lifetimes measured at steady state.
 RAMP_LIFETIMES = 2.0
 STEADY_STATE_LIFETIMES = 4.0
 

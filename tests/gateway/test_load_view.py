@@ -17,7 +17,7 @@ import pytest
 
 from gateway.circuit import BreakerConfig
 from gateway.config import PrefillSpec, Settings
-from gateway.loads import parse_load_report, parse_v1_requests
+from gateway.loads import parse_load_report
 from gateway.routing import LoadReport
 from gateway.state import GatewayState
 from gateway.workers import Worker, WorkerRegistry
@@ -26,13 +26,18 @@ from loadtest.emulator.config import EngineOptions
 from tests.gateway_server import running_gateway
 
 
-def test_parse_v1_requests_sums_running_and_waiting_per_rank() -> None:
+def requests_of(payload: object, dp_rank: int | None = None) -> int | None:
+    report = parse_load_report(payload, 1, dp_rank)
+    return None if report is None else report.requests
+
+
+def test_load_report_requests_sum_running_and_waiting_per_rank() -> None:
     loads = {"loads": [{"dp_rank": 0, "num_running_reqs": 3, "num_waiting_reqs": 1},
                        {"dp_rank": 1, "num_running_reqs": 2, "num_waiting_reqs": 0}]}
-    assert parse_v1_requests(loads) == 6
-    assert parse_v1_requests(loads, dp_rank=1) == 2
-    assert parse_v1_requests({"loads": [{"num_running_reqs": 1}]}) is None  # no waiting field
-    assert parse_v1_requests([1, 2]) is None and parse_v1_requests(None) is None
+    assert requests_of(loads) == 6
+    assert requests_of(loads, dp_rank=1) == 2
+    assert requests_of({"loads": [{"num_running_reqs": 1}]}) is None  # no waiting field
+    assert requests_of([1, 2]) is None and requests_of(None) is None
     report = parse_load_report(loads, 3, dp_rank=1)
     assert report is not None and report.requests == 2 and report.seq == 3
 
